@@ -1,0 +1,97 @@
+//! The crate's one error type.
+
+use crate::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Invalid digest {0:?}")]
+    InvalidDigest(String),
+    #[error("Invalid image reference {reference:?}: {reason}")]
+    InvalidReference {
+        reference: String,
+        reason: &'static str,
+    },
+    #[error("Tar entry {0:?} escapes the layer root")]
+    EscapingPath(String),
+    #[error("Tar entry {name:?} is a hardlink to {target:?}, which is not an earlier entry of the layer")]
+    DanglingHardlink { name: String, target: String },
+    #[error("Tar entry {name:?} is not supported: {reason}")]
+    UnsupportedEntry { name: String, reason: &'static str },
+    #[error("Reading the layer's tar stream failed")]
+    Tar(#[source] std::io::Error),
+    #[error("Writing the converted layer failed")]
+    Write(#[source] std::io::Error),
+    #[error("Bad TOC: {0}")]
+    BadToc(String),
+    #[error("TOC digest is {actual}, but the manifest vouches for {expected}")]
+    TocDigestMismatch { expected: Digest, actual: Digest },
+    #[error("Chunk {index} ({digest}) failed verification")]
+    CorruptChunk { index: usize, digest: Digest },
+    #[error("{what} has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{what} has {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("Unsupported media type {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("Invalid JSON in {what}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Registry returned {status} for {method} {url}")]
+    RegistryStatus {
+        method: &'static str,
+        url: String,
+        status: u16,
+    },
+    #[error("Registry request {method} {url} failed")]
+    Http {
+        method: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Authentication with {registry} failed: {reason}")]
+    Auth { registry: String, reason: String },
+    #[error("Blob {0} not found")]
+    BlobNotFound(Digest),
+    #[error("Manifest {0} not found")]
+    ManifestNotFound(String),
+    #[error("I/O error on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn json(what: impl Into<String>, source: serde_json::Error) -> Self {
+        Self::Json {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bad_toc(reason: impl Into<String>) -> Self {
+        Self::BadToc(reason.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

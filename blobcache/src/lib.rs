@@ -1,0 +1,15 @@
+//! Brisk's chunk layer: how chunks are named (digests), how a lazy layer lays them out (the TOC
+//! format in `toc`), and how they are fetched from a registry (`registry`).
+//!
+//! It knows blobs and chunks by digest and nothing about FUSE, containerd or snapshots. The
+//! tiered cache (memory, disk, peers, registry) composes on top of these pieces.
+
+pub mod digest;
+mod error;
+pub mod media;
+pub mod reference;
+pub mod registry;
+pub mod toc;
+
+pub use digest::Digest;
+pub use error::{Error, Result};

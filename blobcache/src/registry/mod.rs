@@ -1,0 +1,588 @@
+//! An OCI distribution API client: manifests, blobs (whole, streamed to disk, or by byte
+//! range) and uploads, with token and basic auth and bounded, jittered retries.
+//!
+//! Every blob and manifest fetched by digest is verified before it is returned or left on
+//! disk. It does not cache: caching is the job of the levels built on top of it.
+
+mod auth;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+
+pub use auth::{Challenge, Credentials};
+
+use crate::digest::Hasher;
+use crate::reference::Reference;
+use crate::{media, Digest, Error, Result};
+
+/// Manifests and configs are small; anything larger is refused rather than buffered.
+const MAX_MANIFEST_SIZE: usize = 8 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Use plain HTTP for every registry, not only loopback ones.
+    pub plain_http: bool,
+    /// A request that sends no bytes for this long is abandoned (and retried).
+    pub timeout: Duration,
+    /// Retries after the first attempt, for 429, 5xx, timeouts and broken connections.
+    pub retries: u32,
+    /// First backoff; doubles each retry, with up to 50% random jitter.
+    pub backoff: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            plain_http: false,
+            timeout: Duration::from_secs(30),
+            retries: 4,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A manifest as the registry served it: the exact bytes (their digest is the manifest's
+/// identity) and the media type it declared.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+pub struct RegistryClient {
+    http: reqwest::Client,
+    config: RegistryConfig,
+    /// Bearer tokens by (registry, scope). A std mutex: it is never held across an await.
+    tokens: Mutex<HashMap<(String, String), String>>,
+    /// Registries that asked for basic auth.
+    basic: Mutex<HashMap<String, bool>>,
+}
+
+/// What a failed attempt means for the retry loop.
+enum Attempt<T> {
+    Done(T),
+    Retry(Error),
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(config.timeout)
+            .user_agent(concat!("brisk/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| Error::Http {
+                method: "INIT",
+                url: String::new(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            config,
+            tokens: Mutex::default(),
+            basic: Mutex::default(),
+        })
+    }
+
+    fn base(&self, r: &Reference) -> String {
+        let scheme = if self.config.plain_http || r.is_loopback() {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}/v2/{}", r.registry, r.repository)
+    }
+
+    /// Fetches the manifest `r` names. When `r` has a digest the bytes must match it.
+    pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
+        let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
+        let resp = self
+            .send(r, "pull", Method::GET, &url, &|b| {
+                b.header(header::ACCEPT, media::MANIFEST_ACCEPT)
+            })
+            .await
+            .map_err(|e| match e {
+                Error::RegistryStatus { status: 404, .. } => Error::ManifestNotFound(r.to_string()),
+                e => e,
+            })?;
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned())
+            .unwrap_or_default();
+        let bytes = read_limited(resp, &url, MAX_MANIFEST_SIZE).await?;
+        let digest = Digest::sha256(&bytes);
+        if let Some(expected) = r.digest {
+            if expected != digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("manifest {r}"),
+                    expected,
+                    actual: digest,
+                });
+            }
+        }
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Fetches a small blob (a config) into memory, verified.
+    pub async fn get_blob_bytes(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
+        self.retrying(|| async {
+            let url = format!("{}/blobs/{digest}", self.base(r));
+            let resp = self.send_once(r, "pull", Method::GET, &url, &|b| b).await?;
+            let resp = match resp {
+                Attempt::Done(resp) => resp,
+                Attempt::Retry(e) => return Ok(Attempt::Retry(map_blob_404(e, digest))),
+            };
+            let bytes = match read_limited(resp, &url, MAX_MANIFEST_SIZE).await {
+                Ok(b) => b,
+                Err(e @ Error::Http { .. }) => return Ok(Attempt::Retry(e)),
+                Err(e) => return Err(e),
+            };
+            let actual = Digest::sha256(&bytes);
+            if actual != *digest {
+                return Ok(Attempt::Retry(Error::DigestMismatch {
+                    what: format!("blob {digest}"),
+                    expected: *digest,
+                    actual,
+                }));
+            }
+            Ok(Attempt::Done(bytes))
+        })
+        .await
+        .map_err(|e| map_blob_404(e, digest))
+    }
+
+    /// Streams a blob into the file at `path` (created or truncated), verified against its
+    /// digest and size. On failure the file's content is unspecified; callers use temp files.
+    pub async fn get_blob_to_file(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<()> {
+        self.retrying(|| async {
+            let url = format!("{}/blobs/{digest}", self.base(r));
+            let resp = match self.send_once(r, "pull", Method::GET, &url, &|b| b).await? {
+                Attempt::Done(resp) => resp,
+                Attempt::Retry(e) => return Ok(Attempt::Retry(e)),
+            };
+            let mut file = tokio::fs::File::create(path)
+                .await
+                .map_err(|e| Error::io(path, e))?;
+            let mut hasher = Hasher::new();
+            let mut written = 0u64;
+            let mut stream = resp.bytes_stream();
+            while let Some(piece) = stream.next().await {
+                let piece = match piece {
+                    Ok(p) => p,
+                    Err(source) => {
+                        return Ok(Attempt::Retry(Error::Http {
+                            method: "GET",
+                            url: url.clone(),
+                            source,
+                        }))
+                    }
+                };
+                written += piece.len() as u64;
+                if written > size {
+                    break;
+                }
+                hasher.update(&piece);
+                file.write_all(&piece)
+                    .await
+                    .map_err(|e| Error::io(path, e))?;
+            }
+            file.flush().await.map_err(|e| Error::io(path, e))?;
+            if written != size {
+                return Ok(Attempt::Retry(Error::SizeMismatch {
+                    what: format!("blob {digest}"),
+                    expected: size,
+                    actual: written,
+                }));
+            }
+            let actual = hasher.finish();
+            if actual != *digest {
+                return Ok(Attempt::Retry(Error::DigestMismatch {
+                    what: format!("blob {digest}"),
+                    expected: *digest,
+                    actual,
+                }));
+            }
+            Ok(Attempt::Done(()))
+        })
+        .await
+        .map_err(|e| map_blob_404(e, digest))
+    }
+
+    /// Reads `range` of a blob. A registry that ignores `Range` and sends the whole blob is
+    /// handled by reading up to the end of the range and dropping the connection. The bytes
+    /// are not verified here: a range has no digest of its own, the caller checks chunks.
+    pub async fn get_blob_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
+        let len = range.end.saturating_sub(range.start);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        let value = format!("bytes={}-{}", range.start, range.end - 1);
+        self.retrying(|| async {
+            let resp = match self
+                .send_once(r, "pull", Method::GET, &url, &|b| {
+                    b.header(header::RANGE, &value)
+                })
+                .await?
+            {
+                Attempt::Done(resp) => resp,
+                Attempt::Retry(e) => return Ok(Attempt::Retry(e)),
+            };
+            let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                0
+            } else {
+                range.start
+            };
+            match read_window(resp, skip, len).await {
+                Ok(b) if b.len() as u64 == len => Ok(Attempt::Done(b)),
+                Ok(b) => Ok(Attempt::Retry(Error::SizeMismatch {
+                    what: format!("range {}..{} of blob {digest}", range.start, range.end),
+                    expected: len,
+                    actual: b.len() as u64,
+                })),
+                Err(source) => Ok(Attempt::Retry(Error::Http {
+                    method: "GET",
+                    url: url.clone(),
+                    source,
+                })),
+            }
+        })
+        .await
+        .map_err(|e| map_blob_404(e, digest))
+    }
+
+    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool> {
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        match self.send(r, "pull", Method::HEAD, &url, &|b| b).await {
+            Ok(_) => Ok(true),
+            Err(Error::RegistryStatus { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads the file at `path` as blob `digest` (a monolithic upload: one POST, one PUT).
+    pub async fn push_blob_file(&self, r: &Reference, digest: &Digest, path: &Path) -> Result<()> {
+        let start = format!("{}/blobs/uploads/", self.base(r));
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        self.retrying(|| async {
+            let resp = match self
+                .send_once(r, "pull,push", Method::POST, &start, &|b| {
+                    b.header(header::CONTENT_LENGTH, 0)
+                })
+                .await?
+            {
+                Attempt::Done(resp) => resp,
+                Attempt::Retry(e) => return Ok(Attempt::Retry(e)),
+            };
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Error::RegistryStatus {
+                    method: "POST",
+                    url: start.clone(),
+                    status: resp.status().as_u16(),
+                })?;
+            let mut put = resp
+                .url()
+                .join(location)
+                .map_err(|_| Error::RegistryStatus {
+                    method: "POST",
+                    url: start.clone(),
+                    status: resp.status().as_u16(),
+                })?;
+            put.query_pairs_mut()
+                .append_pair("digest", &digest.to_string());
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                tokio::fs::File::from_std(file),
+            ));
+            let body = std::sync::Mutex::new(Some(body));
+            let build = |b: RequestBuilder| {
+                let b = b
+                    .header(header::CONTENT_LENGTH, size)
+                    .header(header::CONTENT_TYPE, "application/octet-stream");
+                match body.lock().expect("not poisoned").take() {
+                    Some(body) => b.body(body),
+                    None => b,
+                }
+            };
+            self.send_once(r, "pull,push", Method::PUT, put.as_str(), &build)
+                .await
+                .map(|a| match a {
+                    Attempt::Done(_) => Attempt::Done(()),
+                    Attempt::Retry(e) => Attempt::Retry(e),
+                })
+        })
+        .await
+    }
+
+    /// Uploads a manifest under `tag_or_digest`.
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        tag_or_digest: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<()> {
+        let url = format!("{}/manifests/{tag_or_digest}", self.base(r));
+        self.send(r, "pull,push", Method::PUT, &url, &|b| {
+            b.header(header::CONTENT_TYPE, media_type)
+                .body(bytes.clone())
+        })
+        .await
+        .map(drop)
+    }
+
+    /// One request with auth and retries, returning a successful response.
+    async fn send(
+        &self,
+        r: &Reference,
+        actions: &str,
+        method: Method,
+        url: &str,
+        build: &(dyn Fn(RequestBuilder) -> RequestBuilder + Sync),
+    ) -> Result<Response> {
+        self.retrying(|| self.send_once(r, actions, method.clone(), url, build))
+            .await
+    }
+
+    /// Runs `attempt` until it is done, fails for good, or the retries run out; waits with
+    /// exponential, jittered backoff in between.
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>>>,
+    {
+        let mut delay = self.config.backoff;
+        for n in 0.. {
+            match attempt().await? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry(err) if n >= self.config.retries => return Err(err),
+                Attempt::Retry(err) => {
+                    let jitter = delay.mul_f64(fastrand_fraction() * 0.5);
+                    tracing::warn!(%err, attempt = n + 1, "registry request failed, retrying");
+                    tokio::time::sleep(delay + jitter).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        unreachable!("the loop only ends by returning")
+    }
+
+    /// One attempt: authenticate if challenged, and classify the outcome. Errors that more
+    /// attempts cannot fix (404, 401 after auth, bad requests) are returned as `Err`.
+    async fn send_once(
+        &self,
+        r: &Reference,
+        actions: &str,
+        method: Method,
+        url: &str,
+        build: &(dyn Fn(RequestBuilder) -> RequestBuilder + Sync),
+    ) -> Result<Attempt<Response>> {
+        let scope = format!("repository:{}:{actions}", r.repository);
+        let method_name = method_str(&method);
+        let mut authenticated = false;
+        loop {
+            let mut req = build(self.http.request(method.clone(), url));
+            req = self.authorize(req, &r.registry, &scope);
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(source) => {
+                    return Ok(Attempt::Retry(Error::Http {
+                        method: method_name,
+                        url: url.to_owned(),
+                        source,
+                    }))
+                }
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(Attempt::Done(resp));
+            }
+            let status_err = Error::RegistryStatus {
+                method: method_name,
+                url: url.to_owned(),
+                status: status.as_u16(),
+            };
+            if status == StatusCode::UNAUTHORIZED && !authenticated {
+                authenticated = true;
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                match challenge {
+                    Some(Challenge::Basic) => {
+                        self.basic
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(r.registry.clone(), true);
+                    }
+                    Some(Challenge::Bearer { realm, service, .. }) => {
+                        let creds = auth::lookup(&r.registry);
+                        let token = auth::fetch_token(
+                            &self.http,
+                            &r.registry,
+                            &realm,
+                            service.as_deref(),
+                            &scope,
+                            creds.as_ref(),
+                        )
+                        .await?;
+                        self.tokens
+                            .lock()
+                            .expect("not poisoned")
+                            .insert((r.registry.clone(), scope.clone()), token);
+                    }
+                    None => return Err(status_err),
+                }
+                continue;
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return Ok(Attempt::Retry(status_err));
+            }
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(Error::Auth {
+                    registry: r.registry.clone(),
+                    reason: format!("{method_name} {url} returned {status}"),
+                });
+            }
+            return Err(status_err);
+        }
+    }
+
+    fn authorize(&self, req: RequestBuilder, registry: &str, scope: &str) -> RequestBuilder {
+        let token = self
+            .tokens
+            .lock()
+            .expect("not poisoned")
+            .get(&(registry.to_owned(), scope.to_owned()))
+            .cloned();
+        if let Some(token) = token {
+            return req.bearer_auth(token);
+        }
+        if self
+            .basic
+            .lock()
+            .expect("not poisoned")
+            .contains_key(registry)
+        {
+            if let Some(Credentials::Basic { username, password }) = auth::lookup(registry) {
+                return req.basic_auth(username, Some(password));
+            }
+        }
+        req
+    }
+}
+
+fn method_str(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        _ => "REQUEST",
+    }
+}
+
+fn map_blob_404(e: Error, digest: &Digest) -> Error {
+    match e {
+        Error::RegistryStatus { status: 404, .. } => Error::BlobNotFound(*digest),
+        e => e,
+    }
+}
+
+/// A uniform fraction in [0, 1) for backoff jitter; quality does not matter, only spread.
+fn fastrand_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn read_limited(resp: Response, url: &str, limit: usize) -> Result<Bytes> {
+    if resp.content_length().is_some_and(|l| l as usize > limit) {
+        return Err(Error::SizeMismatch {
+            what: format!("response of {url}"),
+            expected: limit as u64,
+            actual: resp.content_length().unwrap_or(0),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|source| Error::Http {
+            method: "GET",
+            url: url.to_owned(),
+            source,
+        })?;
+        if out.len() + piece.len() > limit {
+            return Err(Error::SizeMismatch {
+                what: format!("response of {url}"),
+                expected: limit as u64,
+                actual: (out.len() + piece.len()) as u64,
+            });
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out.into())
+}
+
+/// Reads `len` bytes after skipping `skip`, then stops reading (the rest is never fetched).
+async fn read_window(
+    resp: Response,
+    mut skip: u64,
+    len: u64,
+) -> std::result::Result<Bytes, reqwest::Error> {
+    let mut out = Vec::with_capacity(len as usize);
+    let mut stream = resp.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        let mut piece = piece?;
+        if skip > 0 {
+            let n = skip.min(piece.len() as u64);
+            skip -= n;
+            piece = piece.slice(n as usize..);
+        }
+        let want = (len - out.len() as u64).min(piece.len() as u64) as usize;
+        out.extend_from_slice(&piece[..want]);
+        if out.len() as u64 == len {
+            break;
+        }
+    }
+    Ok(out.into())
+}

@@ -1,0 +1,286 @@
+//! The lazy layer format: a `tar+zstd` blob whose frames are independently decodable chunks,
+//! with a table of contents (TOC) and a fixed-size footer in zstd skippable frames at the end.
+//!
+//! `docs/format.md` is the specification; this module is its only implementation. The writer
+//! (`writer`) turns a tar stream into such a blob, the rest of this module reads and checks one.
+//! Nothing here does I/O against a registry: callers fetch bytes and hand them in.
+
+mod footer;
+mod path;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Digest, Error, Result};
+
+pub use footer::{Footer, TocPosition, FOOTER_SIZE};
+pub use path::normalize_name;
+pub use writer::{convert_layer, ConvertOptions, ConvertedLayer};
+
+/// The TOC format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Layer annotation: sha256 of the compressed TOC bytes (the TOC skippable frame's payload).
+/// The manifest vouches for it, so the TOC, and through it every chunk, is authenticated.
+pub const ANNOTATION_TOC_DIGEST: &str = "dev.brisk.toc.digest";
+
+/// Layer annotation: `<offset>:<length>:<uncompressed length>:<version>` of the compressed TOC,
+/// so a reader that has the manifest can fetch the TOC with one range read, without the footer.
+pub const ANNOTATION_TOC_POSITION: &str = "dev.brisk.toc.position";
+
+/// Chunk size the converter aims for; see `docs/format.md` for how it was chosen.
+pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
+
+/// No chunk may decode to more than this. A TOC that claims more is rejected before any
+/// buffer is sized from it.
+pub const MAX_CHUNK_SIZE: u64 = 16 * 1024 * 1024;
+
+/// The decoded TOC may not exceed this; it bounds the memory a lying footer can demand.
+pub const MAX_TOC_SIZE: u64 = 512 * 1024 * 1024;
+
+/// The table of contents of one converted layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Toc {
+    pub version: u32,
+    /// Length of the uncompressed tar stream; the chunks tile `0..tar_size` exactly.
+    pub tar_size: u64,
+    pub chunks: Vec<Chunk>,
+    pub entries: Vec<Entry>,
+}
+
+/// One independently decodable zstd frame of the layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Offset of the frame in the compressed blob.
+    pub offset: u64,
+    /// Length of the frame in the compressed blob.
+    pub size: u64,
+    /// Offset of the frame's decoded bytes in the uncompressed tar stream.
+    pub tar_offset: u64,
+    /// Length of the frame's decoded bytes.
+    pub tar_size: u64,
+    /// sha256 of the decoded bytes: the chunk's identity in every cache level.
+    pub digest: Digest,
+}
+
+impl Chunk {
+    pub fn compressed_range(&self) -> Range<u64> {
+        self.offset..self.offset + self.size
+    }
+
+    pub fn tar_range(&self) -> Range<u64> {
+        self.tar_offset..self.tar_offset + self.tar_size
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Dir,
+    Reg,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+    /// A `.wh.<name>` tar entry: `name` is the path it deletes from lower layers.
+    Whiteout,
+    /// A `.wh..wh..opq` tar entry: `name` is the directory whose lower contents are hidden.
+    Opaque,
+}
+
+/// One tar entry, with its name normalized (no leading `/`, no `.` or empty components).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    /// Path inside the layer; the root directory is the empty string.
+    pub name: String,
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u64,
+    #[serde(default)]
+    pub gid: u64,
+    /// Content length for regular files, zero otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// Modification time in whole seconds since the epoch.
+    #[serde(default)]
+    pub mtime: i64,
+    /// Symlink target (verbatim) or hardlink target (a normalized layer path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Offset of the content in the uncompressed tar stream (regular files with content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_major: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_minor: Option<u32>,
+    /// Extended attributes, values base64-encoded (they are arbitrary bytes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Entry {
+    /// The content's range in the uncompressed tar stream, if it has content.
+    pub fn tar_range(&self) -> Option<Range<u64>> {
+        self.offset.map(|o| o..o + self.size)
+    }
+}
+
+impl Toc {
+    /// Serializes and compresses the TOC; the result is the payload of the TOC frame.
+    pub fn encode(&self) -> Result<(Vec<u8>, u64)> {
+        let json = serde_json::to_vec(self).map_err(|e| Error::json("TOC", e))?;
+        let compressed = zstd::bulk::compress(&json, 3).map_err(Error::Write)?;
+        Ok((compressed, json.len() as u64))
+    }
+
+    /// Decodes the compressed TOC payload. When `expected` is given (the manifest annotation),
+    /// the bytes are checked before they are decompressed, so unauthenticated input never
+    /// reaches the decoder.
+    pub fn decode(
+        payload: &[u8],
+        uncompressed_len: u64,
+        expected: Option<&Digest>,
+    ) -> Result<Self> {
+        if let Some(expected) = expected {
+            let actual = Digest::sha256(payload);
+            if actual != *expected {
+                return Err(Error::TocDigestMismatch {
+                    expected: *expected,
+                    actual,
+                });
+            }
+        }
+        if uncompressed_len > MAX_TOC_SIZE {
+            return Err(Error::bad_toc(format!(
+                "claims {uncompressed_len} bytes, more than the limit"
+            )));
+        }
+        let json = zstd::bulk::decompress(payload, uncompressed_len as usize)
+            .map_err(|e| Error::bad_toc(format!("does not decompress: {e}")))?;
+        if json.len() as u64 != uncompressed_len {
+            return Err(Error::bad_toc(
+                "decompressed length differs from the footer",
+            ));
+        }
+        let toc: Toc = serde_json::from_slice(&json).map_err(|e| Error::json("TOC", e))?;
+        toc.validate()?;
+        Ok(toc)
+    }
+
+    /// Checks everything a reader relies on, so later code can index without re-checking:
+    /// chunks tile the tar stream and the blob from offset 0, sizes are bounded, entry names
+    /// are normalized, and every file's content lies inside the tar stream.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != FORMAT_VERSION {
+            return Err(Error::bad_toc(format!(
+                "version {} is not supported",
+                self.version
+            )));
+        }
+        let (mut offset, mut tar_offset) = (0u64, 0u64);
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.offset != offset || c.tar_offset != tar_offset {
+                return Err(Error::bad_toc(format!(
+                    "chunk {i} does not follow the previous one"
+                )));
+            }
+            if c.size == 0 || c.tar_size == 0 || c.tar_size > MAX_CHUNK_SIZE {
+                return Err(Error::bad_toc(format!("chunk {i} has an impossible size")));
+            }
+            offset = c
+                .offset
+                .checked_add(c.size)
+                .ok_or_else(|| Error::bad_toc("overflow"))?;
+            tar_offset = tar_offset
+                .checked_add(c.tar_size)
+                .ok_or_else(|| Error::bad_toc("overflow"))?;
+        }
+        if tar_offset != self.tar_size {
+            return Err(Error::bad_toc("chunks do not cover the tar stream"));
+        }
+        for e in &self.entries {
+            if normalize_name(&e.name)? != e.name {
+                return Err(Error::bad_toc(format!(
+                    "entry name {:?} is not normalized",
+                    e.name
+                )));
+            }
+            match (e.kind, e.offset) {
+                (EntryKind::Reg, Some(o)) => {
+                    let end = o
+                        .checked_add(e.size)
+                        .ok_or_else(|| Error::bad_toc("overflow"))?;
+                    if end > self.tar_size || e.size == 0 {
+                        return Err(Error::bad_toc(format!(
+                            "{:?} lies outside the tar stream",
+                            e.name
+                        )));
+                    }
+                }
+                (EntryKind::Reg, None) if e.size == 0 => {}
+                (_, None) if e.size == 0 => {}
+                _ => {
+                    return Err(Error::bad_toc(format!(
+                        "{:?} has content it cannot have",
+                        e.name
+                    )))
+                }
+            }
+            if matches!(e.kind, EntryKind::Symlink | EntryKind::Hardlink) && e.link.is_none() {
+                return Err(Error::bad_toc(format!("link {:?} has no target", e.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The indexes of the chunks holding `range` of the tar stream (empty for an empty range).
+    pub fn chunks_for(&self, range: Range<u64>) -> Range<usize> {
+        if range.start >= range.end {
+            return 0..0;
+        }
+        let first = self
+            .chunks
+            .partition_point(|c| c.tar_offset + c.tar_size <= range.start);
+        let end = self.chunks.partition_point(|c| c.tar_offset < range.end);
+        first..end.max(first)
+    }
+
+    /// Total compressed bytes of the chunk data (everything before the TOC frame).
+    pub fn data_size(&self) -> u64 {
+        self.chunks.last().map_or(0, |c| c.offset + c.size)
+    }
+}
+
+/// Decompresses one chunk and checks it against the TOC. This is the only way chunk bytes
+/// leave this module, so a caller never sees bytes that did not match their digest.
+pub fn decode_chunk(index: usize, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = || Error::CorruptChunk {
+        index,
+        digest: chunk.digest,
+    };
+    if compressed.len() as u64 != chunk.size || chunk.tar_size > MAX_CHUNK_SIZE {
+        return Err(corrupt());
+    }
+    let data =
+        zstd::bulk::decompress(compressed, chunk.tar_size as usize).map_err(|_| corrupt())?;
+    if data.len() as u64 != chunk.tar_size || Digest::sha256(&data) != chunk.digest {
+        return Err(corrupt());
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+//! Tar stream in, lazy layer out: cuts the tar into independently decodable zstd frames,
+//! records every entry and chunk, and appends the TOC and footer.
+//!
+//! The tar bytes pass through unchanged: decompressing the output gives exactly the input tar,
+//! so the layer's diff_id stays what it was and any runtime can still unpack it. Only where the
+//! frame boundaries fall is Brisk's choice. Memory stays at about one chunk whatever the layer
+//! size: the stream is read once and written once.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use base64::Engine as _;
+use tar::EntryType;
+
+use super::footer::{skippable_header, Footer, TocPosition, TOC_FRAME_MAGIC};
+use super::{normalize_name, Chunk, Entry, EntryKind, Toc, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use crate::digest::{Hasher, HashingWriter};
+use crate::{Digest, Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Largest decoded chunk, and the size large files are cut into.
+    pub chunk_size: u32,
+    /// zstd level for chunk frames.
+    pub level: i32,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            level: 3,
+        }
+    }
+}
+
+/// What the converter produced; everything a manifest and config need.
+#[derive(Clone, Debug)]
+pub struct ConvertedLayer {
+    /// Digest and size of the converted blob.
+    pub digest: Digest,
+    pub size: u64,
+    /// sha256 of the uncompressed tar: the layer's diff_id.
+    pub diff_id: Digest,
+    pub tar_size: u64,
+    pub toc_digest: Digest,
+    pub toc: TocPosition,
+    pub chunks: usize,
+    pub entries: usize,
+}
+
+/// Converts the uncompressed tar stream `tar` into a lazy layer written to `out`.
+pub fn convert_layer<R: Read, W: Write>(
+    tar: R,
+    out: W,
+    opts: &ConvertOptions,
+) -> Result<(ConvertedLayer, W)> {
+    let chunk_size = opts.chunk_size.clamp(4096, super::MAX_CHUNK_SIZE as u32) as u64;
+    let frames = Rc::new(RefCell::new(FrameWriter::new(out, chunk_size, opts.level)?));
+    let tee = Tee {
+        inner: tar,
+        frames: frames.clone(),
+    };
+    let mut archive = tar::Archive::new(tee);
+    let mut entries = EntryTable::default();
+    for entry in archive.entries().map_err(Error::Tar)? {
+        let mut entry = entry.map_err(Error::Tar)?;
+        let Some(toc_entry) = toc_entry(&mut entry)? else {
+            continue;
+        };
+        if let Some(range) = toc_entry.tar_range() {
+            frames
+                .borrow_mut()
+                .plan_content(entry.raw_header_position(), range, chunk_size)
+                .map_err(Error::Write)?;
+        }
+        entries.insert(toc_entry)?;
+        // Dropping the entry makes the archive read past its content, through the tee.
+    }
+    // The archive stops at the end-of-archive marker; the rest (the second zero block, record
+    // padding) belongs to the tar stream as well and must pass through unchanged.
+    let mut tee = archive.into_inner();
+    io::copy(&mut tee, &mut io::sink()).map_err(Error::Tar)?;
+    drop(tee);
+    let frames = Rc::try_unwrap(frames)
+        .ok()
+        .expect("the tee is gone")
+        .into_inner();
+    frames.finish(entries.into_vec())
+}
+
+/// Passes everything the tar parser reads on to the frame writer, so the output holds the
+/// input's bytes exactly, including headers and padding the parser does not expose.
+struct Tee<R, W: Write> {
+    inner: R,
+    frames: Rc<RefCell<FrameWriter<W>>>,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.frames.borrow_mut().write(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Cuts the tar stream into frames. Bytes wait in `buf` until their frame is complete, so a
+/// boundary can still be placed before bytes that were already seen (a tar header read before
+/// the parser knew which file follows it).
+struct FrameWriter<W: Write> {
+    out: HashingWriter<W>,
+    compressor: zstd::bulk::Compressor<'static>,
+    /// Decoded bytes of the frame being built; never longer than `chunk_size`.
+    buf: Vec<u8>,
+    compressed: Vec<u8>,
+    /// Tar offset of `buf[0]`.
+    frame_start: u64,
+    /// A boundary still ahead in the stream: the end of the current large file.
+    planned_cut: Option<u64>,
+    chunk_size: u64,
+    chunks: Vec<Chunk>,
+    diff_id: Hasher,
+}
+
+impl<W: Write> FrameWriter<W> {
+    fn new(out: W, chunk_size: u64, level: i32) -> Result<Self> {
+        let mut compressor = zstd::bulk::Compressor::new(level).map_err(Error::Write)?;
+        // Chunks are verified by sha256; zstd's own checksum would only cost time.
+        compressor.include_checksum(false).map_err(Error::Write)?;
+        compressor.include_contentsize(true).map_err(Error::Write)?;
+        Ok(Self {
+            out: HashingWriter::new(out),
+            compressor,
+            buf: Vec::with_capacity(chunk_size as usize),
+            compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk_size as usize)),
+            frame_start: 0,
+            planned_cut: None,
+            chunk_size,
+            chunks: Vec::new(),
+            diff_id: Hasher::new(),
+        })
+    }
+
+    fn pos(&self) -> u64 {
+        self.frame_start + self.buf.len() as u64
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        self.diff_id.update(data);
+        while !data.is_empty() {
+            let mut limit = self.frame_start + self.chunk_size;
+            if let Some(cut) = self.planned_cut.filter(|&c| c < limit) {
+                limit = cut;
+            }
+            let n = ((limit - self.pos()) as usize).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.pos() == limit {
+                if self.planned_cut == Some(limit) {
+                    self.planned_cut = None;
+                }
+                self.flush_frame(self.buf.len())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the current frame at tar offset `at`, which may lie in the buffered past.
+    fn cut_at(&mut self, at: u64) -> io::Result<()> {
+        if at > self.frame_start && at <= self.pos() {
+            self.flush_frame((at - self.frame_start) as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Decides the boundaries around one file's content.
+    ///
+    /// A large file starts a frame and is cut every `chunk_size` bytes from its own start, so
+    /// the same content yields the same chunks in any layer or image (the disk cache stores it
+    /// once). Small files are packed with their neighbours, but never split across two frames
+    /// when a fresh frame would hold them: reading a small file costs one chunk.
+    fn plan_content(
+        &mut self,
+        header: u64,
+        content: std::ops::Range<u64>,
+        chunk_size: u64,
+    ) -> io::Result<()> {
+        let len = content.end - content.start;
+        if len >= chunk_size / 4 {
+            self.cut_at(content.start)?;
+            self.planned_cut = Some(content.end);
+        } else if content.end - self.frame_start > chunk_size {
+            self.cut_at(header)?;
+        }
+        Ok(())
+    }
+
+    fn flush_frame(&mut self, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let data = &self.buf[..len];
+        self.compressed.clear();
+        self.compressor
+            .compress_to_buffer(data, &mut self.compressed)?;
+        self.out.write_all(&self.compressed)?;
+        self.chunks.push(Chunk {
+            offset: self.out.written() - self.compressed.len() as u64,
+            size: self.compressed.len() as u64,
+            tar_offset: self.frame_start,
+            tar_size: len as u64,
+            digest: Digest::sha256(data),
+        });
+        self.buf.drain(..len);
+        self.frame_start += len as u64;
+        Ok(())
+    }
+
+    fn finish(mut self, entries: Vec<Entry>) -> Result<(ConvertedLayer, W)> {
+        self.flush_frame(self.buf.len()).map_err(Error::Write)?;
+        let toc = Toc {
+            version: FORMAT_VERSION,
+            tar_size: self.frame_start,
+            chunks: self.chunks,
+            entries,
+        };
+        let (payload, uncompressed_size) = toc.encode()?;
+        let out = &mut self.out;
+        out.write_all(&skippable_header(TOC_FRAME_MAGIC, payload.len()).map_err(Error::Write)?)
+            .map_err(Error::Write)?;
+        let position = TocPosition {
+            offset: out.written(),
+            size: payload.len() as u64,
+            uncompressed_size,
+            version: FORMAT_VERSION,
+        };
+        out.write_all(&payload).map_err(Error::Write)?;
+        out.write_all(
+            &Footer {
+                toc: position,
+                flags: 0,
+            }
+            .encode(),
+        )
+        .map_err(Error::Write)?;
+        out.flush().map_err(Error::Write)?;
+        let (digest, size, inner) = self.out.finish();
+        let layer = ConvertedLayer {
+            digest,
+            size,
+            diff_id: self.diff_id.finish(),
+            tar_size: toc.tar_size,
+            toc_digest: Digest::sha256(&payload),
+            toc: position,
+            chunks: toc.chunks.len(),
+            entries: toc.entries.len(),
+        };
+        Ok((layer, inner))
+    }
+}
+
+/// Entries in tar order, where a later entry of the same name replaces the earlier one (what
+/// `tar -x` and containerd's unpacker do with duplicates).
+#[derive(Default)]
+struct EntryTable {
+    entries: Vec<Option<Entry>>,
+    by_name: HashMap<(bool, String), usize>,
+}
+
+impl EntryTable {
+    fn insert(&mut self, entry: Entry) -> Result<()> {
+        if entry.kind == EntryKind::Hardlink {
+            let target = entry.link.clone().unwrap_or_default();
+            let ok = self
+                .by_name
+                .get(&(false, target.clone()))
+                .and_then(|&i| self.entries[i].as_ref())
+                .is_some_and(|t| {
+                    !matches!(
+                        t.kind,
+                        EntryKind::Dir | EntryKind::Whiteout | EntryKind::Opaque
+                    )
+                });
+            if !ok {
+                return Err(Error::DanglingHardlink {
+                    name: entry.name,
+                    target,
+                });
+            }
+        }
+        // Whiteouts and opaque markers name paths of lower layers; they live in their own
+        // namespace so a marker and a real entry of one name do not replace each other.
+        let marker = matches!(entry.kind, EntryKind::Whiteout | EntryKind::Opaque);
+        let key = (marker, entry.name.clone());
+        if let Some(old) = self.by_name.insert(key, self.entries.len()) {
+            self.entries[old] = None;
+        }
+        self.entries.push(Some(entry));
+        Ok(())
+    }
+
+    fn into_vec(self) -> Vec<Entry> {
+        self.entries.into_iter().flatten().collect()
+    }
+}
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_NAME: &str = ".wh..wh..opq";
+
+/// The TOC entry for one tar entry; `None` for entries that are tar bookkeeping only.
+fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
+    let raw_name = utf8(entry.path_bytes().into_owned(), "")?;
+    let header = entry.header();
+    let kind = match header.entry_type() {
+        EntryType::Regular | EntryType::Continuous => EntryKind::Reg,
+        EntryType::Directory => EntryKind::Dir,
+        EntryType::Symlink => EntryKind::Symlink,
+        EntryType::Link => EntryKind::Hardlink,
+        EntryType::Char => EntryKind::Char,
+        EntryType::Block => EntryKind::Block,
+        EntryType::Fifo => EntryKind::Fifo,
+        EntryType::XGlobalHeader => return Ok(None),
+        EntryType::GNUSparse => {
+            return Err(Error::UnsupportedEntry {
+                name: raw_name,
+                reason: "GNU sparse files are not supported",
+            })
+        }
+        _ => {
+            return Err(Error::UnsupportedEntry {
+                name: raw_name,
+                reason: "unknown tar entry type",
+            })
+        }
+    };
+    let mut name = normalize_name(&raw_name)?;
+    if name.is_empty() && kind != EntryKind::Dir {
+        return Err(Error::UnsupportedEntry {
+            name: raw_name,
+            reason: "only a directory can be the root",
+        });
+    }
+    let (parent, base) = match name.rfind('/') {
+        Some(i) => (&name[..i], &name[i + 1..]),
+        None => ("", name.as_str()),
+    };
+    let mut kind = kind;
+    if base == OPAQUE_NAME {
+        name = parent.to_owned();
+        kind = EntryKind::Opaque;
+    } else if base.starts_with(".wh..wh.") {
+        // aufs bookkeeping (hardlink stash dirs); it never describes image content.
+        return Ok(None);
+    } else if let Some(deleted) = base.strip_prefix(WHITEOUT_PREFIX) {
+        name = if parent.is_empty() {
+            deleted.to_owned()
+        } else {
+            format!("{parent}/{deleted}")
+        };
+        kind = EntryKind::Whiteout;
+    }
+
+    let mut toc = Entry {
+        kind,
+        name,
+        mode: header.mode().map_err(Error::Tar)? & 0o7777,
+        uid: header.uid().map_err(Error::Tar)?,
+        gid: header.gid().map_err(Error::Tar)?,
+        size: 0,
+        mtime: header.mtime().map_err(Error::Tar)? as i64,
+        link: None,
+        offset: None,
+        dev_major: None,
+        dev_minor: None,
+        xattrs: BTreeMap::new(),
+    };
+    match kind {
+        EntryKind::Reg => {
+            toc.size = entry.size();
+            if toc.size > 0 {
+                toc.offset = Some(entry.raw_file_position());
+            }
+        }
+        EntryKind::Symlink | EntryKind::Hardlink => {
+            let target = entry
+                .link_name_bytes()
+                .map(|b| b.into_owned())
+                .unwrap_or_default();
+            let target = utf8(target, &raw_name)?;
+            toc.link = Some(if kind == EntryKind::Hardlink {
+                normalize_name(&target)?
+            } else {
+                target
+            });
+        }
+        EntryKind::Char | EntryKind::Block => {
+            toc.dev_major = header.device_major().map_err(Error::Tar)?;
+            toc.dev_minor = header.device_minor().map_err(Error::Tar)?;
+        }
+        _ => {}
+    }
+    apply_pax(entry, &mut toc)?;
+    Ok(Some(toc))
+}
+
+/// PAX records override the ustar header's numeric fields and carry xattrs.
+fn apply_pax<R: Read>(entry: &mut tar::Entry<'_, R>, toc: &mut Entry) -> Result<()> {
+    let Some(exts) = entry.pax_extensions().map_err(Error::Tar)? else {
+        return Ok(());
+    };
+    for ext in exts {
+        let ext = ext.map_err(Error::Tar)?;
+        let Ok(key) = ext.key() else { continue };
+        let value = ext.value_bytes();
+        let number = || {
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
+        };
+        match key {
+            "uid" => toc.uid = number().unwrap_or(toc.uid as i64) as u64,
+            "gid" => toc.gid = number().unwrap_or(toc.gid as i64) as u64,
+            "mtime" => toc.mtime = number().unwrap_or(toc.mtime),
+            _ => {
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    toc.xattrs.insert(
+                        name.to_owned(),
+                        base64::engine::general_purpose::STANDARD.encode(value),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn utf8(bytes: Vec<u8>, context: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| Error::UnsupportedEntry {
+        name: if context.is_empty() {
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        } else {
+            context.to_owned()
+        },
+        reason: "names and link targets must be UTF-8",
+    })
+}
