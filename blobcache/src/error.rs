@@ -89,7 +89,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn bad_toc(reason: impl Into<String>) -> Self {
+    /// A TOC that is malformed or lies about the blob.
+    pub fn bad_toc(reason: impl Into<String>) -> Self {
         Self::BadToc(reason.into())
     }
 }

@@ -1,1 +1,187 @@
-fn main() {}
+//! The `brisk` command: parse flags, open the image locations, call the library, print.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_tools::convert::{self, ConvertConfig};
+use brisk_tools::inspect;
+use brisk_tools::store::{Location, Store};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "brisk",
+    version,
+    about = "Lazy-loading container images: convert, inspect and check"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct RegistryFlags {
+    /// Use plain HTTP for every registry (loopback registries always use it).
+    #[arg(long, global = true)]
+    plain_http: bool,
+    /// Seconds a registry may stay silent before a request is retried.
+    #[arg(long, global = true, default_value_t = 30)]
+    registry_timeout: u64,
+    /// Retries for 429, 5xx, timeouts and broken connections.
+    #[arg(long, global = true, default_value_t = 4)]
+    retries: u32,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image to the lazy format: SRC and DST are `host[:port]/repo[:tag|@digest]` or `oci:DIR[:tag]`.
+    Convert {
+        src: String,
+        dst: String,
+        /// Only this platform of an index (`os/arch[/variant]`).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Target chunk size in bytes.
+        #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+        /// zstd compression level.
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// Layers converted in parallel (default: number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Print a machine-readable summary on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+    /// Show a converted image: layers, TOC summary, chunk counts and sizes.
+    Inspect {
+        image: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+    /// Fetch and verify every TOC and chunk of an image; non-zero exit on the first bad one.
+    Check {
+        image: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+}
+
+fn open(location: &str, flags: &RegistryFlags) -> anyhow::Result<Store> {
+    let location: Location = location.parse()?;
+    let client = RegistryClient::new(RegistryConfig {
+        plain_http: flags.plain_http,
+        timeout: Duration::from_secs(flags.registry_timeout),
+        retries: flags.retries,
+        ..RegistryConfig::default()
+    })?;
+    Ok(Store::open(location, Arc::new(client)))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BRISK_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Convert {
+            src,
+            dst,
+            platform,
+            chunk_size,
+            level,
+            jobs,
+            json,
+            registry,
+        } => {
+            let (src_store, dst_store) = (open(&src, &registry)?, open(&dst, &registry)?);
+            let defaults = ConvertConfig::default();
+            let config = ConvertConfig {
+                chunk_size,
+                level,
+                platform,
+                jobs: jobs.unwrap_or(defaults.jobs),
+                progress: !json && std::io::stderr().is_terminal(),
+                tmp_dir: None,
+            };
+            let summary = convert::convert(&src_store, &dst_store, &config)
+                .await
+                .with_context(|| format!("Converting {src} to {dst}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                let (before, after, tar, chunks) = summary.totals();
+                println!(
+                    "{} -> {} ({}): {} image(s), {} -> {} bytes ({} uncompressed), {} chunks, {:.1}s",
+                    summary.source,
+                    summary.destination,
+                    summary.digest,
+                    summary.images.len(),
+                    before,
+                    after,
+                    tar,
+                    chunks,
+                    summary.seconds
+                );
+            }
+        }
+        Command::Inspect {
+            image,
+            json,
+            registry,
+        } => {
+            let store = open(&image, &registry)?;
+            let reports = inspect::inspect(&store)
+                .await
+                .with_context(|| format!("Inspecting {image}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", inspect::render(&reports));
+            }
+        }
+        Command::Check {
+            image,
+            json,
+            registry,
+        } => {
+            let store = open(&image, &registry)?;
+            let report = inspect::check(&store)
+                .await
+                .with_context(|| format!("Checking {image}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "ok: {} image(s), {} layers ({} lazy), {} chunks, {} bytes verified",
+                    report.images, report.layers, report.lazy_layers, report.chunks, report.bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
