@@ -168,8 +168,15 @@ impl Toc {
                 "claims {uncompressed_len} bytes, more than the limit"
             )));
         }
-        let json = zstd::bulk::decompress(payload, uncompressed_len as usize)
+        // Stream rather than preallocate: the claimed length is only trusted as an upper bound.
+        let mut json = Vec::new();
+        let decoder = zstd::stream::read::Decoder::new(payload)
             .map_err(|e| Error::bad_toc(format!("does not decompress: {e}")))?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(decoder, uncompressed_len + 1),
+            &mut json,
+        )
+        .map_err(|e| Error::bad_toc(format!("does not decompress: {e}")))?;
         if json.len() as u64 != uncompressed_len {
             return Err(Error::bad_toc(
                 "decompressed length differs from the footer",
@@ -284,3 +291,30 @@ pub fn decode_chunk(index: usize, chunk: &Chunk, compressed: &[u8]) -> Result<Ve
 
 #[cfg(test)]
 mod tests;
+
+/// Reads a whole blob the way a lazy reader does (footer, TOC, every chunk), ignoring the
+/// outcome. The fuzz target and the parser property test drive it with arbitrary bytes: it
+/// must return, never panic.
+#[doc(hidden)]
+pub fn fuzz_read_blob(blob: &[u8]) {
+    if blob.len() < FOOTER_SIZE {
+        return;
+    }
+    let Ok(footer) = Footer::decode(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64) else {
+        return;
+    };
+    let r = footer.toc.range();
+    let Ok(toc) = Toc::decode(
+        &blob[r.start as usize..r.end as usize],
+        footer.toc.uncompressed_size,
+        None,
+    ) else {
+        return;
+    };
+    for (i, c) in toc.chunks.iter().enumerate() {
+        let range = c.compressed_range();
+        if range.end <= blob.len() as u64 {
+            let _ = decode_chunk(i, c, &blob[range.start as usize..range.end as usize]);
+        }
+    }
+}

@@ -504,3 +504,23 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The reader survives arbitrary damage to a real blob (the fuzz target's property, run
+    /// briefly on every test run).
+    #[test]
+    fn reader_never_panics_on_damaged_blobs(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+                                            cut in any::<prop::sample::Index>()) {
+        let (_, blob) = convert(&sample_tar(), 64 * 1024);
+        let mut damaged = blob.clone();
+        for (at, byte) in flips {
+            let i = at.index(damaged.len());
+            damaged[i] ^= byte | 1;
+        }
+        fuzz_read_blob(&damaged);
+        fuzz_read_blob(&blob[cut.index(blob.len())..]);
+        fuzz_read_blob(&blob[..cut.index(blob.len())]);
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, docs, unit, integration and (as root) end-to-end
+# tests against the real registry, skopeo, umoci, zstd and tar.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/deps.sh
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked --quiet
+# The system tests run the built binaries.
+cargo build --workspace --bins --locked
+if [[ $(id -u) -eq 0 ]]; then
+    export BRISK_E2E=1
+else
+    echo "not root: end-to-end tests will report themselves skipped" >&2
+fi
+cargo test --workspace --locked
