@@ -57,7 +57,7 @@ fn main() {
     println!("  gzip -6                 {:>12}", gzip_size);
     println!("  zstd -3                 {:>12}", zstd_size);
     println!(
-        "  brisk (512 KiB chunks)  {:>12}  ratio {:.3}x of zstd -3",
+        "  brisk (1 MiB chunks)    {:>12}  ratio {:.3}x of zstd -3",
         brisk_size,
         brisk_size as f64 / zstd_size as f64
     );

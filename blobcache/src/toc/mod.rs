@@ -32,7 +32,7 @@ pub const ANNOTATION_TOC_DIGEST: &str = "dev.brisk.toc.digest";
 pub const ANNOTATION_TOC_POSITION: &str = "dev.brisk.toc.position";
 
 /// Chunk size the converter aims for; see `docs/format.md` for how it was chosen.
-pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 
 /// No chunk may decode to more than this. A TOC that claims more is rejected before any
 /// buffer is sized from it.
