@@ -63,9 +63,7 @@ async fn images(store: &Store) -> Result<Vec<(FetchedManifest, Option<String>)>>
             .as_ref()
             .map(|p| format!("{}/{}", p.os(), p.architecture()));
         out.push((
-            store
-                .manifest(&digest, &desc.media_type().to_string())
-                .await?,
+            store.manifest(&digest, desc.media_type().as_ref()).await?,
             platform,
         ));
     }
@@ -196,7 +194,7 @@ pub async fn check(store: &Store) -> Result<CheckReport> {
 async fn check_layer(store: &Store, desc: &Descriptor, report: &mut CheckReport) -> Result<()> {
     let digest: Digest = desc.digest().to_string().parse()?;
     let Some((toc, position, _)) = read_toc(store, desc).await? else {
-        if media::layer_compression(&desc.media_type().to_string()).is_none() {
+        if media::layer_compression(desc.media_type().as_ref()).is_none() {
             return Err(brisk_blobcache::Error::UnsupportedMediaType(
                 desc.media_type().to_string(),
             )

@@ -169,7 +169,7 @@ impl Run<'_> {
             let digest: Digest = desc.digest().to_string().parse()?;
             let child = self
                 .src
-                .manifest(&digest, &desc.media_type().to_string())
+                .manifest(&digest, desc.media_type().as_ref())
                 .await?;
             let (image, size) = self
                 .convert_image(&child, platform.clone(), None)
