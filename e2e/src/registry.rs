@@ -1,0 +1,144 @@
+//! A private `docker-registry` (distribution) on a loopback port, one per test.
+//!
+//! It stores blobs in its own temporary directory, so a test can reach into the storage and
+//! damage a blob on purpose. It has no TLS and no auth: loopback registries are plain HTTP
+//! for both Brisk and skopeo (with `--tls-verify=false`).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+/// How long a registry may take to answer `/v2/` after it is spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Registry {
+    child: Child,
+    port: u16,
+    /// Holds the config, the log and the storage; removed after the child is gone.
+    dir: TempDir,
+}
+
+impl Registry {
+    /// Spawns `docker-registry serve` on a free loopback port and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("brisk-registry-")
+            .tempdir()?;
+        // The port is free now; the registry binds it a moment later. Another process
+        // taking it in between shows up as the registry exiting, with its log in the error.
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: warn\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let log = File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("Starting docker-registry")?;
+        let mut registry = Self { child, port, dir };
+        registry.wait_ready()?;
+        Ok(registry)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("docker-registry exited ({status}):\n{}", self.log());
+            }
+            if self.answers_v2() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "docker-registry did not answer on {} within {START_TIMEOUT:?}:\n{}",
+                    self.addr(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `GET /v2/` gets a 200, asked with the smallest possible HTTP/1.0 request.
+    fn answers_v2(&self) -> bool {
+        let ask = || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            write!(stream, "GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        };
+        ask().is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// `127.0.0.1:PORT`, the registry part of an image reference.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A reference to `name` (`repo:tag`) in this registry.
+    pub fn image(&self, name: &str) -> String {
+        format!("{}/{name}", self.addr())
+    }
+
+    /// The storage root (`rootdirectory` in the config).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Where the filesystem driver keeps the bytes of blob `digest` (`sha256:HEX`).
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64)
+            .with_context(|| format!("Not a sha256 digest: {digest}"))?;
+        Ok(self
+            .data_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data"))
+    }
+
+    /// Whether anything was ever written under repository `repo`.
+    pub fn has_repository(&self, repo: &str) -> bool {
+        self.data_dir()
+            .join("docker/registry/v2/repositories")
+            .join(repo)
+            .exists()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // `Child::kill` signals exactly this child's pid; reaping it keeps no zombie behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
