@@ -66,6 +66,8 @@ pub enum Error {
     BlobNotFound(Digest),
     #[error("Manifest {0} not found")]
     ManifestNotFound(String),
+    #[error("Chunk {0} could not be read from any cache level")]
+    ChunkUnavailable(Digest),
     #[error("I/O error on {path}")]
     Io {
         path: String,
@@ -96,3 +98,15 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes on one line, for log fields.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

@@ -4,11 +4,17 @@
 //! It knows blobs and chunks by digest and nothing about FUSE, containerd or snapshots. The
 //! tiered cache (memory, disk, peers, registry) composes on top of these pieces.
 
+pub mod chunk;
 pub mod digest;
+pub mod disk;
 mod error;
+pub mod layered;
 pub mod media;
+pub mod memory;
 pub mod reference;
 pub mod registry;
+pub mod remote;
+pub mod source;
 pub mod toc;
 
 pub use digest::Digest;

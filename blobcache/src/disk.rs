@@ -1,0 +1,310 @@
+//! L2: chunks on the host's disk, content-addressed by digest (a chunk shared by layers and
+//! images is stored once), bounded by bytes with least-recently-used eviction, surviving
+//! restarts.
+//!
+//! Crash safety comes from the order of writes: a chunk is written to `tmp/`, synced, renamed
+//! into `chunks/`, and only then entered in the sled index. A chunk is served only if the index
+//! has it, so a torn write is never visible; leftovers are removed on open. Bytes that rot
+//! behind Brisk's back fail verification in the read path, which then discards them here.
+//! A full disk evicts, and if that does not help the level degrades to pass-through.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::source::{Answer, ChunkSource, SourceError};
+use crate::{Digest, Error, Result};
+
+/// sled keeps its own page cache; this caps it so the index never competes with L1.
+const INDEX_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+pub struct DiskCache {
+    root: PathBuf,
+    /// digest -> size (u64 BE) ++ access stamp (u64 BE).
+    index: sled::Tree,
+    /// access stamp (u64 BE) ++ digest -> (), oldest first: the eviction order.
+    by_age: sled::Tree,
+    db: sled::Db,
+    capacity: u64,
+    bytes: AtomicU64,
+    clock: AtomicU64,
+    /// Serializes eviction so two writers do not both evict for the same overflow.
+    evicting: Mutex<()>,
+}
+
+impl DiskCache {
+    /// Opens (or creates) the cache at `root`, dropping anything a crash left half done.
+    pub fn open(root: impl Into<PathBuf>, capacity_bytes: u64) -> Result<Self> {
+        let root = root.into();
+        for dir in ["chunks", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
+        }
+        let db = sled::Config::new()
+            .path(root.join("index"))
+            .cache_capacity(INDEX_CACHE_BYTES)
+            .open()
+            .map_err(|e| Error::io(root.join("index"), std::io::Error::other(e)))?;
+        let sled_err = |e: sled::Error| Error::io(root.join("index"), std::io::Error::other(e));
+        let index = db.open_tree("chunks").map_err(sled_err)?;
+        let by_age = db.open_tree("by_age").map_err(sled_err)?;
+        let cache = Self {
+            root,
+            index,
+            by_age,
+            db,
+            capacity: capacity_bytes,
+            bytes: AtomicU64::new(0),
+            clock: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+        };
+        cache.recover()?;
+        Ok(cache)
+    }
+
+    fn chunk_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Makes the index and the files agree: temp files go, files the index does not know go,
+    /// index entries whose file is missing or has the wrong size go.
+    fn recover(&self) -> Result<()> {
+        let tmp = self.root.join("tmp");
+        for entry in std::fs::read_dir(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?
+            .flatten()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let mut total = 0u64;
+        let mut max_stamp = 0u64;
+        for item in self.index.iter() {
+            let (key, value) = item.map_err(|e| Error::io(&self.root, std::io::Error::other(e)))?;
+            let Some((digest, size, stamp)) = decode_entry(&key, &value) else {
+                let _ = self.index.remove(&key);
+                continue;
+            };
+            match std::fs::metadata(self.chunk_path(&digest)) {
+                Ok(meta) if meta.len() == size => {
+                    total += size;
+                    max_stamp = max_stamp.max(stamp);
+                }
+                _ => {
+                    let _ = self.index.remove(&key);
+                    let _ = self.by_age.remove(age_key(stamp, &digest));
+                    let _ = std::fs::remove_file(self.chunk_path(&digest));
+                }
+            }
+        }
+        let chunks = self.root.join("chunks");
+        for dir in std::fs::read_dir(&chunks)
+            .map_err(|e| Error::io(&chunks, e))?
+            .flatten()
+        {
+            for file in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let known = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| format!("sha256:{name}").parse::<Digest>().ok())
+                    .is_some_and(|d| self.index.contains_key(d.as_bytes()).unwrap_or(false));
+                if !known {
+                    let _ = std::fs::remove_file(file.path());
+                }
+            }
+        }
+        self.bytes.store(total, Ordering::Relaxed);
+        self.clock.store(max_stamp + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes currently stored.
+    pub fn len_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Writes the index to disk; the snapshotter calls it on shutdown.
+    pub fn flush(&self) -> Result<()> {
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(|e| Error::io(&self.root, std::io::Error::other(e)))
+    }
+
+    fn touch(&self, digest: &Digest, size: u64, old_stamp: Option<u64>) -> sled::Result<()> {
+        let stamp = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = old_stamp {
+            self.by_age.remove(age_key(old, digest))?;
+        }
+        self.by_age.insert(age_key(stamp, digest), &[])?;
+        self.index
+            .insert(digest.as_bytes(), encode_value(size, stamp))?;
+        Ok(())
+    }
+
+    fn read(&self, digest: &Digest) -> std::io::Result<Option<Bytes>> {
+        let Some(value) = self
+            .index
+            .get(digest.as_bytes())
+            .map_err(std::io::Error::other)?
+        else {
+            return Ok(None);
+        };
+        let Some((_, size, stamp)) = decode_entry(digest.as_bytes(), &value) else {
+            return Ok(None);
+        };
+        let data = match std::fs::read(self.chunk_path(digest)) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.remove(digest);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if data.len() as u64 != size {
+            self.remove(digest);
+            return Ok(None);
+        }
+        self.touch(digest, size, Some(stamp))
+            .map_err(std::io::Error::other)?;
+        Ok(Some(data.into()))
+    }
+
+    fn write(&self, chunk: &VerifiedChunk) -> std::io::Result<()> {
+        let digest = chunk.digest();
+        if self
+            .index
+            .contains_key(digest.as_bytes())
+            .map_err(std::io::Error::other)?
+        {
+            return Ok(());
+        }
+        let size = chunk.data().len() as u64;
+        if size > self.capacity {
+            return Ok(());
+        }
+        self.make_room(size);
+        let result = self.write_file(digest, chunk.data());
+        let result = match result {
+            // A full disk: free a tenth of the cache and try once more.
+            Err(e) if e.raw_os_error() == Some(28) => {
+                self.evict_until(self.len_bytes().saturating_sub(self.capacity / 10));
+                self.write_file(digest, chunk.data())
+            }
+            other => other,
+        };
+        result?;
+        self.touch(digest, size, None)
+            .map_err(std::io::Error::other)?;
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_file(&self, digest: &Digest, data: &[u8]) -> std::io::Result<()> {
+        let dest = self.chunk_path(digest);
+        std::fs::create_dir_all(dest.parent().expect("chunk paths have a parent"))?;
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}",
+            digest.hex(),
+            self.clock.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &dest)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    fn make_room(&self, incoming: u64) {
+        if self.len_bytes() + incoming > self.capacity {
+            self.evict_until(self.capacity.saturating_sub(incoming));
+        }
+    }
+
+    fn evict_until(&self, target: u64) {
+        let _guard = self.evicting.lock().expect("not poisoned");
+        while self.len_bytes() > target {
+            let Ok(Some((key, _))) = self.by_age.pop_min() else {
+                break;
+            };
+            let Ok(digest_bytes) = <[u8; 32]>::try_from(&key[8..]) else {
+                continue;
+            };
+            self.remove(&Digest::from_bytes(digest_bytes));
+        }
+    }
+
+    fn remove(&self, digest: &Digest) {
+        if let Ok(Some(value)) = self.index.remove(digest.as_bytes()) {
+            if let Some((_, size, stamp)) = decode_entry(digest.as_bytes(), &value) {
+                let _ = self.by_age.remove(age_key(stamp, digest));
+                self.bytes
+                    .fetch_sub(size.min(self.len_bytes()), Ordering::Relaxed);
+            }
+        }
+        let _ = std::fs::remove_file(self.chunk_path(digest));
+    }
+
+    /// Where the cache keeps its files (for tests that damage them on purpose).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.chunk_path(digest)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn age_key(stamp: u64, digest: &Digest) -> Vec<u8> {
+    let mut k = stamp.to_be_bytes().to_vec();
+    k.extend_from_slice(digest.as_bytes());
+    k
+}
+
+fn encode_value(size: u64, stamp: u64) -> Vec<u8> {
+    let mut v = size.to_be_bytes().to_vec();
+    v.extend_from_slice(&stamp.to_be_bytes());
+    v
+}
+
+fn decode_entry(key: &[u8], value: &[u8]) -> Option<(Digest, u64, u64)> {
+    let digest = Digest::from_bytes(key.try_into().ok()?);
+    let size = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let stamp = u64::from_be_bytes(value.get(8..16)?.try_into().ok()?);
+    Some((digest, size, stamp))
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for DiskCache {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    async fn get(&self, chunk: &ChunkRef) -> Answer {
+        // Small synchronous file reads: cheaper inline than a hop to the blocking pool, and
+        // the chunk files are in the page cache when it matters.
+        self.read(&chunk.digest).map_err(SourceError::unavailable)
+    }
+
+    async fn put(&self, chunk: &VerifiedChunk) {
+        if let Err(err) = self.write(chunk) {
+            tracing::warn!(digest = %chunk.digest(), %err, "disk cache write failed; serving without keeping");
+        }
+    }
+
+    async fn discard(&self, digest: &Digest) {
+        self.remove(digest);
+    }
+}

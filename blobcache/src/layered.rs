@@ -1,0 +1,369 @@
+//! Read-through composition of cache levels, fastest first: the one read path for on-demand
+//! reads, prefetch and (later) chunks served to zone peers.
+//!
+//! All read policy is here: verify before serving or keeping, fill faster levels on the way
+//! back, treat a failing or slow level as a miss, make one fetch for concurrent misses of the
+//! same chunk (single flight), and let on-demand reads go ahead of prefetch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::source::ChunkSource;
+use crate::{Digest, Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A reader is waiting for these bytes.
+    OnDemand,
+    /// Fetched ahead of need; waits while on-demand fetches are in flight.
+    Prefetch,
+}
+
+struct Level {
+    source: Arc<dyn ChunkSource>,
+    /// Slower than this counts as a miss for this read, not an error: the next level may
+    /// still answer in time.
+    deadline: Duration,
+    stats: LevelStats,
+}
+
+#[derive(Default)]
+struct LevelStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    corrupt: AtomicU64,
+    timeouts: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// A level's counters at one moment, for `--stats` and tests.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LevelReport {
+    pub level: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    pub errors: u64,
+    pub corrupt: u64,
+    pub timeouts: u64,
+    /// Uncompressed bytes this level served.
+    pub bytes: u64,
+}
+
+type Flight = Shared<BoxFuture<'static, Option<VerifiedChunk>>>;
+
+pub struct Layered {
+    levels: Vec<Level>,
+    /// Fetches in progress by chunk digest. A std mutex: held only to look up or insert.
+    inflight: Mutex<HashMap<Digest, Flight>>,
+    /// On-demand fetches that reached the last level; prefetch waits while any are running.
+    ondemand: AtomicUsize,
+    ondemand_idle: Notify,
+    prefetch_slots: Semaphore,
+    /// How many times the whole level list is tried before a chunk is declared unavailable;
+    /// a second pass catches a registry that served one bad response.
+    passes: u32,
+}
+
+pub struct LayeredBuilder {
+    levels: Vec<Level>,
+    prefetch_concurrency: usize,
+    passes: u32,
+}
+
+impl LayeredBuilder {
+    pub fn level(mut self, source: Arc<dyn ChunkSource>, deadline: Duration) -> Self {
+        self.levels.push(Level {
+            source,
+            deadline,
+            stats: LevelStats::default(),
+        });
+        self
+    }
+
+    /// Prefetch batches fetched at once (default 2).
+    pub fn prefetch_concurrency(mut self, n: usize) -> Self {
+        self.prefetch_concurrency = n.max(1);
+        self
+    }
+
+    pub fn passes(mut self, n: u32) -> Self {
+        self.passes = n.max(1);
+        self
+    }
+
+    pub fn build(self) -> Arc<Layered> {
+        Arc::new(Layered {
+            levels: self.levels,
+            inflight: Mutex::default(),
+            ondemand: AtomicUsize::new(0),
+            ondemand_idle: Notify::new(),
+            prefetch_slots: Semaphore::new(self.prefetch_concurrency),
+            passes: self.passes,
+        })
+    }
+}
+
+/// Decrements the on-demand count when an origin fetch ends, however it ends.
+struct OnDemandGuard<'a>(&'a Layered);
+
+impl Drop for OnDemandGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.ondemand.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ondemand_idle.notify_waiters();
+        }
+    }
+}
+
+impl Layered {
+    pub fn builder() -> LayeredBuilder {
+        LayeredBuilder {
+            levels: Vec::new(),
+            prefetch_concurrency: 2,
+            passes: 2,
+        }
+    }
+
+    /// Reads one chunk.
+    pub async fn read(
+        self: &Arc<Self>,
+        chunk: &ChunkRef,
+        priority: Priority,
+    ) -> Result<VerifiedChunk> {
+        let mut v = self
+            .read_many(std::slice::from_ref(chunk), priority)
+            .await?;
+        Ok(v.pop().expect("one answer per chunk"))
+    }
+
+    /// Reads several chunks, in request order. Chunks another reader is already fetching are
+    /// waited for, not fetched again. Fails if any chunk is unavailable from every level.
+    pub async fn read_many(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) -> Result<Vec<VerifiedChunk>> {
+        let flights = self.join_or_start(chunks, priority);
+        let results = futures::future::join_all(flights).await;
+        chunks
+            .iter()
+            .zip(results)
+            .map(|(c, r)| r.ok_or(Error::ChunkUnavailable(c.digest)))
+            .collect()
+    }
+
+    fn join_or_start(self: &Arc<Self>, chunks: &[ChunkRef], priority: Priority) -> Vec<Flight> {
+        let mut inflight = self.inflight.lock().expect("not poisoned");
+        let mut mine: Vec<ChunkRef> = Vec::new();
+        let mut mine_index: HashMap<Digest, usize> = HashMap::new();
+        enum Slot {
+            Joined(Flight),
+            Mine(usize),
+        }
+        let slots: Vec<Slot> = chunks
+            .iter()
+            .map(|c| match inflight.get(&c.digest) {
+                Some(f) => Slot::Joined(f.clone()),
+                None => Slot::Mine(*mine_index.entry(c.digest).or_insert_with(|| {
+                    mine.push(c.clone());
+                    mine.len() - 1
+                })),
+            })
+            .collect();
+        let mut started: Vec<Flight> = Vec::new();
+        if !mine.is_empty() {
+            let this = self.clone();
+            let batch = mine.clone();
+            let group = async move {
+                let out = this.read_through(&batch, priority).await;
+                let mut inflight = this.inflight.lock().expect("not poisoned");
+                for c in &batch {
+                    inflight.remove(&c.digest);
+                }
+                Arc::new(out)
+            }
+            .boxed()
+            .shared();
+            for (j, c) in mine.iter().enumerate() {
+                let g = group.clone();
+                let flight: Flight = async move { g.await[j].clone() }.boxed().shared();
+                inflight.insert(c.digest, flight.clone());
+                started.push(flight);
+            }
+        }
+        slots
+            .into_iter()
+            .map(|s| match s {
+                Slot::Joined(f) => f,
+                Slot::Mine(j) => started[j].clone(),
+            })
+            .collect()
+    }
+
+    async fn read_through(
+        &self,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) -> Vec<Option<VerifiedChunk>> {
+        let mut out: Vec<Option<VerifiedChunk>> = vec![None; chunks.len()];
+        let mut remaining: Vec<usize> = (0..chunks.len()).collect();
+        let last = self.levels.len().saturating_sub(1);
+        for _ in 0..self.passes {
+            for (li, level) in self.levels.iter().enumerate() {
+                if remaining.is_empty() {
+                    return out;
+                }
+                let _slot;
+                let _guard;
+                if li == last && priority == Priority::Prefetch {
+                    _slot = self
+                        .prefetch_slots
+                        .acquire()
+                        .await
+                        .expect("semaphore is never closed");
+                    self.wait_for_ondemand().await;
+                } else if li == last {
+                    self.ondemand.fetch_add(1, Ordering::SeqCst);
+                    _guard = OnDemandGuard(self);
+                }
+                remaining = self.ask(li, level, chunks, remaining, &mut out).await;
+            }
+        }
+        out
+    }
+
+    /// Asks one level for the `remaining` chunks; returns those it did not serve.
+    async fn ask(
+        &self,
+        li: usize,
+        level: &Level,
+        chunks: &[ChunkRef],
+        remaining: Vec<usize>,
+        out: &mut [Option<VerifiedChunk>],
+    ) -> Vec<usize> {
+        let name = level.source.name();
+        let refs: Vec<ChunkRef> = remaining.iter().map(|&i| chunks[i].clone()).collect();
+        let started = Instant::now();
+        let answers = match tokio::time::timeout(level.deadline, level.source.get_many(&refs)).await
+        {
+            Ok(answers) => answers,
+            Err(_) => {
+                level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
+                tracing::warn!(level = name, "level too slow, skipping");
+                return remaining;
+            }
+        };
+        metrics::histogram!("brisk_cache_latency_seconds", "level" => name)
+            .record(started.elapsed().as_secs_f64());
+        let mut missed = Vec::new();
+        for (i, answer) in remaining.into_iter().zip(answers) {
+            let chunk = &chunks[i];
+            match answer {
+                Ok(Some(bytes)) => match VerifiedChunk::check(chunk, bytes) {
+                    Some(verified) => {
+                        let len = verified.data().len() as u64;
+                        level.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        level.stats.bytes.fetch_add(len, Ordering::Relaxed);
+                        metrics::counter!("brisk_cache_hits_total", "level" => name).increment(1);
+                        metrics::counter!("brisk_cache_bytes_total", "level" => name)
+                            .increment(len);
+                        // Only the faster levels need it; this one already has it.
+                        for faster in &self.levels[..li] {
+                            faster.source.put(&verified).await;
+                        }
+                        out[i] = Some(verified);
+                    }
+                    None => {
+                        level.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("brisk_cache_corrupt_total", "level" => name)
+                            .increment(1);
+                        tracing::warn!(level = name, digest = %chunk.digest, "chunk failed verification, skipping level");
+                        level.source.discard(&chunk.digest).await;
+                        missed.push(i);
+                    }
+                },
+                Ok(None) => {
+                    level.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("brisk_cache_misses_total", "level" => name).increment(1);
+                    missed.push(i);
+                }
+                Err(err) => {
+                    level.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("brisk_cache_errors_total", "level" => name).increment(1);
+                    tracing::warn!(level = name, digest = %chunk.digest, err = %crate::error::chain(&err), "level failed, skipping");
+                    missed.push(i);
+                }
+            }
+        }
+        missed
+    }
+
+    async fn wait_for_ondemand(&self) {
+        loop {
+            let idle = self.ondemand_idle.notified();
+            if self.ondemand.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Fetches `chunks` in order in the background, in batches of neighbours, behind any
+    /// on-demand read. Stops early when `cancel` fires. Returns how many chunks it made local.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        chunks: Vec<ChunkRef>,
+        batch_bytes: u64,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<usize> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut done = 0;
+            let mut batch: Vec<ChunkRef> = Vec::new();
+            let mut batch_len = 0;
+            let mut iter = chunks.into_iter().peekable();
+            while let Some(c) = iter.next() {
+                batch_len += c.compressed.end - c.compressed.start;
+                batch.push(c);
+                let full = batch_len >= batch_bytes || iter.peek().is_none();
+                if !full {
+                    continue;
+                }
+                let b = std::mem::take(&mut batch);
+                batch_len = 0;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = this.read_many(&b, Priority::Prefetch) => {
+                        if r.is_ok() { done += b.len() }
+                    }
+                }
+            }
+            done
+        })
+    }
+
+    /// Per-level counters, fastest level first.
+    pub fn report(&self) -> Vec<LevelReport> {
+        self.levels
+            .iter()
+            .map(|l| LevelReport {
+                level: l.source.name(),
+                hits: l.stats.hits.load(Ordering::Relaxed),
+                misses: l.stats.misses.load(Ordering::Relaxed),
+                errors: l.stats.errors.load(Ordering::Relaxed),
+                corrupt: l.stats.corrupt.load(Ordering::Relaxed),
+                timeouts: l.stats.timeouts.load(Ordering::Relaxed),
+                bytes: l.stats.bytes.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}

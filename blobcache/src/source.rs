@@ -1,0 +1,45 @@
+//! The interface shared by every cache level: memory, disk, zone peers, registry.
+//!
+//! A level answers "do you have these chunks?" and may keep chunks it is given. It never
+//! decides what a miss, a failure or bad bytes mean; that policy lives in `crate::layered`.
+
+use bytes::Bytes;
+
+use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Level unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SourceError {
+    pub fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable(Box::new(err))
+    }
+}
+
+/// One answer per requested chunk: the bytes (unverified), `Ok(None)` for a clean miss.
+pub type Answer = Result<Option<Bytes>, SourceError>;
+
+#[async_trait::async_trait]
+pub trait ChunkSource: Send + Sync {
+    /// Short, stable name for logs and metrics: "memory", "disk", "peer", "registry".
+    fn name(&self) -> &'static str;
+
+    /// The uncompressed bytes of `chunk` if this level has them.
+    async fn get(&self, chunk: &ChunkRef) -> Answer;
+
+    /// Several chunks at once, answers in request order. Levels that can serve neighbours in
+    /// one request (the registry) override this; the default asks for each concurrently.
+    async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
+        futures::future::join_all(chunks.iter().map(|c| self.get(c))).await
+    }
+
+    /// Keep a chunk fetched from a slower level. The registry keeps nothing.
+    async fn put(&self, _chunk: &VerifiedChunk) {}
+
+    /// Forget a chunk whose bytes failed verification, so it is fetched again.
+    async fn discard(&self, _digest: &Digest) {}
+}
