@@ -45,7 +45,7 @@ umoci init --layout "$WORK/oci"
 umoci new --image "$WORK/oci:sample"
 umoci unpack --image "$WORK/oci:sample" "$WORK/bundle" >/dev/null
 tar -C "$WORK/bundle/rootfs" -xf "$WORK/rootfs.tar"
-umoci repack --image "$WORK/oci:sample" "$WORK/bundle"
+umoci repack --refresh-bundle --image "$WORK/oci:sample" "$WORK/bundle"
 # A second layer: the application.
 mkdir -p "$WORK/bundle/rootfs/app"
 printf 'import sys\nprint("hello from a lazily loadable image, python", sys.version.split()[0])\n' \

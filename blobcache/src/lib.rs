@@ -11,6 +11,7 @@ mod error;
 pub mod layered;
 pub mod media;
 pub mod memory;
+pub mod meta;
 pub mod reference;
 pub mod registry;
 pub mod remote;

@@ -75,25 +75,30 @@ fn parse_manifest(m: &FetchedManifest) -> Result<ImageManifest> {
         .map_err(|e| Error::invalid(format!("image manifest {}", m.digest), e))
 }
 
-/// Fetches and authenticates a layer's TOC: the manifest annotation names its digest, and
-/// the position comes from the annotation or, failing that, from the footer.
-pub async fn read_toc(
-    store: &Store,
-    desc: &Descriptor,
-) -> Result<Option<(Toc, TocPosition, Digest)>> {
+/// A layer's TOC location as the manifest states it: `None` if the layer is not lazy.
+pub fn toc_annotations(desc: &Descriptor) -> Result<Option<(Digest, Option<TocPosition>)>> {
     let annotations = desc.annotations().clone().unwrap_or_default();
     let Some(toc_digest) = annotations.get(toc::ANNOTATION_TOC_DIGEST) else {
         return Ok(None);
     };
-    let toc_digest: Digest = toc_digest.parse()?;
+    let position = annotations
+        .get(toc::ANNOTATION_TOC_POSITION)
+        .and_then(|p| p.parse::<TocPosition>().ok());
+    Ok(Some((toc_digest.parse()?, position)))
+}
+
+/// Fetches a layer's compressed TOC bytes: one range read at the annotated position, or the
+/// footer first when the manifest does not say. The bytes are not yet authenticated.
+pub async fn fetch_toc_payload(
+    store: &Store,
+    desc: &Descriptor,
+    position: Option<TocPosition>,
+) -> Result<(bytes::Bytes, TocPosition)> {
     let digest: Digest = desc.digest().to_string().parse()?;
     let size = desc.size();
-    let position = match annotations
-        .get(toc::ANNOTATION_TOC_POSITION)
-        .map(|p| p.parse::<TocPosition>())
-    {
-        Some(Ok(p)) => p,
-        _ => {
+    let position = match position {
+        Some(p) => p,
+        None => {
             if size < FOOTER_SIZE as u64 {
                 return Err(
                     brisk_blobcache::Error::bad_toc("blob is smaller than a footer").into(),
@@ -106,15 +111,37 @@ pub async fn read_toc(
         }
     };
     position.check_within(size)?;
-    let payload = store.blob_range(&digest, position.range()).await?;
-    let toc = Toc::decode(&payload, position.uncompressed_size, Some(&toc_digest))?;
+    Ok((store.blob_range(&digest, position.range()).await?, position))
+}
+
+/// Authenticates and decodes TOC bytes against the manifest's digest, and checks that the
+/// chunks end where the TOC frame begins.
+pub fn decode_toc(payload: &[u8], position: &TocPosition, toc_digest: &Digest) -> Result<Toc> {
+    let toc = Toc::decode(payload, position.uncompressed_size, Some(toc_digest))?;
     if toc.data_size() + 8 != position.offset {
         return Err(brisk_blobcache::Error::bad_toc(
             "chunks do not end where the TOC frame begins",
         )
         .into());
     }
-    Ok(Some((toc, position, toc_digest)))
+    Ok(toc)
+}
+
+/// Fetches and authenticates a layer's TOC: the manifest annotation names its digest, and
+/// the position comes from the annotation or, failing that, from the footer.
+pub async fn read_toc(
+    store: &Store,
+    desc: &Descriptor,
+) -> Result<Option<(Toc, TocPosition, Digest)>> {
+    let Some((toc_digest, position)) = toc_annotations(desc)? else {
+        return Ok(None);
+    };
+    let (payload, position) = fetch_toc_payload(store, desc, position).await?;
+    Ok(Some((
+        decode_toc(&payload, &position, &toc_digest)?,
+        position,
+        toc_digest,
+    )))
 }
 
 pub async fn inspect(store: &Store) -> Result<Vec<ImageReport>> {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_tools::cat::{self, CatOptions};
 use brisk_tools::convert::{self, ConvertConfig};
 use brisk_tools::inspect;
 use brisk_tools::store::{Location, Store};
@@ -67,6 +68,26 @@ enum Command {
         #[command(flatten)]
         registry: RegistryFlags,
     },
+    /// Print one file of a converted image, fetching only the chunks it needs.
+    Cat {
+        image: String,
+        /// Path inside the image (with or without a leading `/`).
+        path: String,
+        /// Keep manifests, TOCs and chunks here; a repeat then reads from disk.
+        #[arg(long)]
+        cache_dir: Option<std::path::PathBuf>,
+        /// Bound of the disk cache in bytes.
+        #[arg(long, default_value_t = 10 << 30)]
+        cache_bytes: u64,
+        /// Platform to read from an index (`os/arch`).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print per-level hits and bytes fetched to stderr as JSON.
+        #[arg(long)]
+        stats: bool,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
     /// Fetch and verify every TOC and chunk of an image; non-zero exit on the first bad one.
     Check {
         image: String,
@@ -77,14 +98,20 @@ enum Command {
     },
 }
 
+impl RegistryFlags {
+    fn config(&self) -> RegistryConfig {
+        RegistryConfig {
+            plain_http: self.plain_http,
+            timeout: Duration::from_secs(self.registry_timeout),
+            retries: self.retries,
+            ..RegistryConfig::default()
+        }
+    }
+}
+
 fn open(location: &str, flags: &RegistryFlags) -> anyhow::Result<Store> {
     let location: Location = location.parse()?;
-    let client = RegistryClient::new(RegistryConfig {
-        plain_http: flags.plain_http,
-        timeout: Duration::from_secs(flags.registry_timeout),
-        retries: flags.retries,
-        ..RegistryConfig::default()
-    })?;
+    let client = RegistryClient::new(flags.config())?;
     Ok(Store::open(location, Arc::new(client)))
 }
 
@@ -162,6 +189,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {
                 print!("{}", inspect::render(&reports));
+            }
+        }
+        Command::Cat {
+            image,
+            path,
+            cache_dir,
+            cache_bytes,
+            platform,
+            stats,
+            registry,
+        } => {
+            let reference: brisk_blobcache::reference::Reference = image.parse()?;
+            let opts = CatOptions {
+                cache_dir,
+                disk_bytes: cache_bytes,
+                platform,
+                registry: registry.config(),
+                ..CatOptions::default()
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let report = cat::cat(&reference, &path, &opts, &mut out)
+                .await
+                .with_context(|| format!("Reading {path} from {image}"))?;
+            if stats {
+                eprintln!("{}", serde_json::to_string(&report)?);
             }
         }
         Command::Check {

@@ -138,6 +138,26 @@ impl RegistryClient {
         })
     }
 
+    /// The digest a tag points to, from a HEAD request (no manifest bytes are transferred).
+    /// `None` when the registry does not say (no `Docker-Content-Digest` header).
+    pub async fn head_manifest(&self, r: &Reference) -> Result<Option<Digest>> {
+        let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
+        let resp = self
+            .send(r, "pull", Method::HEAD, &url, &|b| {
+                b.header(header::ACCEPT, media::MANIFEST_ACCEPT)
+            })
+            .await
+            .map_err(|e| match e {
+                Error::RegistryStatus { status: 404, .. } => Error::ManifestNotFound(r.to_string()),
+                e => e,
+            })?;
+        Ok(resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
     /// Fetches a small blob (a config) into memory, verified.
     pub async fn get_blob_bytes(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
         self.retrying(|| async {

@@ -1,0 +1,111 @@
+//! A small on-disk store for manifests and TOCs, so a host that has seen an image once can
+//! open it again without fetching either (and can open it offline).
+//!
+//! Content is stored by digest and checked against it on every load; a tag is only a pointer
+//! to a digest, remembered for when the registry cannot be asked.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+
+use crate::reference::Reference;
+use crate::{Digest, Error, Result};
+
+pub struct MetaStore {
+    root: PathBuf,
+}
+
+impl MetaStore {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        for dir in ["sha256", "tags", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
+        }
+        Ok(Self { root })
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("sha256").join(digest.hex())
+    }
+
+    /// The stored bytes of `digest`; a file that no longer matches is removed and is a miss.
+    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
+        let data = std::fs::read(self.path(digest)).ok()?;
+        if Digest::sha256(&data) != *digest {
+            let _ = std::fs::remove_file(self.path(digest));
+            return None;
+        }
+        Some(data.into())
+    }
+
+    /// Stores `data` under its digest (written to a temp file, then renamed).
+    pub fn put(&self, data: &[u8]) -> Result<Digest> {
+        let digest = Digest::sha256(data);
+        let dest = self.path(&digest);
+        if !dest.exists() {
+            let tmp =
+                self.root
+                    .join("tmp")
+                    .join(format!("{}.{}", digest.hex(), std::process::id()));
+            std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        }
+        Ok(digest)
+    }
+
+    fn tag_path(&self, r: &Reference) -> PathBuf {
+        let tag = r.tag.as_deref().unwrap_or("latest");
+        // Registry hosts may carry a port; ':' is fine in a file name, '/' in the repository
+        // becomes directories.
+        self.root
+            .join("tags")
+            .join(&r.registry)
+            .join(&r.repository)
+            .join(tag)
+    }
+
+    /// The digest `r`'s tag pointed to when it was last resolved.
+    pub fn tag(&self, r: &Reference) -> Option<Digest> {
+        std::fs::read_to_string(self.tag_path(r))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn set_tag(&self, r: &Reference, digest: &Digest) -> Result<()> {
+        let path = self.tag_path(r);
+        std::fs::create_dir_all(path.parent().expect("tag paths have a parent"))
+            .map_err(|e| Error::io(&path, e))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, digest.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_by_digest_and_drops_damaged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        let d = store.put(b"manifest").unwrap();
+        assert_eq!(store.get(&d).unwrap(), &b"manifest"[..]);
+        std::fs::write(dir.path().join("sha256").join(d.hex()), b"tampered").unwrap();
+        assert!(store.get(&d).is_none());
+        assert!(!dir.path().join("sha256").join(d.hex()).exists());
+    }
+
+    #[test]
+    fn remembers_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        let r: Reference = "127.0.0.1:5000/team/app:v1".parse().unwrap();
+        assert_eq!(store.tag(&r), None);
+        let d = Digest::sha256(b"x");
+        store.set_tag(&r, &d).unwrap();
+        assert_eq!(store.tag(&r), Some(d));
+    }
+}
