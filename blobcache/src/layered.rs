@@ -367,3 +367,195 @@ impl Layered {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::memory::MemoryCache;
+    use crate::source::{Answer, SourceError};
+
+    /// A level over fixed contents that logs every call, can be slow, and can lie.
+    struct Scripted {
+        data: HashMap<Digest, Bytes>,
+        delay: Duration,
+        calls: Mutex<Vec<Vec<Digest>>>,
+        lie: bool,
+        fail: bool,
+        gets: AtomicU32,
+    }
+
+    impl Scripted {
+        fn new(chunks: &[(ChunkRef, Bytes)]) -> Self {
+            Self {
+                data: chunks.iter().map(|(r, b)| (r.digest, b.clone())).collect(),
+                delay: Duration::ZERO,
+                calls: Mutex::default(),
+                lie: false,
+                fail: false,
+                gets: AtomicU32::new(0),
+            }
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("scripted failure")]
+    struct Failure;
+
+    #[async_trait::async_trait]
+    impl ChunkSource for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+
+        async fn get(&self, chunk: &ChunkRef) -> Answer {
+            self.get_many(std::slice::from_ref(chunk)).await.pop().unwrap()
+        }
+
+        async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
+            self.calls.lock().unwrap().push(chunks.iter().map(|c| c.digest).collect());
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            chunks
+                .iter()
+                .map(|c| {
+                    if self.fail {
+                        return Err(SourceError::unavailable(Failure));
+                    }
+                    Ok(self.data.get(&c.digest).map(|b| if self.lie { Bytes::from(vec![0u8; b.len()]) } else { b.clone() }))
+                })
+                .collect()
+        }
+    }
+
+    fn chunks(n: usize) -> Vec<(ChunkRef, Bytes)> {
+        (0..n)
+            .map(|i| {
+                let data = Bytes::from(vec![i as u8 + 1; 1000 + i]);
+                let r = ChunkRef {
+                    digest: Digest::sha256(&data),
+                    blob: Digest::sha256(b"blob"),
+                    compressed: (i as u64 * 100)..(i as u64 * 100 + 100),
+                    uncompressed_len: data.len() as u64,
+                };
+                (r, data)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_for_one_chunk_make_one_fetch() {
+        let cs = chunks(1);
+        let mut origin = Scripted::new(&cs);
+        origin.delay = Duration::from_millis(50);
+        let origin = Arc::new(origin);
+        let layered = Layered::builder().level(origin.clone(), Duration::from_secs(5)).build();
+        let reads = (0..16).map(|_| {
+            let l = layered.clone();
+            let r = cs[0].0.clone();
+            tokio::spawn(async move { l.read(&r, Priority::OnDemand).await.unwrap() })
+        });
+        for r in futures::future::join_all(reads).await {
+            assert_eq!(r.unwrap().data(), &cs[0].1);
+        }
+        assert_eq!(origin.gets.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn faster_levels_are_filled_on_the_way_back() {
+        let cs = chunks(2);
+        let memory = Arc::new(MemoryCache::new(1 << 20));
+        let origin = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(memory.clone(), Duration::from_secs(1))
+            .level(origin.clone(), Duration::from_secs(1))
+            .build();
+        let refs: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
+        layered.read_many(&refs, Priority::OnDemand).await.unwrap();
+        layered.read_many(&refs, Priority::OnDemand).await.unwrap();
+        assert_eq!(origin.gets.load(Ordering::SeqCst), 1, "second read came from memory");
+        let report = layered.report();
+        assert_eq!((report[0].hits, report[0].misses, report[1].hits), (2, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn lying_failing_and_slow_levels_are_skipped_and_never_kept() {
+        let cs = chunks(1);
+        let memory = Arc::new(MemoryCache::new(1 << 20));
+        let mut liar = Scripted::new(&cs);
+        liar.lie = true;
+        let mut broken = Scripted::new(&cs);
+        broken.fail = true;
+        let mut slow = Scripted::new(&cs);
+        slow.delay = Duration::from_secs(5);
+        let good = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(memory.clone(), Duration::from_secs(1))
+            .level(Arc::new(liar), Duration::from_secs(1))
+            .level(Arc::new(broken), Duration::from_secs(1))
+            .level(Arc::new(slow), Duration::from_millis(50))
+            .level(good, Duration::from_secs(1))
+            .build();
+        let got = layered.read(&cs[0].0, Priority::OnDemand).await.unwrap();
+        assert_eq!(got.data(), &cs[0].1);
+        let report = layered.report();
+        assert_eq!(report[1].corrupt, 1);
+        assert_eq!(report[2].errors, 1);
+        assert_eq!(report[3].timeouts, 1);
+        assert_eq!(report[4].hits, 1);
+        assert_eq!(memory.get(&cs[0].0).await.unwrap().unwrap(), cs[0].1);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_no_level_can_verify_is_an_error() {
+        let cs = chunks(1);
+        let memory = Arc::new(MemoryCache::new(1 << 20));
+        let mut liar = Scripted::new(&cs);
+        liar.lie = true;
+        let layered = Layered::builder()
+            .level(memory.clone(), Duration::from_secs(1))
+            .level(Arc::new(liar), Duration::from_secs(1))
+            .build();
+        let err = layered.read(&cs[0].0, Priority::OnDemand).await.unwrap_err();
+        assert!(matches!(err, Error::ChunkUnavailable(d) if d == cs[0].0.digest));
+        assert!(memory.get(&cs[0].0).await.unwrap().is_none(), "unverified bytes were kept");
+        assert_eq!(layered.report()[1].corrupt, 2, "one try per pass");
+    }
+
+    #[tokio::test]
+    async fn on_demand_reads_jump_the_prefetch_queue() {
+        let cs = chunks(12);
+        let mut origin = Scripted::new(&cs);
+        origin.delay = Duration::from_millis(40);
+        let origin = Arc::new(origin);
+        let layered = Layered::builder().level(origin.clone(), Duration::from_secs(5)).prefetch_concurrency(1).build();
+        // Prefetch chunks 0..10 one batch at a time (batch bytes smaller than a chunk).
+        let prefetch: Vec<ChunkRef> = cs[..10].iter().map(|c| c.0.clone()).collect();
+        let handle = layered.prefetch(prefetch, 1, CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let wanted = cs[11].0.clone();
+        layered.read(&wanted, Priority::OnDemand).await.unwrap();
+        assert_eq!(handle.await.unwrap(), 10);
+        let calls = origin.calls.lock().unwrap().clone();
+        let position = calls.iter().position(|c| c.contains(&wanted.digest)).unwrap();
+        // At most the one prefetch batch already in flight went first.
+        assert!(position <= 2, "on-demand read was call {position} of {}", calls.len());
+    }
+
+    #[tokio::test]
+    async fn prefetch_stops_when_cancelled() {
+        let cs = chunks(10);
+        let mut origin = Scripted::new(&cs);
+        origin.delay = Duration::from_millis(30);
+        let layered = Layered::builder().level(Arc::new(origin), Duration::from_secs(5)).build();
+        let cancel = CancellationToken::new();
+        let handle = layered.prefetch(cs.iter().map(|c| c.0.clone()).collect(), 1, cancel.clone());
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        cancel.cancel();
+        let done = handle.await.unwrap();
+        assert!(done < 10, "prefetched {done} of 10 after cancel");
+    }
+}
