@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use bytes::Bytes;
-
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::{Answer, ChunkSource, SourceError};
+use crate::source::{Answer, ChunkSource, Found, SourceError};
 use crate::{Digest, Error, Result};
 
 /// sled keeps its own page cache; this caps it so the index never competes with L1.
@@ -149,7 +147,7 @@ impl DiskCache {
         Ok(())
     }
 
-    fn read(&self, digest: &Digest) -> std::io::Result<Option<Bytes>> {
+    fn read(&self, digest: &Digest) -> std::io::Result<Option<Found>> {
         let Some(value) = self
             .index
             .get(digest.as_bytes())
@@ -174,7 +172,7 @@ impl DiskCache {
         }
         self.touch(digest, size, Some(stamp))
             .map_err(std::io::Error::other)?;
-        Ok(Some(data.into()))
+        Ok(Some(Found::Bytes(data.into())))
     }
 
     fn write(&self, chunk: &VerifiedChunk) -> std::io::Result<()> {

@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::ChunkSource;
+use crate::source::{ChunkSource, Found};
 use crate::{Digest, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +69,7 @@ pub struct Layered {
     ondemand: AtomicUsize,
     ondemand_idle: Notify,
     prefetch_slots: Semaphore,
+    prefetch_concurrency: usize,
     /// How many times the whole level list is tried before a chunk is declared unavailable;
     /// a second pass catches a registry that served one bad response.
     passes: u32,
@@ -107,8 +109,18 @@ impl LayeredBuilder {
             ondemand: AtomicUsize::new(0),
             ondemand_idle: Notify::new(),
             prefetch_slots: Semaphore::new(self.prefetch_concurrency),
+            prefetch_concurrency: self.prefetch_concurrency,
             passes: self.passes,
         })
+    }
+}
+
+/// The verified chunk for `found`: bytes are checked here; a chunk a level already holds
+/// verified only has to be the one asked for.
+fn accept(chunk: &ChunkRef, found: Found) -> Option<VerifiedChunk> {
+    match found {
+        Found::Bytes(bytes) => VerifiedChunk::check(chunk, bytes),
+        Found::Verified(v) => (v.digest() == &chunk.digest).then_some(v),
     }
 }
 
@@ -268,7 +280,7 @@ impl Layered {
         for (i, answer) in remaining.into_iter().zip(answers) {
             let chunk = &chunks[i];
             match answer {
-                Ok(Some(bytes)) => match VerifiedChunk::check(chunk, bytes) {
+                Ok(Some(found)) => match accept(chunk, found) {
                     Some(verified) => {
                         let len = verified.data().len() as u64;
                         level.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -317,8 +329,9 @@ impl Layered {
         }
     }
 
-    /// Fetches `chunks` in order in the background, in batches of neighbours, behind any
-    /// on-demand read. Stops early when `cancel` fires. Returns how many chunks it made local.
+    /// Fetches `chunks` in the background, in order, in batches of about `batch_bytes` of
+    /// compressed neighbours, a few batches at once and always behind on-demand reads. Stops
+    /// early when `cancel` fires. Returns how many chunks it made local.
     pub fn prefetch(
         self: &Arc<Self>,
         chunks: Vec<ChunkRef>,
@@ -327,27 +340,34 @@ impl Layered {
     ) -> tokio::task::JoinHandle<usize> {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut done = 0;
-            let mut batch: Vec<ChunkRef> = Vec::new();
-            let mut batch_len = 0;
-            let mut iter = chunks.into_iter().peekable();
-            while let Some(c) = iter.next() {
-                batch_len += c.compressed.end - c.compressed.start;
-                batch.push(c);
-                let full = batch_len >= batch_bytes || iter.peek().is_none();
-                if !full {
-                    continue;
+            let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
+            let mut size = u64::MAX;
+            for c in chunks {
+                if size >= batch_bytes {
+                    batches.push(Vec::new());
+                    size = 0;
                 }
-                let b = std::mem::take(&mut batch);
-                batch_len = 0;
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = this.read_many(&b, Priority::Prefetch) => {
-                        if r.is_ok() { done += b.len() }
-                    }
-                }
+                size += c.compressed.end - c.compressed.start;
+                batches.last_mut().expect("a batch was just pushed").push(c);
             }
-            done
+            let concurrency = this.prefetch_concurrency;
+            futures::stream::iter(batches)
+                .map(|batch| {
+                    let this = this.clone();
+                    async move {
+                        match this.read_many(&batch, Priority::Prefetch).await {
+                            Ok(_) => batch.len(),
+                            Err(err) => {
+                                tracing::debug!(%err, "prefetch batch failed");
+                                0
+                            }
+                        }
+                    }
+                })
+                .buffered(concurrency)
+                .take_until(cancel.cancelled())
+                .fold(0, |total, n| async move { total + n })
+                .await
         })
     }
 
@@ -412,11 +432,17 @@ mod tests {
         }
 
         async fn get(&self, chunk: &ChunkRef) -> Answer {
-            self.get_many(std::slice::from_ref(chunk)).await.pop().unwrap()
+            self.get_many(std::slice::from_ref(chunk))
+                .await
+                .pop()
+                .unwrap()
         }
 
         async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
-            self.calls.lock().unwrap().push(chunks.iter().map(|c| c.digest).collect());
+            self.calls
+                .lock()
+                .unwrap()
+                .push(chunks.iter().map(|c| c.digest).collect());
             self.gets.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             chunks
@@ -425,7 +451,13 @@ mod tests {
                     if self.fail {
                         return Err(SourceError::unavailable(Failure));
                     }
-                    Ok(self.data.get(&c.digest).map(|b| if self.lie { Bytes::from(vec![0u8; b.len()]) } else { b.clone() }))
+                    Ok(self.data.get(&c.digest).map(|b| {
+                        Found::Bytes(if self.lie {
+                            Bytes::from(vec![0u8; b.len()])
+                        } else {
+                            b.clone()
+                        })
+                    }))
                 })
                 .collect()
         }
@@ -452,7 +484,9 @@ mod tests {
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(50);
         let origin = Arc::new(origin);
-        let layered = Layered::builder().level(origin.clone(), Duration::from_secs(5)).build();
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .build();
         let reads = (0..16).map(|_| {
             let l = layered.clone();
             let r = cs[0].0.clone();
@@ -476,9 +510,16 @@ mod tests {
         let refs: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
         layered.read_many(&refs, Priority::OnDemand).await.unwrap();
         layered.read_many(&refs, Priority::OnDemand).await.unwrap();
-        assert_eq!(origin.gets.load(Ordering::SeqCst), 1, "second read came from memory");
+        assert_eq!(
+            origin.gets.load(Ordering::SeqCst),
+            1,
+            "second read came from memory"
+        );
         let report = layered.report();
-        assert_eq!((report[0].hits, report[0].misses, report[1].hits), (2, 2, 2));
+        assert_eq!(
+            (report[0].hits, report[0].misses, report[1].hits),
+            (2, 2, 2)
+        );
     }
 
     #[tokio::test]
@@ -506,7 +547,10 @@ mod tests {
         assert_eq!(report[2].errors, 1);
         assert_eq!(report[3].timeouts, 1);
         assert_eq!(report[4].hits, 1);
-        assert_eq!(memory.get(&cs[0].0).await.unwrap().unwrap(), cs[0].1);
+        assert_eq!(
+            memory.get(&cs[0].0).await.unwrap().unwrap().bytes(),
+            &cs[0].1
+        );
     }
 
     #[tokio::test]
@@ -519,9 +563,15 @@ mod tests {
             .level(memory.clone(), Duration::from_secs(1))
             .level(Arc::new(liar), Duration::from_secs(1))
             .build();
-        let err = layered.read(&cs[0].0, Priority::OnDemand).await.unwrap_err();
+        let err = layered
+            .read(&cs[0].0, Priority::OnDemand)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::ChunkUnavailable(d) if d == cs[0].0.digest));
-        assert!(memory.get(&cs[0].0).await.unwrap().is_none(), "unverified bytes were kept");
+        assert!(
+            memory.get(&cs[0].0).await.unwrap().is_none(),
+            "unverified bytes were kept"
+        );
         assert_eq!(layered.report()[1].corrupt, 2, "one try per pass");
     }
 
@@ -531,7 +581,10 @@ mod tests {
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(40);
         let origin = Arc::new(origin);
-        let layered = Layered::builder().level(origin.clone(), Duration::from_secs(5)).prefetch_concurrency(1).build();
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .prefetch_concurrency(1)
+            .build();
         // Prefetch chunks 0..10 one batch at a time (batch bytes smaller than a chunk).
         let prefetch: Vec<ChunkRef> = cs[..10].iter().map(|c| c.0.clone()).collect();
         let handle = layered.prefetch(prefetch, 1, CancellationToken::new());
@@ -540,9 +593,16 @@ mod tests {
         layered.read(&wanted, Priority::OnDemand).await.unwrap();
         assert_eq!(handle.await.unwrap(), 10);
         let calls = origin.calls.lock().unwrap().clone();
-        let position = calls.iter().position(|c| c.contains(&wanted.digest)).unwrap();
+        let position = calls
+            .iter()
+            .position(|c| c.contains(&wanted.digest))
+            .unwrap();
         // At most the one prefetch batch already in flight went first.
-        assert!(position <= 2, "on-demand read was call {position} of {}", calls.len());
+        assert!(
+            position <= 2,
+            "on-demand read was call {position} of {}",
+            calls.len()
+        );
     }
 
     #[tokio::test]
@@ -550,7 +610,9 @@ mod tests {
         let cs = chunks(10);
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(30);
-        let layered = Layered::builder().level(Arc::new(origin), Duration::from_secs(5)).build();
+        let layered = Layered::builder()
+            .level(Arc::new(origin), Duration::from_secs(5))
+            .build();
         let cancel = CancellationToken::new();
         let handle = layered.prefetch(cs.iter().map(|c| c.0.clone()).collect(), 1, cancel.clone());
         tokio::time::sleep(Duration::from_millis(70)).await;

@@ -2,11 +2,10 @@
 
 use std::sync::Mutex;
 
-use bytes::Bytes;
 use lru::LruCache;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::{Answer, ChunkSource};
+use crate::source::{Answer, ChunkSource, Found};
 use crate::Digest;
 
 pub struct MemoryCache {
@@ -16,7 +15,7 @@ pub struct MemoryCache {
 }
 
 struct Inner {
-    lru: LruCache<Digest, Bytes>,
+    lru: LruCache<Digest, VerifiedChunk>,
     bytes: u64,
 }
 
@@ -35,7 +34,7 @@ impl MemoryCache {
         self.inner.lock().expect("not poisoned").bytes
     }
 
-    fn lookup(&self, digest: &Digest) -> Option<Bytes> {
+    fn lookup(&self, digest: &Digest) -> Option<VerifiedChunk> {
         self.inner
             .lock()
             .expect("not poisoned")
@@ -52,7 +51,7 @@ impl ChunkSource for MemoryCache {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Answer {
-        Ok(self.lookup(&chunk.digest))
+        Ok(self.lookup(&chunk.digest).map(Found::Verified))
     }
 
     async fn put(&self, chunk: &VerifiedChunk) {
@@ -61,28 +60,30 @@ impl ChunkSource for MemoryCache {
             return;
         }
         let mut inner = self.inner.lock().expect("not poisoned");
-        if let Some(old) = inner.lru.put(*chunk.digest(), chunk.data().clone()) {
-            inner.bytes -= old.len() as u64;
+        if let Some(old) = inner.lru.put(*chunk.digest(), chunk.clone()) {
+            inner.bytes -= old.data().len() as u64;
         }
         inner.bytes += size;
         while inner.bytes > self.capacity {
             let Some((_, evicted)) = inner.lru.pop_lru() else {
                 break;
             };
-            inner.bytes -= evicted.len() as u64;
+            inner.bytes -= evicted.data().len() as u64;
         }
     }
 
     async fn discard(&self, digest: &Digest) {
         let mut inner = self.inner.lock().expect("not poisoned");
         if let Some(old) = inner.lru.pop(digest) {
-            inner.bytes -= old.len() as u64;
+            inner.bytes -= old.data().len() as u64;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn chunk(data: &'static [u8]) -> (ChunkRef, VerifiedChunk) {
@@ -112,7 +113,7 @@ mod tests {
             cache.get(&b).await.unwrap().is_none(),
             "b was least recently used"
         );
-        assert_eq!(cache.get(&c).await.unwrap().unwrap(), &b"cccc"[..]);
+        assert_eq!(cache.get(&c).await.unwrap().unwrap().bytes(), &b"cccc"[..]);
         cache.discard(&c.digest).await;
         assert!(cache.get(&c).await.unwrap().is_none());
         assert_eq!(cache.len_bytes(), 4);

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use crate::chunk::ChunkRef;
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
-use crate::source::{Answer, ChunkSource, SourceError};
+use crate::source::{Answer, ChunkSource, Found, SourceError};
 use crate::Digest;
 
 #[derive(Clone, Debug)]
@@ -126,7 +126,7 @@ impl RegistrySource {
                 let lo = (c.compressed.start - start) as usize;
                 let hi = (c.compressed.end - start) as usize;
                 zstd::bulk::decompress(&span[lo..hi], c.uncompressed_len as usize)
-                    .map(|d| Some(Bytes::from(d)))
+                    .map(|d| Some(Found::Bytes(Bytes::from(d))))
                     .map_err(SourceError::unavailable)
             })
             .collect()

@@ -20,8 +20,27 @@ impl SourceError {
     }
 }
 
-/// One answer per requested chunk: the bytes (unverified), `Ok(None)` for a clean miss.
-pub type Answer = Result<Option<Bytes>, SourceError>;
+/// What a level found for a chunk.
+#[derive(Clone, Debug)]
+pub enum Found {
+    /// Bytes the read path still has to verify (they came from disk, a peer or the network).
+    Bytes(Bytes),
+    /// A chunk verified when it entered this level and held in process memory since, so
+    /// hashing it again on every hit would only cost time.
+    Verified(VerifiedChunk),
+}
+
+impl Found {
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Found::Bytes(b) => b,
+            Found::Verified(v) => v.data(),
+        }
+    }
+}
+
+/// One answer per requested chunk; `Ok(None)` is a clean miss.
+pub type Answer = Result<Option<Found>, SourceError>;
 
 #[async_trait::async_trait]
 pub trait ChunkSource: Send + Sync {

@@ -13,7 +13,9 @@ use brisk_blobcache::Digest;
 use bytes::Bytes;
 
 fn chunk(seed: u32, len: usize) -> (ChunkRef, VerifiedChunk) {
-    let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(31) ^ seed) as u8).collect();
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+        .collect();
     let r = ChunkRef {
         digest: Digest::sha256(&data),
         blob: Digest::sha256(b"layer"),
@@ -34,7 +36,7 @@ async fn chunks_survive_a_restart() {
         cache.flush().unwrap();
     }
     let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
-    assert_eq!(cache.get(&r).await.unwrap().unwrap(), v.data());
+    assert_eq!(cache.get(&r).await.unwrap().unwrap().bytes(), v.data());
     assert_eq!(cache.len_bytes(), 10_000);
 }
 
@@ -59,11 +61,17 @@ async fn crash_leftovers_are_cleaned_and_never_served() {
         std::fs::write(cache.path_of(&lost.digest), b"short").unwrap();
     }
     let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
-    assert!(std::fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(dir.path().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
     assert!(!cache.path_of(&orphan.digest).exists());
     assert!(cache.get(&orphan).await.unwrap().is_none());
     assert!(cache.get(&lost).await.unwrap().is_none());
-    assert_eq!(cache.get(&kept).await.unwrap().unwrap(), kept_v.data());
+    assert_eq!(
+        cache.get(&kept).await.unwrap().unwrap().bytes(),
+        kept_v.data()
+    );
     assert_eq!(cache.len_bytes(), 5_000);
 }
 
@@ -90,7 +98,10 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
     assert_eq!((report[0].level, report[0].corrupt), ("disk", 1));
     assert_eq!(report[1].hits, 1);
     // The damaged copy was replaced by the verified one.
-    assert_eq!(std::fs::read(disk.path_of(&r.digest)).unwrap(), v.data().as_ref());
+    assert_eq!(
+        std::fs::read(disk.path_of(&r.digest)).unwrap(),
+        v.data().as_ref()
+    );
 }
 
 #[tokio::test]
@@ -102,11 +113,21 @@ async fn the_byte_bound_holds_and_recent_chunks_stay() {
         cache.put(v).await;
         if i >= 2 {
             // Keep chunk 0 hot: it must survive eviction.
-            assert!(cache.get(&chunks[0].0).await.unwrap().is_some(), "hot chunk evicted at {i}");
+            assert!(
+                cache.get(&chunks[0].0).await.unwrap().is_some(),
+                "hot chunk evicted at {i}"
+            );
         }
     }
-    assert!(cache.len_bytes() <= 1 << 20, "{} bytes kept", cache.len_bytes());
-    let on_disk: u64 = walk(&dir.path().join("chunks")).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(
+        cache.len_bytes() <= 1 << 20,
+        "{} bytes kept",
+        cache.len_bytes()
+    );
+    let on_disk: u64 = walk(&dir.path().join("chunks"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert_eq!(on_disk, cache.len_bytes());
     assert!(cache.get(&chunks[99].0).await.unwrap().is_some());
     assert!(cache.get(&chunks[1].0).await.unwrap().is_none());
@@ -158,12 +179,17 @@ async fn a_full_disk_degrades_to_pass_through() {
             .build();
         // 2 MiB of chunks into a 1 MiB filesystem: every read still succeeds.
         for (r, v) in &chunks {
-            assert_eq!(layered.read(r, Priority::OnDemand).await.unwrap().data(), v.data());
+            assert_eq!(
+                layered.read(r, Priority::OnDemand).await.unwrap().data(),
+                v.data()
+            );
         }
         assert!(disk.len_bytes() <= 1 << 20);
     });
     let outcome = futures::FutureExt::catch_unwind(result).await;
-    let _ = std::process::Command::new("umount").arg(dir.path()).status();
+    let _ = std::process::Command::new("umount")
+        .arg(dir.path())
+        .status();
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
