@@ -61,10 +61,44 @@ pub struct LevelReport {
 
 type Flight = Shared<BoxFuture<'static, Option<VerifiedChunk>>>;
 
+/// Raised when an on-demand reader joins a prefetch fetch, so that fetch stops waiting behind
+/// other prefetch work and on-demand reads: it has become one.
+#[derive(Default)]
+struct Urgency {
+    raised: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Urgency {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct InFlight {
+    flight: Flight,
+    urgency: Arc<Urgency>,
+}
+
 pub struct Layered {
     levels: Vec<Level>,
     /// Fetches in progress by chunk digest. A std mutex: held only to look up or insert.
-    inflight: Mutex<HashMap<Digest, Flight>>,
+    inflight: Mutex<HashMap<Digest, InFlight>>,
     /// On-demand fetches that reached the last level; prefetch waits while any are running.
     ondemand: AtomicUsize,
     ondemand_idle: Notify,
@@ -183,7 +217,12 @@ impl Layered {
         let slots: Vec<Slot> = chunks
             .iter()
             .map(|c| match inflight.get(&c.digest) {
-                Some(f) => Slot::Joined(f.clone()),
+                Some(f) => {
+                    if priority == Priority::OnDemand {
+                        f.urgency.raise();
+                    }
+                    Slot::Joined(f.flight.clone())
+                }
                 None => Slot::Mine(*mine_index.entry(c.digest).or_insert_with(|| {
                     mine.push(c.clone());
                     mine.len() - 1
@@ -194,8 +233,10 @@ impl Layered {
         if !mine.is_empty() {
             let this = self.clone();
             let batch = mine.clone();
+            let urgency = Arc::new(Urgency::default());
+            let urgent = urgency.clone();
             let group = async move {
-                let out = this.read_through(&batch, priority).await;
+                let out = this.read_through(&batch, priority, &urgent).await;
                 let mut inflight = this.inflight.lock().expect("not poisoned");
                 for c in &batch {
                     inflight.remove(&c.digest);
@@ -207,7 +248,13 @@ impl Layered {
             for (j, c) in mine.iter().enumerate() {
                 let g = group.clone();
                 let flight: Flight = async move { g.await[j].clone() }.boxed().shared();
-                inflight.insert(c.digest, flight.clone());
+                inflight.insert(
+                    c.digest,
+                    InFlight {
+                        flight: flight.clone(),
+                        urgency: urgency.clone(),
+                    },
+                );
                 started.push(flight);
             }
         }
@@ -224,6 +271,7 @@ impl Layered {
         &self,
         chunks: &[ChunkRef],
         priority: Priority,
+        urgency: &Urgency,
     ) -> Vec<Option<VerifiedChunk>> {
         let mut out: Vec<Option<VerifiedChunk>> = vec![None; chunks.len()];
         let mut remaining: Vec<usize> = (0..chunks.len()).collect();
@@ -233,16 +281,19 @@ impl Layered {
                 if remaining.is_empty() {
                     return out;
                 }
-                let _slot;
+                let mut _slot = None;
                 let _guard;
-                if li == last && priority == Priority::Prefetch {
-                    _slot = self
-                        .prefetch_slots
-                        .acquire()
-                        .await
-                        .expect("semaphore is never closed");
-                    self.wait_for_ondemand().await;
-                } else if li == last {
+                if li == last && priority == Priority::Prefetch && !urgency.is_raised() {
+                    tokio::select! {
+                        slot = async {
+                            let slot = self.prefetch_slots.acquire().await.expect("semaphore is never closed");
+                            self.wait_for_ondemand().await;
+                            slot
+                        } => _slot = Some(slot),
+                        _ = urgency.raised() => {}
+                    }
+                }
+                if li == last && (priority == Priority::OnDemand || urgency.is_raised()) {
                     self.ondemand.fetch_add(1, Ordering::SeqCst);
                     _guard = OnDemandGuard(self);
                 }
@@ -603,6 +654,51 @@ mod tests {
             "on-demand read was call {position} of {}",
             calls.len()
         );
+    }
+
+    #[tokio::test]
+    async fn an_on_demand_reader_joining_a_queued_prefetch_fetch_promotes_it() {
+        let cs = chunks(12);
+        let mut origin = Scripted::new(&cs);
+        origin.delay = Duration::from_millis(40);
+        let origin = Arc::new(origin);
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .prefetch_concurrency(1)
+            .build();
+        // Two images prefetching at once share one prefetch slot: the second one's first
+        // fetch (chunk 6) is started but queued.
+        let a = layered.prefetch(
+            cs[..6].iter().map(|c| c.0.clone()).collect(),
+            1,
+            CancellationToken::new(),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let b = layered.prefetch(
+            cs[6..].iter().map(|c| c.0.clone()).collect(),
+            1,
+            CancellationToken::new(),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            layered
+                .inflight
+                .lock()
+                .unwrap()
+                .contains_key(&cs[6].0.digest),
+            "chunk 6 should be queued"
+        );
+        let wanted = cs[6].0.clone();
+        layered.read(&wanted, Priority::OnDemand).await.unwrap();
+        let position = origin
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|c| c.contains(&wanted.digest))
+            .unwrap();
+        assert!(position <= 2, "joined prefetch fetch was call {position}");
+        assert_eq!(a.await.unwrap() + b.await.unwrap(), 12);
     }
 
     #[tokio::test]
