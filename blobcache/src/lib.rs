@@ -8,6 +8,7 @@ pub mod chunk;
 pub mod digest;
 pub mod disk;
 mod error;
+pub mod image;
 pub mod layered;
 pub mod media;
 pub mod memory;

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use oci_spec::image::{ImageIndex, ImageManifest};
 use serde::Serialize;
 
-use crate::inspect::{decode_toc, fetch_toc_payload, toc_annotations};
+use crate::inspect::{fetch_toc_payload, lazy_layer};
 use crate::store::{Location, Store};
 use crate::view::MergedView;
 use crate::{Error, Result};
@@ -277,15 +277,17 @@ async fn layer_toc(
     stats: &mut CatStats,
 ) -> Result<Toc> {
     let blob: Digest = desc.digest().to_string().parse()?;
-    let (toc_digest, position) = toc_annotations(desc)?.ok_or(Error::NotLazy(blob))?;
+    let layer = lazy_layer(desc)?.ok_or(Error::NotLazy(blob))?;
     // The position is needed to decode; without the annotation the footer is read each time.
-    if let (Some(bytes), Some(position)) = (meta.and_then(|m| m.get(&toc_digest)), position) {
+    if let (Some(bytes), Some(position)) =
+        (meta.and_then(|m| m.get(&layer.toc_digest)), layer.position)
+    {
         stats.metadata_cache_hits += 1;
-        return decode_toc(&bytes, &position, &toc_digest);
+        return Ok(layer.decode_toc(&bytes, &position)?);
     }
-    let (payload, position) = fetch_toc_payload(store, desc, position).await?;
+    let (payload, position) = fetch_toc_payload(store, &layer).await?;
     stats.registry_toc_bytes += payload.len() as u64;
-    let toc = decode_toc(&payload, &position, &toc_digest)?;
+    let toc = layer.decode_toc(&payload, &position)?;
     if let Some(m) = meta {
         m.put(&payload)?;
     }

@@ -2,8 +2,9 @@
 //! way a lazy reader will, and report on it or verify every byte of it.
 
 use brisk_blobcache::digest::Hasher;
+use brisk_blobcache::image::LazyLayer;
 use brisk_blobcache::registry::FetchedManifest;
-use brisk_blobcache::toc::{self, EntryKind, Footer, Toc, TocPosition, FOOTER_SIZE};
+use brisk_blobcache::toc::{self, EntryKind, Toc, TocPosition};
 use brisk_blobcache::{media, Digest};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde::Serialize;
@@ -75,72 +76,43 @@ fn parse_manifest(m: &FetchedManifest) -> Result<ImageManifest> {
         .map_err(|e| Error::invalid(format!("image manifest {}", m.digest), e))
 }
 
-/// A layer's TOC location as the manifest states it: `None` if the layer is not lazy.
-pub fn toc_annotations(desc: &Descriptor) -> Result<Option<(Digest, Option<TocPosition>)>> {
-    let annotations = desc.annotations().clone().unwrap_or_default();
-    let Some(toc_digest) = annotations.get(toc::ANNOTATION_TOC_DIGEST) else {
-        return Ok(None);
-    };
-    let position = annotations
-        .get(toc::ANNOTATION_TOC_POSITION)
-        .and_then(|p| p.parse::<TocPosition>().ok());
-    Ok(Some((toc_digest.parse()?, position)))
+/// The lazy-layer view of a descriptor; `None` if the layer is not lazy.
+pub fn lazy_layer(desc: &Descriptor) -> Result<Option<LazyLayer>> {
+    let blob: Digest = desc.digest().to_string().parse()?;
+    Ok(LazyLayer::from_descriptor(
+        blob,
+        desc.size(),
+        desc.annotations().as_ref(),
+    )?)
 }
 
-/// Fetches a layer's compressed TOC bytes: one range read at the annotated position, or the
-/// footer first when the manifest does not say. The bytes are not yet authenticated.
+/// Fetches a lazy layer's compressed TOC bytes (not yet authenticated) and its position.
 pub async fn fetch_toc_payload(
     store: &Store,
-    desc: &Descriptor,
-    position: Option<TocPosition>,
+    layer: &LazyLayer,
 ) -> Result<(bytes::Bytes, TocPosition)> {
-    let digest: Digest = desc.digest().to_string().parse()?;
-    let size = desc.size();
-    let position = match position {
-        Some(p) => p,
-        None => {
-            if size < FOOTER_SIZE as u64 {
-                return Err(
-                    brisk_blobcache::Error::bad_toc("blob is smaller than a footer").into(),
-                );
-            }
-            let tail = store
-                .blob_range(&digest, size - FOOTER_SIZE as u64..size)
-                .await?;
-            Footer::decode(&tail, size)?.toc
-        }
-    };
-    position.check_within(size)?;
-    Ok((store.blob_range(&digest, position.range()).await?, position))
+    let position = layer
+        .toc_position(|range| store.blob_range(&layer.blob, range))
+        .await?;
+    Ok((
+        store.blob_range(&layer.blob, position.range()).await?,
+        position,
+    ))
 }
 
-/// Authenticates and decodes TOC bytes against the manifest's digest, and checks that the
-/// chunks end where the TOC frame begins.
-pub fn decode_toc(payload: &[u8], position: &TocPosition, toc_digest: &Digest) -> Result<Toc> {
-    let toc = Toc::decode(payload, position.uncompressed_size, Some(toc_digest))?;
-    if toc.data_size() + 8 != position.offset {
-        return Err(brisk_blobcache::Error::bad_toc(
-            "chunks do not end where the TOC frame begins",
-        )
-        .into());
-    }
-    Ok(toc)
-}
-
-/// Fetches and authenticates a layer's TOC: the manifest annotation names its digest, and
-/// the position comes from the annotation or, failing that, from the footer.
+/// Fetches and authenticates a layer's TOC.
 pub async fn read_toc(
     store: &Store,
     desc: &Descriptor,
 ) -> Result<Option<(Toc, TocPosition, Digest)>> {
-    let Some((toc_digest, position)) = toc_annotations(desc)? else {
+    let Some(layer) = lazy_layer(desc)? else {
         return Ok(None);
     };
-    let (payload, position) = fetch_toc_payload(store, desc, position).await?;
+    let (payload, position) = fetch_toc_payload(store, &layer).await?;
     Ok(Some((
-        decode_toc(&payload, &position, &toc_digest)?,
+        layer.decode_toc(&payload, &position)?,
         position,
-        toc_digest,
+        layer.toc_digest,
     )))
 }
 
