@@ -66,8 +66,8 @@ pub enum Error {
     BlobNotFound(Digest),
     #[error("Manifest {0} not found")]
     ManifestNotFound(String),
-    #[error("Chunk {0} could not be read from any cache level")]
-    ChunkUnavailable(Digest),
+    #[error("Chunk {digest} could not be read from any cache level: {reason}")]
+    ChunkUnavailable { digest: Digest, reason: String },
     #[error("I/O error on {path}")]
     Io {
         path: String,

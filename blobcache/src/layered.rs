@@ -59,7 +59,10 @@ pub struct LevelReport {
     pub bytes: u64,
 }
 
-type Flight = Shared<BoxFuture<'static, Option<VerifiedChunk>>>;
+/// A chunk's fate in one read: verified bytes, or why no level could provide them.
+type Outcome = Result<VerifiedChunk, Arc<str>>;
+
+type Flight = Shared<BoxFuture<'static, Outcome>>;
 
 /// Raised when an on-demand reader joins a prefetch fetch, so that fetch stops waiting behind
 /// other prefetch work and on-demand reads: it has become one.
@@ -202,7 +205,12 @@ impl Layered {
         chunks
             .iter()
             .zip(results)
-            .map(|(c, r)| r.ok_or(Error::ChunkUnavailable(c.digest)))
+            .map(|(c, r)| {
+                r.map_err(|reason| Error::ChunkUnavailable {
+                    digest: c.digest,
+                    reason: reason.to_string(),
+                })
+            })
             .collect()
     }
 
@@ -272,8 +280,8 @@ impl Layered {
         chunks: &[ChunkRef],
         priority: Priority,
         urgency: &Urgency,
-    ) -> Vec<Option<VerifiedChunk>> {
-        let mut out: Vec<Option<VerifiedChunk>> = vec![None; chunks.len()];
+    ) -> Vec<Outcome> {
+        let mut out: Vec<Outcome> = vec![Err(Arc::from("no cache level has it")); chunks.len()];
         let mut remaining: Vec<usize> = (0..chunks.len()).collect();
         let last = self.levels.len().saturating_sub(1);
         for _ in 0..self.passes {
@@ -310,7 +318,7 @@ impl Layered {
         level: &Level,
         chunks: &[ChunkRef],
         remaining: Vec<usize>,
-        out: &mut [Option<VerifiedChunk>],
+        out: &mut [Outcome],
     ) -> Vec<usize> {
         let name = level.source.name();
         let refs: Vec<ChunkRef> = remaining.iter().map(|&i| chunks[i].clone()).collect();
@@ -322,6 +330,13 @@ impl Layered {
                 level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
                 tracing::warn!(level = name, "level too slow, skipping");
+                let reason: Arc<str> = Arc::from(format!(
+                    "the {name} level did not answer in {:?}",
+                    level.deadline
+                ));
+                for &i in &remaining {
+                    out[i] = Err(reason.clone());
+                }
                 return remaining;
             }
         };
@@ -343,7 +358,7 @@ impl Layered {
                         for faster in &self.levels[..li] {
                             faster.source.put(&verified).await;
                         }
-                        out[i] = Some(verified);
+                        out[i] = Ok(verified);
                     }
                     None => {
                         level.stats.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +366,9 @@ impl Layered {
                             .increment(1);
                         tracing::warn!(level = name, digest = %chunk.digest, "chunk failed verification, skipping level");
                         level.source.discard(&chunk.digest).await;
+                        out[i] = Err(Arc::from(format!(
+                            "bytes from the {name} level failed verification"
+                        )));
                         missed.push(i);
                     }
                 },
@@ -362,7 +380,9 @@ impl Layered {
                 Err(err) => {
                     level.stats.errors.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("brisk_cache_errors_total", "level" => name).increment(1);
-                    tracing::warn!(level = name, digest = %chunk.digest, err = %crate::error::chain(&err), "level failed, skipping");
+                    let err = crate::error::chain(&err);
+                    tracing::warn!(level = name, digest = %chunk.digest, %err, "level failed, skipping");
+                    out[i] = Err(Arc::from(format!("the {name} level failed: {err}")));
                     missed.push(i);
                 }
             }
@@ -618,7 +638,8 @@ mod tests {
             .read(&cs[0].0, Priority::OnDemand)
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::ChunkUnavailable(d) if d == cs[0].0.digest));
+        assert!(matches!(err, Error::ChunkUnavailable { digest, .. } if digest == cs[0].0.digest));
+        assert!(err.to_string().contains("failed verification"), "{err}");
         assert!(
             memory.get(&cs[0].0).await.unwrap().is_none(),
             "unverified bytes were kept"

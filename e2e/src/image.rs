@@ -53,7 +53,7 @@ pub fn build_sample_image(dir: &Path) -> Result<OciImage> {
         tag: "sample".into(),
     };
     let bundle = dir.join("bundle");
-    let rootfs = bundle.join("rootfs");
+    let rootfs = sample_rootfs(dir);
     run(Command::new("umoci")
         .arg("init")
         .arg("--layout")
@@ -68,6 +68,12 @@ pub fn build_sample_image(dir: &Path) -> Result<OciImage> {
     write_layer_two(&rootfs).context("Writing layer 2 of the sample")?;
     repack(&image, &bundle)?;
     Ok(image)
+}
+
+/// The tree `build_sample_image(dir)` packed last: the sample's final content, with layer 2
+/// applied, to compare files read from the image against.
+pub fn sample_rootfs(dir: &Path) -> PathBuf {
+    dir.join("bundle/rootfs")
 }
 
 /// `--refresh-bundle` records the packed state in the bundle, so that the next repack

@@ -1,13 +1,16 @@
 //! End-to-end harness: starts the real registry and runs the built `brisk` binary against
 //! images made by the real packaging tools (umoci, skopeo), for the system tests in `tests/`.
+//! A fault-injecting proxy (`proxy`) can stand between the two.
 //!
 //! It is test support only: every helper either succeeds or returns an error that names the
 //! command and its stderr. It never builds Brisk itself; the tests run whatever `brisk_bin`
 //! points at, so build the binaries first.
 
 pub mod cmd;
+pub mod daemons;
 pub mod image;
 pub mod layout;
+pub mod proxy;
 pub mod registry;
 pub mod tree;
 
@@ -19,9 +22,10 @@ use anyhow::{bail, Result};
 
 pub use cmd::{run, run_output};
 pub use image::{
-    build_sample_image, push_image, raw_manifest, unpack_image_from_layout,
+    build_sample_image, push_image, raw_manifest, sample_rootfs, unpack_image_from_layout,
     unpack_image_from_registry, OciImage,
 };
+pub use proxy::{Fault, Injection, Proxy};
 pub use registry::Registry;
 pub use tree::{assert_same_tree, tree_manifest};
 

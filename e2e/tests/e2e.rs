@@ -4,6 +4,9 @@
 //! Each test is gated: without `BRISK_E2E=1` it prints `skipped: …` and passes; with it, a
 //! missing prerequisite fails the test. Each test starts its own registry.
 
+mod cache;
+mod snapshotter;
+
 mod convert {
     //! `brisk convert`, `inspect` and `check`: a converted image unpacks to exactly the
     //! tree of its source, conversion is deterministic, corruption is caught, and bad input

@@ -1,6 +1,26 @@
-//! Brisk's own gRPC service definitions: the control API of the snapshotter daemon and the zone
-//! peer service.
+//! Brisk's gRPC surface: containerd's snapshots service (generated from the vendored protos in
+//! `vendor/`, see `vendor/SOURCES.txt`) and Brisk's own control service (`brisk/v1`).
 //!
-//! This crate holds generated tonic/prost code and nothing else. The services arrive with the
-//! snapshotter and peer work; until then the crate is an empty leaf so that the dependency
-//! direction (everything may use `proto`, `proto` uses nothing) is fixed from the start.
+//! Generated code only. The module nesting mirrors the protobuf packages, because the
+//! generated code refers across packages with `super::` paths.
+
+#![allow(clippy::all, missing_docs, unreachable_pub)]
+
+pub mod containerd {
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    pub mod services {
+        pub mod snapshots {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+    }
+}
+
+pub mod brisk {
+    pub mod v1 {
+        tonic::include_proto!("brisk.v1");
+    }
+}

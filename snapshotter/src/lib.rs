@@ -1,5 +1,20 @@
 //! The containerd remote snapshotter: snapshots gRPC service, snapshot metadata, FUSE layer
 //! filesystem and the overlayfs fallback.
 //!
-//! Only this crate knows containerd's API and FUSE. The daemon lands with the snapshotter work;
-//! until then the crate has no code, so that nothing pretends to serve snapshots.
+//! Only this crate knows containerd's API and FUSE. Inside it, only `service` turns errors
+//! into containerd's gRPC codes, and only `fs` turns them into errnos.
+
+pub mod config;
+mod control;
+mod daemon;
+mod error;
+mod filter;
+pub mod fs;
+mod meta;
+mod metrics;
+mod remote;
+mod service;
+mod snapshots;
+
+pub use daemon::run;
+pub use error::{Error, Result};

@@ -42,6 +42,12 @@ pub enum Error {
     },
     #[error("A conversion task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("The containerd {op} call failed")]
+    Containerd {
+        op: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
 }
 
 impl Error {

@@ -30,6 +30,8 @@ const MAX_MANIFEST_SIZE: usize = 8 * 1024 * 1024;
 pub struct RegistryConfig {
     /// Use plain HTTP for every registry, not only loopback ones.
     pub plain_http: bool,
+    /// Registries (`host[:port]`) reached over plain HTTP besides loopback ones.
+    pub plain_http_hosts: Vec<String>,
     /// A request that sends no bytes for this long is abandoned (and retried).
     pub timeout: Duration,
     /// Retries after the first attempt, for 429, 5xx, timeouts and broken connections.
@@ -42,6 +44,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             plain_http: false,
+            plain_http_hosts: Vec::new(),
             timeout: Duration::from_secs(30),
             retries: 4,
             backoff: Duration::from_millis(200),
@@ -94,11 +97,10 @@ impl RegistryClient {
     }
 
     fn base(&self, r: &Reference) -> String {
-        let scheme = if self.config.plain_http || r.is_loopback() {
-            "http"
-        } else {
-            "https"
-        };
+        let plain = self.config.plain_http
+            || r.is_loopback()
+            || self.config.plain_http_hosts.contains(&r.registry);
+        let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}", r.registry, r.repository)
     }
 

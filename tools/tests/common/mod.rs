@@ -112,6 +112,7 @@ pub fn client(timeout: Duration, retries: u32) -> Arc<RegistryClient> {
             timeout,
             retries,
             backoff: Duration::from_millis(10),
+            ..RegistryConfig::default()
         })
         .unwrap(),
     )

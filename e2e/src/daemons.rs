@@ -1,0 +1,293 @@
+//! The two daemons of the snapshotter tests, each private to one test: `brisk-snapshotter`
+//! with its own root and socket, and `containerd` with its own root, state and socket and a
+//! `[proxy_plugins.brisk]` entry pointing at that snapshotter.
+//!
+//! containerd still uses a few fixed paths under `/run/containerd` (shim sockets), so every
+//! test uses its own containerd namespace; containers and images get unique names.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::run;
+use crate::workspace_root;
+
+/// How long a daemon may take to start answering on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `brisk-snapshotter` binary under test: `BRISK_SNAPSHOTTER_BIN` or the debug build.
+pub fn snapshotter_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("BRISK_SNAPSHOTTER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("target/debug/brisk-snapshotter"),
+    };
+    if !path.is_file() {
+        bail!(
+            "brisk-snapshotter not found at {} (run `cargo build --bins` first)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "daemon exited with {status}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "daemon did not listen on {} in time; log:\n{}",
+        path.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status();
+}
+
+/// A running `brisk-snapshotter`.
+pub struct Snapshotter {
+    child: Option<Child>,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Snapshotter {
+    /// Starts a snapshotter whose state lives under `dir`.
+    pub fn start(dir: &Path, extra_args: &[&str]) -> Result<Self> {
+        let mut s = Self {
+            child: None,
+            root: dir.join("root"),
+            socket: dir.join("brisk.sock"),
+            log: dir.join("snapshotter.log"),
+            extra: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(snapshotter_bin()?)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("Starting brisk-snapshotter")?;
+        wait_for_socket(&self.socket, &mut child, &self.log)?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no unmount, no flush, as in a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "-KILL");
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the time the daemon took to exit.
+    pub fn terminate(&mut self) -> Result<Duration> {
+        let Some(mut c) = self.child.take() else {
+            bail!("not running")
+        };
+        let started = Instant::now();
+        signal(&c, "-TERM");
+        while started.elapsed() < Duration::from_secs(20) {
+            if c.try_wait()?.is_some() {
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(&c, "-KILL");
+        let _ = c.wait();
+        bail!("brisk-snapshotter ignored SIGTERM for 20 s")
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Whatever the daemon left mounted under its root must not outlive the test.
+        crate::daemons::detach_under(&self.root);
+    }
+}
+
+/// Lazily unmounts every mount below `dir`, deepest first.
+pub fn detach_under(dir: &Path) {
+    let prefix = dir.display().to_string();
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", p]).status();
+    }
+}
+
+/// Mount points currently below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A running private containerd with Brisk as a proxy snapshotter.
+pub struct Containerd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub namespace: String,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path, brisk_socket: &Path, namespace: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{socket}\"\n\
+                 [proxy_plugins]\n  [proxy_plugins.brisk]\n    type = \"snapshot\"\n    address = \"{brisk}\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                socket = socket.display(),
+                brisk = brisk_socket.display(),
+            ),
+        )?;
+        let log_path = dir.join("containerd.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("Starting containerd")?;
+        wait_for_socket(&socket, &mut child, &log_path)?;
+        let c = Self {
+            child: Some(child),
+            socket,
+            namespace: namespace.to_owned(),
+            dir: dir.to_owned(),
+        };
+        // The socket accepts before every plugin is loaded; `version` answers once it is up.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while c.ctr(&["version"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("containerd did not answer; log:\n{}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(c)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr -a SOCK -n NS ARGS`, stdout on success.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .arg("-n")
+            .arg(&self.namespace)
+            .args(args))
+    }
+
+    /// Waits until containerd can use the brisk snapshotter again (after a restart its gRPC
+    /// connection backs off for a while), by preparing and removing a probe snapshot.
+    pub fn wait_for_snapshotter(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let key = format!("probe-{n}");
+            let ok = self
+                .ctr(&["snapshots", "--snapshotter", "brisk", "prepare", &key])
+                .is_ok();
+            let _ = self.ctr(&["snapshots", "--snapshotter", "brisk", "rm", &key]);
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("containerd never reached brisk-snapshotter again");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        detach_under(&self.dir);
+    }
+}

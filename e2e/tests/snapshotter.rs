@@ -1,0 +1,292 @@
+//! The remote snapshotter under a real containerd: a converted image starts lazily (the
+//! registry serves a fraction of it), an unconverted one through the fallback, the container
+//! sees exactly the image's files, a restarted snapshotter serves new containers, a corrupt
+//! chunk is an I/O error inside the container (never wrong bytes), and removing the image
+//! leaves no mount or directory behind.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result};
+use brisk_e2e::daemons::{mounts_under, Containerd, Snapshotter};
+use brisk_e2e::{
+    brisk, build_sample_image, gate, push_image, raw_manifest, sample_rootfs, Proxy, Registry,
+    CONVERT_FILES,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const TOOLS: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "umoci",
+    "containerd",
+    "ctr",
+    "runc",
+    "setfattr",
+    "sha256sum",
+];
+
+fn enabled() -> bool {
+    gate(TOOLS, &[CONVERT_FILES, &["/dev/fuse"]].concat())
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name per test process and call: containers and namespaces must not collide with
+/// other tests sharing `/run/containerd`.
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Registry (with the sample pushed plain and converted), a counting proxy, Brisk and a
+/// containerd using it.
+struct Stack {
+    containerd: Containerd,
+    snapshotter: Snapshotter,
+    proxy: Proxy,
+    registry: Registry,
+    rootfs: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Stack {
+    fn start() -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let sample_dir = tmp.path().join("sample");
+        let sample = build_sample_image(&sample_dir)?;
+        let registry = Registry::start()?;
+        push_image(&sample, &registry.image("sample:v1"))?;
+        brisk(&[
+            "convert",
+            &sample.transport(),
+            &registry.image("sample:lazy"),
+        ])?;
+        let proxy = Proxy::start(&registry.addr())?;
+        let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), &[])?;
+        let containerd = Containerd::start(
+            &tmp.path().join("containerd"),
+            &snapshotter.socket,
+            &unique("brisk-e2e"),
+        )?;
+        Ok(Self {
+            containerd,
+            snapshotter,
+            proxy,
+            registry,
+            rootfs: sample_rootfs(&sample_dir),
+            _tmp: tmp,
+        })
+    }
+
+    fn lazy(&self) -> String {
+        self.proxy.image("sample:lazy")
+    }
+
+    fn pull(&self, image: &str) -> Result<String> {
+        let socket = self.containerd.socket.to_str().context("socket path")?;
+        brisk(&[
+            "pull",
+            image,
+            "--containerd",
+            socket,
+            "--namespace",
+            &self.containerd.namespace,
+        ])
+    }
+
+    /// Runs `/bin/busybox ARGS` in a new container of `image` on Brisk; its stdout.
+    fn run(&self, image: &str, args: &[&str]) -> Result<String> {
+        let id = unique("c");
+        let mut cmd = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "brisk",
+            image,
+            &id,
+            "/bin/busybox",
+        ];
+        cmd.extend_from_slice(args);
+        self.containerd
+            .ctr(&cmd)
+            .with_context(|| format!("snapshotter log:\n{}", self.snapshotter.log()))
+    }
+
+    fn layer_bytes(&self, tag: &str) -> Result<u64> {
+        let manifest: Value = serde_json::from_str(&raw_manifest(&self.registry.image(tag))?)?;
+        Ok(manifest["layers"]
+            .as_array()
+            .context("layers")?
+            .iter()
+            .filter_map(|l| l["size"].as_u64())
+            .sum())
+    }
+}
+
+#[test]
+fn lazy_pull_runs_and_fetches_a_fraction_of_the_image() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    stack.pull(&stack.lazy())?;
+    let out = stack.run(&stack.lazy(), &["cat", "/etc/hostname"])?;
+    assert_eq!(out, "sample-v2\n");
+    assert!(
+        stack.snapshotter.log().contains("lazy layer mounted"),
+        "{}",
+        stack.snapshotter.log()
+    );
+    let fetched = stack.proxy.counts().blob_bytes;
+    let image = stack.layer_bytes("sample:lazy")?;
+    // The 3 MiB file of layer 1 is never read; busybox and a few small files are.
+    assert!(
+        fetched * 10 < image * 7,
+        "fetched {fetched} of {image} bytes"
+    );
+    Ok(())
+}
+
+#[test]
+fn files_inside_the_container_match_the_image() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    stack.pull(&stack.lazy())?;
+    let script = "cat /app/link; readlink /app/link; stat -c '%a %u:%g' /usr/bin/suid-tool /home/user/notes.txt /tmp; \
+                  stat -c %h /app/data/original; ls /app; \
+                  test -e /app/remove-me.txt && echo present || echo gone; \
+                  test -e /app/old-dir && echo present || echo gone; \
+                  sha256sum /app/big.bin | cut -d' ' -f1";
+    let out = stack.run(&stack.lazy(), &["sh", "-c", script])?;
+    let big = brisk_e2e::cmd::sha256_file(&stack.rootfs.join("app/big.bin"))?;
+    let ls = {
+        let mut names: Vec<String> = std::fs::read_dir(stack.rootfs.join("app"))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        names.join("\n")
+    };
+    let expected = format!(
+        "the target\n/app/nested/target.txt\n4755 0:0\n640 1000:1000\n1777 0:0\n2\n{ls}\ngone\ngone\n{big}\n"
+    );
+    assert_eq!(out, expected);
+    Ok(())
+}
+
+#[test]
+fn an_unconverted_image_runs_through_the_fallback() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    let plain = stack.proxy.image("sample:v1");
+    stack.pull(&plain)?;
+    let out = stack.run(&plain, &["cat", "/etc/hostname", "/app/added/new.txt"])?;
+    assert_eq!(out, "sample-v2\nadded by layer 2\n");
+    assert!(!stack.snapshotter.log().contains("lazy layer mounted"));
+    assert!(
+        mounts_under(&stack.snapshotter.root).is_empty(),
+        "a non-lazy image needs no FUSE mount"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_snapshotter_serves_new_containers() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let mut stack = Stack::start()?;
+    stack.pull(&stack.lazy())?;
+    assert_eq!(
+        stack.run(&stack.lazy(), &["cat", "/etc/hostname"])?,
+        "sample-v2\n"
+    );
+    stack.snapshotter.restart()?;
+    stack.containerd.wait_for_snapshotter()?;
+    assert_eq!(
+        stack.run(&stack.lazy(), &["cat", "/app/added/new.txt"])?,
+        "added by layer 2\n"
+    );
+    // A clean stop is quick and unmounts everything.
+    let took = stack.snapshotter.terminate()?;
+    assert!(took.as_secs() < 10, "SIGTERM took {took:?}");
+    assert!(
+        mounts_under(&stack.snapshotter.root).is_empty(),
+        "{:?}",
+        mounts_under(&stack.snapshotter.root)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_io_error_inside_the_container() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    // Flip a byte in the middle of layer 1's blob: the multi-MiB file lives there.
+    let manifest: Value =
+        serde_json::from_str(&raw_manifest(&stack.registry.image("sample:lazy"))?)?;
+    let layer = &manifest["layers"][0];
+    let path = stack
+        .registry
+        .blob_path(layer["digest"].as_str().context("digest")?)?;
+    let mut bytes = std::fs::read(&path)?;
+    let toc_offset: usize = layer["annotations"]["dev.brisk.toc.position"]
+        .as_str()
+        .and_then(|p| p.split(':').next())
+        .context("toc position")?
+        .parse()?;
+    let at = toc_offset * 3 / 4;
+    bytes[at] ^= 0x55;
+    std::fs::write(&path, &bytes)?;
+    stack.pull(&stack.lazy())?;
+    let out = stack.run(
+        &stack.lazy(),
+        &[
+            "sh",
+            "-c",
+            "cat /etc/hostname; cat /app/big.bin > /dev/null 2>/tmp/err; echo rc=$?; cat /tmp/err",
+        ],
+    )?;
+    assert!(out.starts_with("sample-v2\nrc=1\n"), "{out}");
+    assert!(out.to_lowercase().contains("i/o error"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn removing_the_image_leaves_no_mount_or_directory() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    stack.pull(&stack.lazy())?;
+    stack.run(&stack.lazy(), &["true"])?;
+    assert!(
+        !mounts_under(&stack.snapshotter.root).is_empty(),
+        "lazy layers should be mounted"
+    );
+    stack
+        .containerd
+        .ctr(&["images", "rm", "--sync", &stack.lazy()])?;
+    let left = stack
+        .containerd
+        .ctr(&["snapshots", "--snapshotter", "brisk", "ls"])?;
+    assert_eq!(left.lines().count(), 1, "snapshots left:\n{left}");
+    assert!(
+        mounts_under(&stack.snapshotter.root).is_empty(),
+        "{:?}",
+        mounts_under(&stack.snapshotter.root)
+    );
+    let dirs: Vec<_> = std::fs::read_dir(stack.snapshotter.root.join("snapshots"))?.collect();
+    assert!(dirs.is_empty(), "{dirs:?}");
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Daemon configuration: a TOML file, with command-line flags on top. Every field has a
+//! documented default, so an empty file (or none) gives a working daemon.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+pub const DEFAULT_ROOT: &str = "/var/lib/brisk";
+pub const DEFAULT_ADDRESS: &str = "/run/brisk/brisk.sock";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// All state lives here: metadata, snapshot directories, caches.
+    pub root: PathBuf,
+    /// Unix socket for containerd's snapshots API and Brisk's control API.
+    pub address: PathBuf,
+    /// `tracing` filter, e.g. `info` or `brisk_snapshotter=debug`.
+    pub log_level: String,
+    /// Prometheus metrics endpoint (`host:port`); no port is opened unless set.
+    pub metrics_address: Option<String>,
+    pub cache: CacheConfig,
+    pub registry: RegistrySettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// L1: decompressed chunks in memory.
+    pub memory_bytes: u64,
+    /// L2: chunks on disk under `<root>/cache`.
+    pub disk_bytes: u64,
+    /// Fetch whole lazy layers in the background after mounting. Off: lazy means a start
+    /// fetches what it reads.
+    pub background_fetch: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// Registries (`host:port`) reached over plain HTTP besides loopback ones.
+    pub plain_http: Vec<String>,
+    /// Seconds a registry may stay silent before a request is retried.
+    pub timeout_secs: Option<u64>,
+    pub retries: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: DEFAULT_ROOT.into(),
+            address: DEFAULT_ADDRESS.into(),
+            log_level: "info".into(),
+            metrics_address: None,
+            cache: CacheConfig::default(),
+            registry: RegistrySettings::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            disk_bytes: 20 << 30,
+            background_fetch: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default location means "all defaults".
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        assert!(!c.cache.background_fetch);
+        let c: Config = toml::from_str(
+            "root = \"/tmp/x\"\n[cache]\nmemory_bytes = 5\n[registry]\nplain_http = [\"h:1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.root, c.cache.memory_bytes, c.registry.plain_http),
+            ("/tmp/x".into(), 5, vec!["h:1".to_owned()])
+        );
+        assert!(toml::from_str::<Config>("nope = 1").is_err());
+    }
+}

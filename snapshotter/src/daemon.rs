@@ -1,0 +1,116 @@
+//! The daemon's life: open state under the root, clear what a crash left mounted, mount every
+//! committed lazy layer again, then serve the snapshots and control APIs on one unix socket
+//! until shutdown, and unmount and flush on the way out.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use brisk_blobcache::disk::DiskCache;
+use brisk_blobcache::layered::Layered;
+use brisk_blobcache::memory::MemoryCache;
+use brisk_blobcache::meta::MetaStore as ManifestStore;
+use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
+use brisk_proto::brisk::v1::control_server::ControlServer;
+use brisk_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
+use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::control::ControlService;
+use crate::meta::{Kind, SnapshotStore};
+use crate::remote::{detach_all_under, RemoteLayers};
+use crate::service::SnapshotService;
+use crate::snapshots::Snapshotter;
+use crate::{Error, Result};
+
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let root = &config.root;
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(root, e))?;
+    // A previous run killed before unmounting leaves dead FUSE mounts that fail every access.
+    detach_all_under(&root.join("snapshots"));
+
+    let registry = RegistryConfig {
+        plain_http_hosts: config.registry.plain_http.clone(),
+        timeout: Duration::from_secs(config.registry.timeout_secs.unwrap_or(30)),
+        retries: config.registry.retries.unwrap_or(4),
+        ..RegistryConfig::default()
+    };
+    let client = Arc::new(RegistryClient::new(registry.clone())?);
+    let source = Arc::new(RegistrySource::new(client.clone(), RemoteConfig::default()));
+    let disk = Arc::new(DiskCache::open(
+        root.join("cache"),
+        config.cache.disk_bytes,
+    )?);
+    let origin_deadline = registry.timeout * (registry.retries + 1) + Duration::from_secs(15);
+    let cache = Layered::builder()
+        .level(
+            Arc::new(MemoryCache::new(config.cache.memory_bytes)),
+            Duration::from_secs(1),
+        )
+        .level(disk.clone(), Duration::from_secs(5))
+        .level(source.clone(), origin_deadline)
+        .build();
+    let manifests = ManifestStore::open(root.join("meta"))?;
+    let remote = Arc::new(RemoteLayers::new(
+        client,
+        manifests,
+        source,
+        cache,
+        tokio::runtime::Handle::current(),
+    ));
+    let store = SnapshotStore::open(&root.join("metadata"))?;
+    let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone())?);
+
+    remount(&snapshotter, &config).await?;
+    if let Some(addr) = &config.metrics_address {
+        crate::metrics::serve(addr)?;
+    }
+
+    let address = &config.address;
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    match std::fs::remove_file(address) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(address, e)),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(address).map_err(|e| Error::io(address, e))?;
+    tracing::info!(address = %address.display(), root = %root.display(), "serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotService::new(
+            snapshotter.clone(),
+        )))
+        .add_service(ControlServer::new(ControlService::new(snapshotter.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    tracing::info!("shutting down");
+    remote.unmount_all();
+    disk.flush()?;
+    let _ = std::fs::remove_file(address);
+    served.map_err(|e| Error::io(address, std::io::Error::other(e)))
+}
+
+/// Mounts every committed lazy layer again, before the socket accepts requests.
+async fn remount(snapshotter: &Snapshotter, config: &Config) -> Result<()> {
+    for s in snapshotter.store().all()? {
+        let (Kind::Committed, Some(layer)) = (s.kind, &s.remote) else {
+            continue;
+        };
+        let path = config
+            .root
+            .join("snapshots")
+            .join(s.id.to_string())
+            .join("fs");
+        match snapshotter.remote().remount(s.id, &path, layer).await {
+            Ok(()) => tracing::info!(snapshot = %s.key, "lazy layer mounted again"),
+            Err(err) => {
+                tracing::error!(snapshot = %s.key, %err, "lazy layer could not be mounted again")
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Entry point: parse flags, load config, hand over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "brisk-snapshotter",
+    version,
+    about = "containerd remote snapshotter serving lazy layers"
+)]
+struct Args {
+    /// TOML config file (all keys optional).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory (overrides the config).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket for containerd (overrides the config).
+    #[arg(long)]
+    address: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = brisk_snapshotter::config::Config::load(args.config.as_deref())
+        .with_context(|| format!("Reading config {:?}", args.config))?;
+    if let Some(root) = args.root {
+        config.root = root;
+    }
+    if let Some(address) = args.address {
+        config.address = address;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log_level).context("Bad log_level")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    brisk_snapshotter::run(config, shutdown)
+        .await
+        .context("brisk-snapshotter failed")?;
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The snapshotter's operations, as containerd's overlayfs snapshotter defines them: active
+//! snapshots are overlayfs mounts (upper and work dirs over the parents' dirs), a view of one
+//! parent is a read-only bind, committed snapshots are lower dirs. Remote (lazy) layers are
+//! committed snapshots whose dir is a FUSE mount.
+//!
+//! It speaks in crate types; `service` adapts it to gRPC.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::filter::Filters;
+use crate::meta::{Kind, Snapshot, SnapshotStore};
+use crate::remote::{RemoteLayers, LABEL_TARGET};
+use crate::{Error, Result};
+
+/// A mount containerd performs for a container's rootfs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    store: SnapshotStore,
+    remote: Arc<RemoteLayers>,
+}
+
+impl Snapshotter {
+    pub fn new(root: &Path, store: SnapshotStore, remote: Arc<RemoteLayers>) -> Result<Self> {
+        let dir = root.join("snapshots");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(Self {
+            root: root.to_owned(),
+            store,
+            remote,
+        })
+    }
+
+    pub fn store(&self) -> &SnapshotStore {
+        &self.store
+    }
+
+    pub fn remote(&self) -> &Arc<RemoteLayers> {
+        &self.remote
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn fs(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// Creates the snapshot's directories with explicit modes (0755 whatever the umask).
+    fn make_dirs(&self, s: &Snapshot, work: bool) -> Result<()> {
+        let mut dirs = vec![self.dir(s.id), self.fs(s.id)];
+        if work {
+            dirs.push(self.dir(s.id).join("work"));
+        }
+        for d in dirs {
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io(&d, e))?;
+        }
+        Ok(())
+    }
+
+    /// Prepare: a lazy layer becomes a committed remote snapshot and the answer is
+    /// AlreadyExists (containerd then skips the download); anything else is a normal active
+    /// snapshot.
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if let Some(target) = labels.get(LABEL_TARGET) {
+            if self.store.get(target)?.is_some() {
+                return Err(Error::AlreadyExists(target.clone()));
+            }
+            if let Some((layer, toc)) = self.remote.resolve(&labels).await {
+                let s = self.store.create(
+                    Kind::Committed,
+                    target,
+                    parent,
+                    labels.clone(),
+                    Some(layer.clone()),
+                )?;
+                self.make_dirs(&s, false)?;
+                if let Err(err) = self.remote.mount(s.id, &self.fs(s.id), &layer, toc) {
+                    tracing::warn!(%err, key, "mounting the lazy layer failed; falling back to a download");
+                    let _ = self.store.remove(target);
+                    let _ = std::fs::remove_dir_all(self.dir(s.id));
+                } else {
+                    tracing::info!(target = %target, blob = %layer.blob, "lazy layer mounted");
+                    return Err(Error::AlreadyExists(target.clone()));
+                }
+            }
+        }
+        let s = self.store.create(Kind::Active, key, parent, labels, None)?;
+        self.make_dirs(&s, true)?;
+        self.mounts_of(&s)
+    }
+
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let s = self.store.create(Kind::View, key, parent, labels, None)?;
+        self.make_dirs(&s, false)?;
+        self.mounts_of(&s)
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let s = self.store.must_get(key)?;
+        if s.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is committed and has no mounts"
+            )));
+        }
+        self.mounts_of(&s)
+    }
+
+    fn mounts_of(&self, s: &Snapshot) -> Result<Vec<Mount>> {
+        let parents = self.store.ancestors(&s.parent)?;
+        let lower = || {
+            parents
+                .iter()
+                .map(|p| self.fs(p.id).display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let bind = |path: PathBuf, mode: &str| Mount {
+            kind: "bind".into(),
+            source: path.display().to_string(),
+            options: vec![mode.into(), "rbind".into()],
+        };
+        Ok(vec![match (s.kind, parents.len()) {
+            (Kind::Active, 0) => bind(self.fs(s.id), "rw"),
+            (Kind::View, 0) => bind(self.fs(s.id), "ro"),
+            (Kind::View, 1) => bind(self.fs(parents[0].id), "ro"),
+            (Kind::View, _) => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!("lowerdir={}", lower())],
+            },
+            (_, _) => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![
+                    "index=off".into(),
+                    format!("workdir={}", self.dir(s.id).join("work").display()),
+                    format!("upperdir={}", self.fs(s.id).display()),
+                    format!("lowerdir={}", lower()),
+                ],
+            },
+        }])
+    }
+
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let s = self.store.must_get(key)?;
+        let usage = if s.kind == Kind::Active {
+            disk_usage(&self.fs(s.id))
+        } else {
+            (0, 0)
+        };
+        self.store.commit(name, key, labels, usage)
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let s = self.store.remove(key)?;
+        if s.remote.is_some() {
+            self.remote.unmount(s.id);
+        }
+        let dir = self.dir(s.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            // Cleanup retries what could not be removed now.
+            tracing::warn!(dir = %dir.display(), %e, "snapshot directory not removed yet");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Snapshot> {
+        self.store.must_get(key)
+    }
+
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        fields: &[String],
+    ) -> Result<Snapshot> {
+        self.store.update_labels(key, labels, fields)
+    }
+
+    /// Bytes and inodes on disk: what was measured at commit, or measured now while active.
+    /// A remote layer's bytes live in the shared chunk cache, not in its directory.
+    pub fn usage(&self, key: &str) -> Result<(u64, u64)> {
+        let s = self.store.must_get(key)?;
+        Ok(match (s.kind, s.usage) {
+            (_, _) if s.remote.is_some() => (0, 0),
+            (Kind::Committed, Some(u)) => u,
+            _ => disk_usage(&self.fs(s.id)),
+        })
+    }
+
+    pub fn walk(&self, filters: &[String]) -> Result<Vec<Snapshot>> {
+        let filters = Filters::parse(filters)?;
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|s| filters.matches(s))
+            .collect())
+    }
+
+    /// Removes directories (and mounts) that no snapshot owns any more.
+    pub fn cleanup(&self) -> Result<()> {
+        let known: std::collections::HashSet<u64> =
+            self.store.all()?.iter().map(|s| s.id).collect();
+        let dir = self.root.join("snapshots");
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .flatten()
+        {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if known.contains(&id) {
+                continue;
+            }
+            self.remote.unmount(id);
+            crate::remote::detach(&entry.path().join("fs"));
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), %e, "cleanup could not remove directory");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, not crossing into other filesystems.
+fn disk_usage(dir: &Path) -> (u64, u64) {
+    let Ok(root) = std::fs::symlink_metadata(dir) else {
+        return (0, 0);
+    };
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.dev() != root.dev() || !seen.insert(m.ino()) {
+                continue;
+            }
+            inodes += 1;
+            bytes += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
