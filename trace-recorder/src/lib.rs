@@ -1,6 +1,13 @@
-//! Start-up read traces: the recorder fed by the FUSE layer, the trace file format and the
-//! prefetch plan built from it.
+//! Start-up read traces: the recorder fed by the FUSE layer (`recorder`), the trace format
+//! (`trace`), and merging traces of several starts.
 //!
-//! It only knows chunk identities (`brisk_blobcache::Digest`), never file contents. The recorder,
-//! the format and the replay plan land with the trace work; this crate exists now so the
-//! workspace's dependency direction is fixed.
+//! It knows chunks by identity (`brisk_blobcache::Digest`) and layers by blob digest, never
+//! file contents, environment or arguments.
+
+mod error;
+pub mod recorder;
+pub mod trace;
+
+pub use error::{Error, Result};
+pub use recorder::{ReadRecord, Recorder, Session};
+pub use trace::{Trace, TraceEntry, MEDIA_TYPE, TRACE_VERSION};

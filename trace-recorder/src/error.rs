@@ -1,0 +1,15 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Not a Brisk trace")]
+    Format(#[source] serde_json::Error),
+    #[error("Trace version {0} is not supported")]
+    Version(u32),
+    #[error("Trace is for image {found}, not {expected}")]
+    WrongImage { expected: String, found: String },
+    #[error("Trace is invalid: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

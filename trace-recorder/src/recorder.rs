@@ -1,0 +1,259 @@
+//! The recorder: a cheap, lossy sink on the read path, and the recording sessions it feeds.
+//!
+//! `Recorder::record` never blocks: it hands the record to a bounded channel and counts what
+//! it had to drop when the channel is full. A background thread turns records into traces,
+//! one session per image being started, and hands each finished trace to a callback after a
+//! quiet period or a maximum duration.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use brisk_blobcache::Digest;
+
+use crate::trace::{Trace, TraceEntry};
+
+/// One read through the FUSE layer: which chunks of which layer, for which file, when.
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    pub layer: Digest,
+    /// (chunk index in the layer's TOC, chunk digest).
+    pub chunks: Vec<(u32, Digest)>,
+    pub path: String,
+    pub at: Instant,
+}
+
+/// A recording in progress for one image.
+#[derive(Debug)]
+pub struct Session {
+    image: Digest,
+    layers: HashSet<Digest>,
+    created: Instant,
+    first_read: Option<Instant>,
+    last_read: Option<Instant>,
+    entries: Vec<TraceEntry>,
+    seen: HashSet<(Digest, u32)>,
+}
+
+type OnFinish = Box<dyn Fn(Trace) + Send>;
+
+pub struct Recorder {
+    tx: SyncSender<Command>,
+    dropped: AtomicU64,
+    /// Images with a session open, so the read path can skip work for images not recorded.
+    active: Arc<Mutex<HashSet<Digest>>>,
+}
+
+enum Command {
+    Read(ReadRecord),
+    Begin(Digest, Vec<Digest>),
+}
+
+/// How sessions end.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A session ends this long after the last read (default 5 s).
+    pub quiet: Duration,
+    /// ... or this long after the first read (default 60 s).
+    pub max: Duration,
+    /// A session that never sees a read is dropped after this long.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            quiet: Duration::from_secs(5),
+            max: Duration::from_secs(60),
+            idle: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Recorder {
+    /// Starts the recorder thread. `capacity` bounds the records waiting to be processed.
+    pub fn start(
+        capacity: usize,
+        limits: Limits,
+        on_finish: impl Fn(Trace) + Send + 'static,
+    ) -> Arc<Self> {
+        let (tx, rx) = sync_channel(capacity);
+        let active = Arc::new(Mutex::new(HashSet::new()));
+        let recorder = Arc::new(Self {
+            tx,
+            dropped: AtomicU64::new(0),
+            active: active.clone(),
+        });
+        let on_finish: OnFinish = Box::new(on_finish);
+        std::thread::Builder::new()
+            .name("brisk-trace-recorder".into())
+            .spawn(move || run(rx, limits, active, on_finish))
+            .expect("spawning the recorder thread");
+        recorder
+    }
+
+    /// Opens a session for `image`, whose layers are `layers`, unless one is open.
+    pub fn begin(&self, image: Digest, layers: Vec<Digest>) {
+        self.active.lock().expect("not poisoned").insert(image);
+        // Sessions matter more than reads: wait for room rather than lose one.
+        let _ = self.tx.send(Command::Begin(image, layers));
+    }
+
+    pub fn is_recording(&self, image: &Digest) -> bool {
+        self.active.lock().expect("not poisoned").contains(image)
+    }
+
+    /// Hands a read to the recorder without ever blocking the reader.
+    pub fn record(&self, read: ReadRecord) {
+        match self.tx.try_send(Command::Read(read)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reads the recorder could not keep up with.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn run(
+    rx: Receiver<Command>,
+    limits: Limits,
+    active: Arc<Mutex<HashSet<Digest>>>,
+    on_finish: OnFinish,
+) {
+    let mut sessions: HashMap<Digest, Session> = HashMap::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Command::Begin(image, layers)) => {
+                sessions.entry(image).or_insert_with(|| Session {
+                    image,
+                    layers: layers.into_iter().collect(),
+                    created: Instant::now(),
+                    first_read: None,
+                    last_read: None,
+                    entries: Vec::new(),
+                    seen: HashSet::new(),
+                });
+            }
+            Ok(Command::Read(read)) => {
+                for s in sessions
+                    .values_mut()
+                    .filter(|s| s.layers.contains(&read.layer))
+                {
+                    s.add(&read);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        let done: Vec<Digest> = sessions
+            .values()
+            .filter(|s| s.is_done(now, &limits))
+            .map(|s| s.image)
+            .collect();
+        for image in done {
+            let s = sessions.remove(&image).expect("listed above");
+            active.lock().expect("not poisoned").remove(&image);
+            if !s.entries.is_empty() {
+                tracing::info!(image = %image, chunks = s.entries.len(), "start-up trace recorded");
+                on_finish(Trace {
+                    starts: 1,
+                    entries: s.entries,
+                    ..Trace::new(image)
+                });
+            }
+        }
+    }
+}
+
+impl Session {
+    fn add(&mut self, read: &ReadRecord) {
+        let first = *self.first_read.get_or_insert(read.at);
+        self.last_read = Some(self.last_read.map_or(read.at, |l| l.max(read.at)));
+        let at_ms = read.at.saturating_duration_since(first).as_millis() as u64;
+        for &(chunk, digest) in &read.chunks {
+            if self.seen.insert((read.layer, chunk)) {
+                self.entries.push(TraceEntry {
+                    layer: read.layer,
+                    chunk,
+                    digest,
+                    at_ms,
+                    path: read.path.clone(),
+                });
+            }
+        }
+    }
+
+    fn is_done(&self, now: Instant, limits: &Limits) -> bool {
+        match (self.first_read, self.last_read) {
+            (Some(first), Some(last)) => now - last >= limits.quiet || now - first >= limits.max,
+            _ => now - self.created >= limits.idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+
+    fn read(layer: &Digest, chunks: &[u32], path: &str) -> ReadRecord {
+        ReadRecord {
+            layer: *layer,
+            chunks: chunks
+                .iter()
+                .map(|&c| (c, Digest::sha256(&c.to_le_bytes())))
+                .collect(),
+            path: path.into(),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_session_records_first_touches_of_its_layers_and_ends_when_reads_stop() {
+        let (tx, rx) = channel();
+        let limits = Limits {
+            quiet: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let recorder = Recorder::start(1024, limits, move |t| tx.send(t).unwrap());
+        let (image, layer, other) = (
+            Digest::sha256(b"img"),
+            Digest::sha256(b"l1"),
+            Digest::sha256(b"l2"),
+        );
+        recorder.begin(image, vec![layer]);
+        assert!(recorder.is_recording(&image));
+        recorder.record(read(&layer, &[3, 4], "/bin/sh"));
+        recorder.record(read(&other, &[9], "/not/this/image"));
+        std::thread::sleep(Duration::from_millis(20));
+        recorder.record(read(&layer, &[4, 1], "/lib/libc.so"));
+        let trace = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(trace.image, image);
+        let chunks: Vec<u32> = trace.entries.iter().map(|e| e.chunk).collect();
+        assert_eq!(chunks, [3, 4, 1]);
+        assert_eq!(trace.files(), ["/bin/sh", "/lib/libc.so"]);
+        assert!(trace.entries[2].at_ms >= 20);
+        assert!(!recorder.is_recording(&image));
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts_instead_of_blocking() {
+        let recorder = Recorder::start(1, Limits::default(), |_| {});
+        let layer = Digest::sha256(b"l");
+        let started = Instant::now();
+        for _ in 0..10_000 {
+            recorder.record(read(&layer, &[1], "/x"));
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(recorder.dropped() > 0);
+    }
+}
