@@ -23,6 +23,37 @@ pub struct Config {
     pub metrics_address: Option<String>,
     pub cache: CacheConfig,
     pub registry: RegistrySettings,
+    pub trace: TraceSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceSettings {
+    /// Record a start-up trace for images that have none.
+    pub record: bool,
+    /// Prefetch from traces when an image's layers are prepared.
+    pub prefetch: bool,
+    /// Look for an image's trace in its registry on first sight.
+    pub fetch_from_registry: bool,
+    /// A recording ends this many seconds after the last read...
+    pub quiet_secs: u64,
+    /// ... or this many seconds after the first.
+    pub max_secs: u64,
+    /// Repositories (`host/name`) that are never prefetched.
+    pub skip_prefetch: Vec<String>,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            record: true,
+            prefetch: true,
+            fetch_from_registry: true,
+            quiet_secs: 5,
+            max_secs: 60,
+            skip_prefetch: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -56,6 +87,7 @@ impl Default for Config {
             metrics_address: None,
             cache: CacheConfig::default(),
             registry: RegistrySettings::default(),
+            trace: TraceSettings::default(),
         }
     }
 }

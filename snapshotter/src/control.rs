@@ -18,8 +18,73 @@ impl ControlService {
     }
 }
 
+fn summary(t: &brisk_trace_recorder::Trace) -> api::TraceSummary {
+    api::TraceSummary {
+        image: t.image.to_string(),
+        chunks: t.entries.len() as u64,
+        files: t.files().len() as u64,
+        duration_ms: t.duration_ms(),
+        starts: t.starts,
+    }
+}
+
 #[tonic::async_trait]
 impl api::control_server::Control for ControlService {
+    async fn list_traces(
+        &self,
+        _req: Request<api::ListTracesRequest>,
+    ) -> Result<Response<api::ListTracesResponse>, Status> {
+        let traces = self.inner.remote().traces();
+        Ok(Response::new(api::ListTracesResponse {
+            traces: traces
+                .list()
+                .map_err(Status::from)?
+                .iter()
+                .map(summary)
+                .collect(),
+            dropped_reads: traces.recorder().dropped(),
+        }))
+    }
+
+    async fn get_trace(
+        &self,
+        req: Request<api::GetTraceRequest>,
+    ) -> Result<Response<api::GetTraceResponse>, Status> {
+        let image: brisk_blobcache::Digest = req
+            .into_inner()
+            .image
+            .parse()
+            .map_err(|e: brisk_blobcache::Error| Status::invalid_argument(e.to_string()))?;
+        let trace = self
+            .inner
+            .remote()
+            .traces()
+            .get(&image)
+            .map_err(Status::from)?;
+        let trace =
+            trace.ok_or_else(|| Status::not_found(format!("no trace for image {image}")))?;
+        Ok(Response::new(api::GetTraceResponse {
+            trace: trace.encode(),
+        }))
+    }
+
+    async fn import_trace(
+        &self,
+        req: Request<api::ImportTraceRequest>,
+    ) -> Result<Response<api::ImportTraceResponse>, Status> {
+        let trace = brisk_trace_recorder::Trace::decode(&req.into_inner().trace, None)
+            .map_err(|e| Status::invalid_argument(format!("Trace rejected: {e}")))?;
+        let merged = self
+            .inner
+            .remote()
+            .traces()
+            .import(&trace)
+            .map_err(Status::from)?;
+        Ok(Response::new(api::ImportTraceResponse {
+            summary: Some(summary(&merged)),
+        }))
+    }
+
     async fn status(
         &self,
         _req: Request<api::StatusRequest>,

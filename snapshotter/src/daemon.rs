@@ -20,10 +20,12 @@ use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::meta::{Kind, SnapshotStore};
-use crate::remote::{detach_all_under, RemoteLayers};
+use crate::remote::{detach_all_under, RemoteLayers, TracePolicy};
 use crate::service::SnapshotService;
 use crate::snapshots::Snapshotter;
+use crate::traces::Traces;
 use crate::{Error, Result};
+use brisk_trace_recorder::recorder::Limits;
 
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let root = &config.root;
@@ -55,14 +57,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .level(source.clone(), origin_deadline)
         .build();
     let manifests = ManifestStore::open(root.join("meta"))?;
+    let store = SnapshotStore::open(&root.join("metadata"))?;
+    let t = &config.trace;
+    let limits = Limits {
+        quiet: Duration::from_secs(t.quiet_secs),
+        max: Duration::from_secs(t.max_secs),
+        ..Limits::default()
+    };
+    let traces = Traces::open(store.db(), limits)?;
+    let policy = TracePolicy {
+        record: t.record,
+        prefetch: t.prefetch,
+        fetch_from_registry: t.fetch_from_registry,
+        skip: t.skip_prefetch.clone(),
+    };
     let remote = Arc::new(RemoteLayers::new(
         client,
         manifests,
         source,
         cache,
         tokio::runtime::Handle::current(),
+        traces,
+        policy,
     ));
-    let store = SnapshotStore::open(&root.join("metadata"))?;
     let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone())?);
 
     remount(&snapshotter, &config).await?;

@@ -30,6 +30,8 @@ pub enum Error {
     Cache(#[from] brisk_blobcache::Error),
     #[error("Snapshot metadata store failed")]
     Meta(#[source] sled::Error),
+    #[error("Trace rejected")]
+    Trace(#[from] brisk_trace_recorder::Error),
     #[error("Metadata record is corrupt")]
     MetaRecord(#[source] serde_json::Error),
     #[error("I/O error on {path}")]
@@ -69,6 +71,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::FailedPrecondition(_) => Errno::EINVAL,
             // The kernel only gets EIO; the log line carries the whole error chain.
             Error::Cache(_)
+            | Error::Trace(_)
             | Error::Meta(_)
             | Error::MetaRecord(_)
             | Error::Io { .. }

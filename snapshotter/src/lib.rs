@@ -15,6 +15,7 @@ mod metrics;
 mod remote;
 mod service;
 mod snapshots;
+mod traces;
 
 pub use daemon::run;
 pub use error::{Error, Result};

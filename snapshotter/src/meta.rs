@@ -76,6 +76,11 @@ impl SnapshotStore {
         Ok(Self { db, snapshots })
     }
 
+    /// The database, for other trees kept beside the snapshot records.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush().map(drop).map_err(Error::Meta)
     }

@@ -31,8 +31,26 @@ pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// How long Prepare may spend deciding whether a layer is lazy before it falls back.
 const RESOLVE_DEADLINE: Duration = Duration::from_secs(30);
 
+/// What the daemon does with start-up traces.
+#[derive(Clone, Debug)]
+pub struct TracePolicy {
+    /// Record a trace the first time an image with none starts.
+    pub record: bool,
+    /// Prefetch from a trace when an image's layers are prepared.
+    pub prefetch: bool,
+    /// Look for a trace in the registry on first sight of an image.
+    pub fetch_from_registry: bool,
+    /// Repositories (`host/name`) never prefetched.
+    pub skip: Vec<String>,
+}
+
+/// Compressed bytes per prefetch batch: large range requests, several in flight.
+const PREFETCH_BATCH: u64 = 4 << 20;
+
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
+    traces: Arc<crate::traces::Traces>,
+    policy: TracePolicy,
     manifests: ManifestStore,
     source: Arc<RegistrySource>,
     cache: Arc<Layered>,
@@ -49,15 +67,23 @@ impl RemoteLayers {
         source: Arc<RegistrySource>,
         cache: Arc<Layered>,
         rt: tokio::runtime::Handle,
+        traces: Arc<crate::traces::Traces>,
+        policy: TracePolicy,
     ) -> Self {
         Self {
             client,
+            traces,
+            policy,
             manifests,
             source,
             cache,
             rt,
             sessions: Mutex::default(),
         }
+    }
+
+    pub fn traces(&self) -> &Arc<crate::traces::Traces> {
+        &self.traces
     }
 
     pub fn mounted(&self) -> usize {
@@ -176,7 +202,25 @@ impl RemoteLayers {
     /// Mounts the layer's FUSE filesystem at `path`.
     pub fn mount(&self, id: u64, path: &Path, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<()> {
         let blob: Digest = layer.blob.parse()?;
-        let fs = crate::fs::LayerFs::new(toc, blob, self.cache.clone(), self.rt.clone())?;
+        let recorder = self.traces.recorder().clone();
+        let chunks = toc.clone();
+        let record: crate::fs::Recorder = Arc::new(move |ev: crate::fs::ReadEvent| {
+            if !recorder.any_active() {
+                return;
+            }
+            recorder.record(brisk_trace_recorder::ReadRecord {
+                layer: blob,
+                chunks: ev
+                    .chunks
+                    .iter()
+                    .map(|&i| (i as u32, chunks.chunks[i].digest))
+                    .collect(),
+                path: ev.path,
+                at: std::time::Instant::now(),
+            });
+        });
+        let fs = crate::fs::LayerFs::new(toc, blob, self.cache.clone(), self.rt.clone())?
+            .with_recorder(record);
         let session = crate::fs::mount(fs, path)?;
         self.sessions
             .lock()
@@ -206,6 +250,129 @@ impl RemoteLayers {
         self.source.register_blob(blob, &reference);
         detach(path);
         self.mount(id, path, layer, Arc::new(toc))
+    }
+
+    /// On first sight of an image in this run: prefetch from its trace (local, else from the
+    /// registry), or record one if there is none. Runs in the background; Prepare returns.
+    pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer) {
+        let (Ok(reference), Ok(manifest)) = (
+            layer.image.parse::<Reference>(),
+            layer.manifest.parse::<Digest>(),
+        ) else {
+            return;
+        };
+        if !self.traces.first_sight(&manifest) {
+            return;
+        }
+        let this = self.clone();
+        self.rt.spawn(async move {
+            if let Err(err) = this.replay_or_record(&reference, manifest).await {
+                tracing::warn!(image = %reference, err = %chain(&err), "no prefetch for this image");
+            }
+        });
+    }
+
+    async fn replay_or_record(&self, reference: &Reference, manifest: Digest) -> Result<()> {
+        let layers = self.image_layers(reference, manifest).await?;
+        let repo = format!("{}/{}", reference.registry, reference.repository);
+        let mut trace = self.traces.get(&manifest)?;
+        if trace.is_none() && self.policy.fetch_from_registry {
+            match brisk_trace_recorder::share::fetch(&self.client, reference, &manifest).await {
+                Ok(Some(t)) => {
+                    tracing::info!(image = %reference, chunks = t.entries.len(), "trace fetched from the registry");
+                    trace = Some(self.traces.import(&t)?);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(image = %reference, err = %chain(&err), "trace lookup in the registry failed")
+                }
+            }
+        }
+        match trace {
+            Some(trace) if self.policy.prefetch && !self.policy.skip.contains(&repo) => {
+                let by_blob: HashMap<Digest, &Arc<Toc>> =
+                    layers.iter().map(|(b, t)| (*b, t)).collect();
+                let mut stale = 0;
+                let refs: Vec<brisk_blobcache::chunk::ChunkRef> = trace
+                    .entries
+                    .iter()
+                    .filter_map(|e| {
+                        let toc = by_blob.get(&e.layer)?;
+                        let c = toc
+                            .chunks
+                            .get(e.chunk as usize)
+                            .filter(|c| c.digest == e.digest);
+                        if c.is_none() {
+                            stale += 1;
+                        }
+                        Some(brisk_blobcache::chunk::ChunkRef::new(e.layer, c?))
+                    })
+                    .collect();
+                tracing::info!(image = %reference, chunks = refs.len(), stale, "prefetching from the start-up trace");
+                self.cache.prefetch(
+                    refs,
+                    PREFETCH_BATCH,
+                    tokio_util::sync::CancellationToken::new(),
+                );
+            }
+            Some(_) => {}
+            None if self.policy.record => {
+                tracing::info!(image = %reference, "recording a start-up trace");
+                self.traces
+                    .recorder()
+                    .begin(manifest, layers.iter().map(|(b, _)| *b).collect());
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Every lazy layer of the image, with its verified TOC; each blob is registered with
+    /// the registry level so prefetch can fetch layers not prepared yet.
+    async fn image_layers(
+        &self,
+        reference: &Reference,
+        manifest: Digest,
+    ) -> Result<Vec<(Digest, Arc<Toc>)>> {
+        let bytes = match self.manifests.get(&manifest) {
+            Some(b) => b,
+            None => {
+                let m = self
+                    .client
+                    .get_manifest(&Reference {
+                        digest: Some(manifest),
+                        ..reference.clone()
+                    })
+                    .await?;
+                self.manifests.put(&m.bytes)?;
+                m.bytes
+            }
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
+        let mut out = Vec::new();
+        for desc in value["layers"].as_array().into_iter().flatten() {
+            let Ok(blob) = desc["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .parse::<Digest>()
+            else {
+                continue;
+            };
+            let annotations: Option<HashMap<String, String>> =
+                serde_json::from_value(desc["annotations"].clone()).ok();
+            let size = desc["size"].as_u64().unwrap_or(0);
+            let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
+                continue;
+            };
+            let position = lazy
+                .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
+                .await?;
+            let toc = self.toc(reference, &lazy, &position).await?;
+            self.source.register_blob(blob, reference);
+            out.push((blob, Arc::new(toc)));
+        }
+        Ok(out)
     }
 
     /// Unmounts every FUSE session (shutdown).

@@ -98,6 +98,7 @@ impl Snapshotter {
                     let _ = std::fs::remove_dir_all(self.dir(s.id));
                 } else {
                     tracing::info!(target = %target, blob = %layer.blob, "lazy layer mounted");
+                    self.remote.start_image(&layer);
                     return Err(Error::AlreadyExists(target.clone()));
                 }
             }

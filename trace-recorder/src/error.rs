@@ -10,6 +10,8 @@ pub enum Error {
     WrongImage { expected: String, found: String },
     #[error("Trace is invalid: {0}")]
     Invalid(String),
+    #[error("Registry access for the trace failed")]
+    Registry(#[source] Box<brisk_blobcache::Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

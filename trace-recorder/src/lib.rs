@@ -6,6 +6,7 @@
 
 mod error;
 pub mod recorder;
+pub mod share;
 pub mod trace;
 
 pub use error::{Error, Result};

@@ -101,6 +101,11 @@ impl Recorder {
         let _ = self.tx.send(Command::Begin(image, layers));
     }
 
+    /// Whether any session is open: the read path skips building records otherwise.
+    pub fn any_active(&self) -> bool {
+        !self.active.lock().expect("not poisoned").is_empty()
+    }
+
     pub fn is_recording(&self, image: &Digest) -> bool {
         self.active.lock().expect("not poisoned").contains(image)
     }

@@ -368,6 +368,36 @@ impl RegistryClient {
     }
 
     /// Uploads a manifest under `tag_or_digest`.
+    /// The OCI 1.1 referrers index of `digest`, or `None` when the registry has no referrers
+    /// API (404), in which case callers use the tag-schema fallback.
+    pub async fn get_referrers(&self, r: &Reference, digest: &Digest) -> Result<Option<Bytes>> {
+        let url = format!("{}/referrers/{digest}", self.base(r));
+        match self
+            .send(r, "pull", Method::GET, &url, &|b| {
+                b.header(header::ACCEPT, media::OCI_INDEX)
+            })
+            .await
+        {
+            Ok(resp) => Ok(Some(read_limited(resp, &url, MAX_MANIFEST_SIZE).await?)),
+            Err(Error::RegistryStatus { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads a small blob held in memory.
+    pub async fn push_blob_bytes(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<()> {
+        if self.blob_exists(r, digest).await? {
+            return Ok(());
+        }
+        let tmp = tempfile_for_upload(bytes)?;
+        self.push_blob_file(r, digest, tmp.path()).await
+    }
+
     pub async fn push_manifest(
         &self,
         r: &Reference,
@@ -524,6 +554,14 @@ impl RegistryClient {
         }
         req
     }
+}
+
+/// A temporary file holding `bytes`, for the file-based upload path.
+fn tempfile_for_upload(bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+    use std::io::Write as _;
+    let mut f = tempfile::NamedTempFile::new().map_err(|e| Error::io("temporary file", e))?;
+    f.write_all(bytes).map_err(|e| Error::io(f.path(), e))?;
+    Ok(f)
 }
 
 fn method_str(m: &Method) -> &'static str {

@@ -1,0 +1,82 @@
+//! Start-up traces in the daemon: kept per image in sled, recorded the first time an image
+//! starts with no trace anywhere, and replayed as prefetch when its layers are prepared again
+//! (here or on any host that fetched the trace from the registry).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use brisk_blobcache::Digest;
+use brisk_trace_recorder::recorder::Limits;
+use brisk_trace_recorder::{Recorder, Trace};
+
+use crate::{Error, Result};
+
+pub struct Traces {
+    tree: sled::Tree,
+    recorder: Arc<Recorder>,
+    /// Images whose prefetch or recording already started in this run.
+    started: Mutex<HashSet<Digest>>,
+}
+
+impl Traces {
+    pub fn open(db: &sled::Db, limits: Limits) -> Result<Arc<Self>> {
+        let tree = db.open_tree("traces").map_err(Error::Meta)?;
+        let store = tree.clone();
+        let recorder = Recorder::start(4096, limits, move |trace| {
+            if let Err(err) = merge_into(&store, &trace) {
+                tracing::error!(image = %trace.image, %err, "storing a recorded trace failed");
+            }
+        });
+        Ok(Arc::new(Self {
+            tree,
+            recorder,
+            started: Mutex::default(),
+        }))
+    }
+
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+
+    pub fn get(&self, image: &Digest) -> Result<Option<Trace>> {
+        match self.tree.get(image.as_bytes()).map_err(Error::Meta)? {
+            Some(v) => Ok(Some(Trace::decode(&v, Some(image)).map_err(Error::Trace)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `trace`, merged with the one already held for its image; returns the result.
+    pub fn import(&self, trace: &Trace) -> Result<Trace> {
+        merge_into(&self.tree, trace)
+    }
+
+    pub fn list(&self) -> Result<Vec<Trace>> {
+        self.tree
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(Error::Meta)?;
+                Trace::decode(&v, None).map_err(Error::Trace)
+            })
+            .collect()
+    }
+
+    /// True the first time an image is seen in this run.
+    pub fn first_sight(&self, image: &Digest) -> bool {
+        self.started.lock().expect("not poisoned").insert(*image)
+    }
+}
+
+fn merge_into(tree: &sled::Tree, trace: &Trace) -> Result<Trace> {
+    let merged = match tree.get(trace.image.as_bytes()).map_err(Error::Meta)? {
+        Some(v) => {
+            let mut old = Trace::decode(&v, Some(&trace.image)).map_err(Error::Trace)?;
+            old.merge(trace);
+            old
+        }
+        None => trace.clone(),
+    };
+    tree.insert(trace.image.as_bytes(), merged.encode())
+        .map_err(Error::Meta)?;
+    tree.flush().map_err(Error::Meta)?;
+    Ok(merged)
+}
