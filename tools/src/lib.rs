@@ -1,14 +1,16 @@
 //! The `brisk` command's library: converting images to the lazy format (`convert`), and
 //! reading converted images back (`inspect`, `check`).
 //!
-//! It speaks to registries and OCI layout directories through `store`, and never to
-//! containerd or the snapshotter: conversion works on a machine with neither.
+//! It speaks to registries and OCI layout directories through `store`, and never to the
+//! snapshotter: conversion works on a machine with neither it nor containerd. Only `pull`
+//! talks to containerd, as a client, to unpack an image through a (remote) snapshotter.
 
 pub mod cat;
 pub mod convert;
 mod error;
 pub mod inspect;
 mod layout;
+pub mod pull;
 pub mod store;
 mod view;
 

@@ -9,6 +9,7 @@ use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
 use brisk_tools::cat::{self, CatOptions};
 use brisk_tools::convert::{self, ConvertConfig};
 use brisk_tools::inspect;
+use brisk_tools::pull::{self, PullOptions};
 use brisk_tools::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
 
@@ -16,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "brisk",
     version,
-    about = "Lazy-loading container images: convert, inspect and check"
+    about = "Lazy-loading container images: convert, inspect, check and pull"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -91,6 +92,24 @@ enum Command {
     /// Fetch and verify every TOC and chunk of an image; non-zero exit on the first bad one.
     Check {
         image: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+    /// Pull an image into containerd through a snapshotter, which may serve layers lazily.
+    Pull {
+        image: String,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd: std::path::PathBuf,
+        /// containerd namespace to pull into.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Snapshotter to unpack with; layers are lazy only with a remote one such as Brisk's.
+        #[arg(long, default_value = "brisk")]
+        snapshotter: String,
+        /// Print a machine-readable summary on stdout.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -232,6 +251,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok: {} image(s), {} layers ({} lazy), {} chunks, {} bytes verified",
                     report.images, report.layers, report.lazy_layers, report.chunks, report.bytes
                 );
+            }
+        }
+        Command::Pull {
+            image,
+            containerd,
+            namespace,
+            snapshotter,
+            json,
+            registry,
+        } => {
+            let opts = PullOptions {
+                containerd,
+                namespace,
+                snapshotter,
+                platform: None,
+                registry: registry.config(),
+            };
+            let summary = pull::pull(&image, &opts)
+                .await
+                .with_context(|| format!("Pulling {image}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{summary}");
             }
         }
     }
