@@ -41,11 +41,7 @@ impl DiskCache {
         for dir in ["chunks", "tmp"] {
             std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
         }
-        let db = sled::Config::new()
-            .path(root.join("index"))
-            .cache_capacity(INDEX_CACHE_BYTES)
-            .open()
-            .map_err(|e| Error::io(root.join("index"), std::io::Error::other(e)))?;
+        let db = open_index(&root.join("index"))?;
         let sled_err = |e: sled::Error| Error::io(root.join("index"), std::io::Error::other(e));
         let index = db.open_tree("chunks").map_err(sled_err)?;
         let by_age = db.open_tree("by_age").map_err(sled_err)?;
@@ -262,6 +258,26 @@ impl DiskCache {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+}
+
+/// Opens the sled index. A previous owner in this process (a cache just dropped) releases
+/// the file lock from sled's background thread, a moment later: wait for it briefly.
+fn open_index(path: &Path) -> Result<sled::Db> {
+    let mut attempts = 0;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(INDEX_CACHE_BYTES)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::Other && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(Error::io(path, std::io::Error::other(e))),
+        }
     }
 }
 

@@ -72,6 +72,7 @@ pub struct Snapshotter {
 impl Snapshotter {
     /// Starts a snapshotter whose state lives under `dir`.
     pub fn start(dir: &Path, extra_args: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
         let mut s = Self {
             child: None,
             root: dir.join("root"),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
+use brisk_blobcache::toc::{Footer, Toc, FOOTER_SIZE};
 use brisk_e2e::daemons::{mounts_under, Containerd, Snapshotter};
 use brisk_e2e::{
     brisk, build_sample_image, gate, push_image, raw_manifest, sample_rootfs, Proxy, Registry,
@@ -160,7 +161,7 @@ fn files_inside_the_container_match_the_image() -> Result<()> {
     let stack = Stack::start()?;
     stack.pull(&stack.lazy())?;
     let script = "cat /app/link; readlink /app/link; stat -c '%a %u:%g' /usr/bin/suid-tool /home/user/notes.txt /tmp; \
-                  stat -c %h /app/data/original; ls /app; \
+                  stat -c %h /app/data/original; for f in /app/*; do echo \"${f#/app/}\"; done; \
                   test -e /app/remove-me.txt && echo present || echo gone; \
                   test -e /app/old-dir && echo present || echo gone; \
                   sha256sum /app/big.bin | cut -d' ' -f1";
@@ -232,7 +233,7 @@ fn a_corrupt_chunk_is_an_io_error_inside_the_container() -> Result<()> {
         return Ok(());
     }
     let stack = Stack::start()?;
-    // Flip a byte in the middle of layer 1's blob: the multi-MiB file lives there.
+    // Flip a byte inside a chunk of the multi-MiB file of layer 1, found through its TOC.
     let manifest: Value =
         serde_json::from_str(&raw_manifest(&stack.registry.image("sample:lazy"))?)?;
     let layer = &manifest["layers"][0];
@@ -240,12 +241,20 @@ fn a_corrupt_chunk_is_an_io_error_inside_the_container() -> Result<()> {
         .registry
         .blob_path(layer["digest"].as_str().context("digest")?)?;
     let mut bytes = std::fs::read(&path)?;
-    let toc_offset: usize = layer["annotations"]["dev.brisk.toc.position"]
-        .as_str()
-        .and_then(|p| p.split(':').next())
-        .context("toc position")?
-        .parse()?;
-    let at = toc_offset * 3 / 4;
+    let footer = Footer::decode(&bytes[bytes.len() - FOOTER_SIZE..], bytes.len() as u64)?;
+    let r = footer.toc.range();
+    let toc = Toc::decode(
+        &bytes[r.start as usize..r.end as usize],
+        footer.toc.uncompressed_size,
+        None,
+    )?;
+    let big = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "app/big.bin")
+        .context("big.bin in the TOC")?;
+    let chunk = &toc.chunks[toc.chunks_for(big.tar_range().context("content")?).start + 1];
+    let at = (chunk.offset + chunk.size / 2) as usize;
     bytes[at] ^= 0x55;
     std::fs::write(&path, &bytes)?;
     stack.pull(&stack.lazy())?;
@@ -258,7 +267,7 @@ fn a_corrupt_chunk_is_an_io_error_inside_the_container() -> Result<()> {
         ],
     )?;
     assert!(out.starts_with("sample-v2\nrc=1\n"), "{out}");
-    assert!(out.to_lowercase().contains("i/o error"), "{out}");
+    assert!(out.to_lowercase().contains("input/output error"), "{out}");
     Ok(())
 }
 

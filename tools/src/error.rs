@@ -40,6 +40,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Trace(#[from] brisk_trace_recorder::Error),
     #[error("A conversion task failed")]
     Task(#[source] tokio::task::JoinError),
     #[error("The containerd {op} call failed")]

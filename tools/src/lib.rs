@@ -12,6 +12,7 @@ pub mod inspect;
 mod layout;
 pub mod pull;
 pub mod store;
+pub mod trace;
 mod view;
 
 pub use error::{Error, Result};

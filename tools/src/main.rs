@@ -12,6 +12,7 @@ use brisk_tools::inspect;
 use brisk_tools::pull::{self, PullOptions};
 use brisk_tools::store::{Location, Store};
 use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -115,6 +116,47 @@ enum Command {
         #[command(flatten)]
         registry: RegistryFlags,
     },
+    /// Start-up traces held by the snapshotter daemon, and their copies in registries.
+    Trace {
+        #[command(subcommand)]
+        command: TraceCommand,
+        /// The daemon's socket (its `--address`).
+        #[arg(long, global = true, default_value = brisk_tools::trace::DEFAULT_SOCKET)]
+        snapshotter: PathBuf,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+    /// What the snapshotter daemon serves and how its chunk cache is doing.
+    Status {
+        #[arg(long, default_value = brisk_tools::trace::DEFAULT_SOCKET)]
+        snapshotter: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Every trace the daemon holds.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image's trace: chunks, duration and the files in first-touch order.
+    Show {
+        /// Image reference, or its manifest digest.
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image's trace to FILE.
+    Export { image: String, file: PathBuf },
+    /// Give the daemon a trace file (merged with what it has for that image).
+    Import { file: PathBuf },
+    /// Push an image's trace to its registry, as an artifact referring to the image.
+    Push { image: String },
+    /// Fetch an image's trace from its registry into the daemon.
+    Pull { image: String },
 }
 
 impl RegistryFlags {
@@ -251,6 +293,93 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok: {} image(s), {} layers ({} lazy), {} chunks, {} bytes verified",
                     report.images, report.layers, report.lazy_layers, report.chunks, report.bytes
                 );
+            }
+        }
+        Command::Trace {
+            command,
+            snapshotter,
+            registry,
+        } => {
+            let client = RegistryClient::new(registry.config())?;
+            match command {
+                TraceCommand::Ls { json } => {
+                    let list = brisk_tools::trace::list(&snapshotter)
+                        .await
+                        .context("Listing traces")?;
+                    if json {
+                        let traces: Vec<_> = list
+                            .traces
+                            .iter()
+                            .map(|t| serde_json::json!({"image": t.image, "chunks": t.chunks, "files": t.files, "duration_ms": t.duration_ms, "starts": t.starts}))
+                            .collect();
+                        println!(
+                            "{}",
+                            serde_json::json!({"traces": traces, "dropped_reads": list.dropped_reads})
+                        );
+                    } else {
+                        for t in &list.traces {
+                            println!(
+                                "{} {} chunks {} files {} ms {} start(s)",
+                                t.image, t.chunks, t.files, t.duration_ms, t.starts
+                            );
+                        }
+                    }
+                }
+                TraceCommand::Show { image, json } => {
+                    let (digest, _) = brisk_tools::trace::image_digest(&client, &image).await?;
+                    let trace = brisk_tools::trace::get(&snapshotter, &digest)
+                        .await
+                        .with_context(|| format!("Reading the trace of {image}"))?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&trace)?);
+                    } else {
+                        print!("{}", brisk_tools::trace::render(&trace));
+                    }
+                }
+                TraceCommand::Export { image, file } => {
+                    let (digest, _) = brisk_tools::trace::image_digest(&client, &image).await?;
+                    let trace = brisk_tools::trace::get(&snapshotter, &digest)
+                        .await
+                        .with_context(|| format!("Reading the trace of {image}"))?;
+                    std::fs::write(&file, trace.encode())
+                        .with_context(|| format!("Writing {}", file.display()))?;
+                }
+                TraceCommand::Import { file } => {
+                    let trace = brisk_tools::trace::read_file(&file)
+                        .with_context(|| format!("Reading {}", file.display()))?;
+                    let s = brisk_tools::trace::import(&snapshotter, &trace)
+                        .await
+                        .context("Importing the trace")?;
+                    println!("{}: {} chunks, {} start(s)", s.image, s.chunks, s.starts);
+                }
+                TraceCommand::Push { image } => {
+                    let d = brisk_tools::trace::push(&client, &snapshotter, &image)
+                        .await
+                        .with_context(|| format!("Pushing the trace of {image}"))?;
+                    println!("{image}: trace pushed as {d}");
+                }
+                TraceCommand::Pull { image } => {
+                    let s = brisk_tools::trace::pull(&client, &snapshotter, &image)
+                        .await
+                        .with_context(|| format!("Pulling the trace of {image}"))?;
+                    println!("{}: {} chunks, {} start(s)", s.image, s.chunks, s.starts);
+                }
+            }
+        }
+        Command::Status { snapshotter, json } => {
+            let s = brisk_tools::trace::status(&snapshotter)
+                .await
+                .context("Asking the snapshotter")?;
+            let levels: Vec<_> = s
+                .cache
+                .iter()
+                .map(|l| serde_json::json!({"level": l.level, "hits": l.hits, "misses": l.misses, "errors": l.errors, "corrupt": l.corrupt, "timeouts": l.timeouts, "bytes": l.bytes}))
+                .collect();
+            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes});
+            if json {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
             }
         }
         Command::Pull {

@@ -12,7 +12,7 @@
 mod chain;
 mod client;
 mod content;
-mod resolve;
+pub(crate) mod resolve;
 mod unpack;
 
 use std::collections::HashMap;
