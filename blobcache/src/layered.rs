@@ -107,6 +107,10 @@ pub struct Layered {
     ondemand_idle: Notify,
     prefetch_slots: Semaphore,
     prefetch_concurrency: usize,
+    /// Chunks the slowest level served while a reader waited, and ahead of any reader: how
+    /// much of a start prefetch covered.
+    origin_on_demand: AtomicU64,
+    origin_prefetch: AtomicU64,
     /// How many times the whole level list is tried before a chunk is declared unavailable;
     /// a second pass catches a registry that served one bad response.
     passes: u32,
@@ -147,6 +151,8 @@ impl LayeredBuilder {
             ondemand_idle: Notify::new(),
             prefetch_slots: Semaphore::new(self.prefetch_concurrency),
             prefetch_concurrency: self.prefetch_concurrency,
+            origin_on_demand: AtomicU64::new(0),
+            origin_prefetch: AtomicU64::new(0),
             passes: self.passes,
         })
     }
@@ -305,7 +311,17 @@ impl Layered {
                     self.ondemand.fetch_add(1, Ordering::SeqCst);
                     _guard = OnDemandGuard(self);
                 }
+                let asked = remaining.len();
                 remaining = self.ask(li, level, chunks, remaining, &mut out).await;
+                if li == last {
+                    let served = (asked - remaining.len()) as u64;
+                    let counter = if priority == Priority::OnDemand || urgency.is_raised() {
+                        &self.origin_on_demand
+                    } else {
+                        &self.origin_prefetch
+                    };
+                    counter.fetch_add(served, Ordering::Relaxed);
+                }
             }
         }
         out
@@ -440,6 +456,14 @@ impl Layered {
                 .fold(0, |total, n| async move { total + n })
                 .await
         })
+    }
+
+    /// Chunks fetched from the slowest level (on demand, by prefetch).
+    pub fn origin_fetches(&self) -> (u64, u64) {
+        (
+            self.origin_on_demand.load(Ordering::Relaxed),
+            self.origin_prefetch.load(Ordering::Relaxed),
+        )
     }
 
     /// Per-level counters, fastest level first.
@@ -664,6 +688,7 @@ mod tests {
         let wanted = cs[11].0.clone();
         layered.read(&wanted, Priority::OnDemand).await.unwrap();
         assert_eq!(handle.await.unwrap(), 10);
+        assert_eq!(layered.origin_fetches(), (1, 10));
         let calls = origin.calls.lock().unwrap().clone();
         let position = calls
             .iter()

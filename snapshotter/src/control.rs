@@ -112,6 +112,10 @@ impl api::control_server::Control for ControlService {
                 .collect(),
             registry_requests: stats.requests.load(Ordering::Relaxed),
             registry_bytes: stats.bytes.load(Ordering::Relaxed),
+            on_demand_fetches: remote.cache().origin_fetches().0,
+            prefetch_fetches: remote.cache().origin_fetches().1,
+            prefetches_started: remote.traces().prefetches_started(),
+            recordings: remote.traces().recordings_started(),
         }))
     }
 }

@@ -309,6 +309,7 @@ impl RemoteLayers {
                     })
                     .collect();
                 tracing::info!(image = %reference, chunks = refs.len(), stale, "prefetching from the start-up trace");
+                self.traces.note_prefetch();
                 self.cache.prefetch(
                     refs,
                     PREFETCH_BATCH,
@@ -318,6 +319,7 @@ impl RemoteLayers {
             Some(_) => {}
             None if self.policy.record => {
                 tracing::info!(image = %reference, "recording a start-up trace");
+                self.traces.note_recording();
                 self.traces
                     .recorder()
                     .begin(manifest, layers.iter().map(|(b, _)| *b).collect());

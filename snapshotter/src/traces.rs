@@ -3,6 +3,7 @@
 //! (here or on any host that fetched the trace from the registry).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use brisk_blobcache::Digest;
@@ -16,6 +17,8 @@ pub struct Traces {
     recorder: Arc<Recorder>,
     /// Images whose prefetch or recording already started in this run.
     started: Mutex<HashSet<Digest>>,
+    prefetches: AtomicU64,
+    recordings: AtomicU64,
 }
 
 impl Traces {
@@ -31,6 +34,8 @@ impl Traces {
             tree,
             recorder,
             started: Mutex::default(),
+            prefetches: AtomicU64::new(0),
+            recordings: AtomicU64::new(0),
         }))
     }
 
@@ -58,6 +63,22 @@ impl Traces {
                 Trace::decode(&v, None).map_err(Error::Trace)
             })
             .collect()
+    }
+
+    pub fn note_prefetch(&self) {
+        self.prefetches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn note_recording(&self) {
+        self.recordings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn prefetches_started(&self) -> u64 {
+        self.prefetches.load(Ordering::Relaxed)
+    }
+
+    pub fn recordings_started(&self) -> u64 {
+        self.recordings.load(Ordering::Relaxed)
     }
 
     /// True the first time an image is seen in this run.

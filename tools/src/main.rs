@@ -152,7 +152,12 @@ enum TraceCommand {
     /// Write an image's trace to FILE.
     Export { image: String, file: PathBuf },
     /// Give the daemon a trace file (merged with what it has for that image).
-    Import { file: PathBuf },
+    Import {
+        file: PathBuf,
+        /// Refuse the file unless it is the trace of this image.
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Push an image's trace to its registry, as an artifact referring to the image.
     Push { image: String },
     /// Fetch an image's trace from its registry into the daemon.
@@ -344,9 +349,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     std::fs::write(&file, trace.encode())
                         .with_context(|| format!("Writing {}", file.display()))?;
                 }
-                TraceCommand::Import { file } => {
+                TraceCommand::Import { file, image } => {
                     let trace = brisk_tools::trace::read_file(&file)
                         .with_context(|| format!("Reading {}", file.display()))?;
+                    if let Some(image) = image {
+                        let (digest, _) = brisk_tools::trace::image_digest(&client, &image).await?;
+                        anyhow::ensure!(
+                            trace.image == digest,
+                            "{} is the trace of image {}, not of {image} ({digest})",
+                            file.display(),
+                            trace.image
+                        );
+                    }
                     let s = brisk_tools::trace::import(&snapshotter, &trace)
                         .await
                         .context("Importing the trace")?;
@@ -375,7 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|l| serde_json::json!({"level": l.level, "hits": l.hits, "misses": l.misses, "errors": l.errors, "corrupt": l.corrupt, "timeouts": l.timeouts, "bytes": l.bytes}))
                 .collect();
-            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes});
+            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes, "on_demand_fetches": s.on_demand_fetches, "prefetch_fetches": s.prefetch_fetches, "prefetches_started": s.prefetches_started, "recordings": s.recordings});
             if json {
                 println!("{v}");
             } else {

@@ -129,12 +129,18 @@ pub fn render(trace: &Trace) -> String {
         trace.duration_ms(),
         trace.starts
     );
-    let mut last = "";
-    for e in &trace.entries {
-        if e.path != last {
-            out += &format!("  {:>6} ms  {}\n", e.at_ms, e.path);
-            last = &e.path;
+    if trace.files.is_empty() {
+        // Traces written before files were listed: the chunks' first readers.
+        let mut last = "";
+        for e in &trace.entries {
+            if e.path != last {
+                out += &format!("  {:>6} ms  {}\n", e.at_ms, e.path);
+                last = &e.path;
+            }
         }
+    }
+    for f in &trace.files {
+        out += &format!("  {:>6} ms  {}\n", f.at_ms, f.path);
     }
     out
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use brisk_blobcache::Digest;
 
-use crate::trace::{Trace, TraceEntry};
+use crate::trace::{FileTouch, Trace, TraceEntry};
 
 /// One read through the FUSE layer: which chunks of which layer, for which file, when.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct Session {
     last_read: Option<Instant>,
     entries: Vec<TraceEntry>,
     seen: HashSet<(Digest, u32)>,
+    files: Vec<FileTouch>,
+    seen_files: HashSet<String>,
 }
 
 type OnFinish = Box<dyn Fn(Trace) + Send>;
@@ -144,6 +146,8 @@ fn run(
                     last_read: None,
                     entries: Vec::new(),
                     seen: HashSet::new(),
+                    files: Vec::new(),
+                    seen_files: HashSet::new(),
                 });
             }
             Ok(Command::Read(read)) => {
@@ -171,6 +175,7 @@ fn run(
                 on_finish(Trace {
                     starts: 1,
                     entries: s.entries,
+                    files: s.files,
                     ..Trace::new(image)
                 });
             }
@@ -183,6 +188,12 @@ impl Session {
         let first = *self.first_read.get_or_insert(read.at);
         self.last_read = Some(self.last_read.map_or(read.at, |l| l.max(read.at)));
         let at_ms = read.at.saturating_duration_since(first).as_millis() as u64;
+        if self.seen_files.insert(read.path.clone()) {
+            self.files.push(FileTouch {
+                path: read.path.clone(),
+                at_ms,
+            });
+        }
         for &(chunk, digest) in &read.chunks {
             if self.seen.insert((read.layer, chunk)) {
                 self.entries.push(TraceEntry {

@@ -24,6 +24,16 @@ pub struct Trace {
     /// How many recorded starts were merged into this trace.
     pub starts: u32,
     pub entries: Vec<TraceEntry>,
+    /// Every file the start read, in first-read order (several files can share a chunk, so
+    /// this is more than the chunk entries' paths).
+    #[serde(default)]
+    pub files: Vec<FileTouch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileTouch {
+    pub path: String,
+    pub at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +57,7 @@ impl Trace {
             image,
             starts: 0,
             entries: Vec::new(),
+            files: Vec::new(),
         }
     }
 
