@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: builds Brisk, starts a private registry on loopback, builds a small Python image
-# from the Debian archive, converts it to the lazy format, verifies it, and shows that standard
-# tools (skopeo, umoci, zstd, tar) still unpack and run it.
+# from the Debian archive, converts it to the lazy format, verifies it, shows that standard
+# tools (skopeo, umoci, zstd, tar) still unpack and run it, and finally runs it lazily under a
+# private containerd with brisk-snapshotter (the registry serves only what the start reads).
 #
 # Everything lives in one work directory (BRISK_WORKDIR, default a new temp dir); the registry
 # started here is stopped on exit. Set BRISK_KEEP=1 to keep the work directory.
@@ -11,14 +12,21 @@ ROOT=$PWD
 
 bash scripts/deps.sh
 echo "==> building brisk (release)"
-cargo build --release --locked -p brisk-tools
+cargo build --release --locked -p brisk-tools -p brisk-snapshotter
 BRISK=$ROOT/target/release/brisk
+SNAPSHOTTER=$ROOT/target/release/brisk-snapshotter
 
 WORK=${BRISK_WORKDIR:-$(mktemp -d -t brisk-quickstart.XXXXXX)}
 mkdir -p "$WORK"
 REG_PID=
+SNAP_PID=
+CTD_PID=
 cleanup() {
+    [[ -n $CTD_PID ]] && kill "$CTD_PID" 2>/dev/null && wait "$CTD_PID" 2>/dev/null || true
+    [[ -n $SNAP_PID ]] && kill "$SNAP_PID" 2>/dev/null && wait "$SNAP_PID" 2>/dev/null || true
     [[ -n $REG_PID ]] && kill "$REG_PID" 2>/dev/null || true
+    # Anything still mounted under the work directory (container rootfs, FUSE layers).
+    grep -o " $WORK[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     if [[ ${BRISK_KEEP:-0} != 1 && -z ${BRISK_WORKDIR:-} ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -71,5 +79,30 @@ skopeo copy -q --src-tls-verify=false --dest-decompress "docker://$REG/sample:la
 skopeo copy -q --dest-oci-accept-uncompressed-layers "dir:$WORK/plain" "oci:$WORK/unpacked:lazy"
 umoci unpack --image "$WORK/unpacked:lazy" "$WORK/run" >/dev/null
 chroot "$WORK/run/rootfs" python3 /app/hello.py
+
+echo "==> lazy start: brisk-snapshotter + a private containerd with Brisk as a proxy snapshotter"
+"$SNAPSHOTTER" --root "$WORK/brisk" --address "$WORK/brisk.sock" >"$WORK/snapshotter.log" 2>&1 &
+SNAP_PID=$!
+cat >"$WORK/containerd.toml" <<TOML
+version = 2
+root = "$WORK/containerd/root"
+state = "$WORK/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$WORK/containerd.sock"
+[proxy_plugins]
+  [proxy_plugins.brisk]
+    type = "snapshot"
+    address = "$WORK/brisk.sock"
+TOML
+containerd --config "$WORK/containerd.toml" >"$WORK/containerd.log" 2>&1 &
+CTD_PID=$!
+CTR=(ctr -a "$WORK/containerd.sock" -n brisk-quickstart)
+for _ in $(seq 100); do "${CTR[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
+"$BRISK" pull "$REG/sample:lazy" --containerd "$WORK/containerd.sock" --namespace brisk-quickstart
+"${CTR[@]}" run --rm --snapshotter brisk "$REG/sample:lazy" quickstart-$$
+echo "==> what the registry served for that start (brisk status):"
+"$BRISK" status --snapshotter "$WORK/brisk.sock"
+"${CTR[@]}" images rm --sync "$REG/sample:lazy" >/dev/null
 
 echo "==> done: $REG/sample:lazy is a lazy image that every standard tool still reads"

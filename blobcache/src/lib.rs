@@ -20,4 +20,4 @@ pub mod source;
 pub mod toc;
 
 pub use digest::Digest;
-pub use error::{Error, Result};
+pub use error::{chain as error_chain, Error, Result};

@@ -5,6 +5,7 @@
 //! Any failure here means "not lazy": the caller falls back to containerd's download, so a
 //! registry Brisk cannot read (private, down, slow) costs a full pull, never a failed start.
 
+use brisk_blobcache::error_chain as chain;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -419,15 +420,4 @@ pub fn detach_all_under(dir: &Path) {
         tracing::info!(mountpoint = %p, "removing a stale mount");
         detach(Path::new(&p));
     }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }

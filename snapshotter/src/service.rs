@@ -5,6 +5,7 @@
 //! remote snapshotter says "this layer needs no download". The snapshotter name in requests
 //! is ignored: containerd sends whatever name the operator configured.
 
+use brisk_blobcache::error_chain as chain;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,17 +30,6 @@ impl From<Error> for Status {
             _ => Status::internal(msg),
         }
     }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 pub struct SnapshotService {

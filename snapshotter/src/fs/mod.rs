@@ -11,6 +11,7 @@
 mod inode;
 mod read;
 
+use brisk_blobcache::error_chain as chain;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
@@ -95,18 +96,6 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> Result<BackgroundSession> {
         path: mountpoint.display().to_string(),
         source,
     })
-}
-
-/// An error and its causes on one line, for log fields.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 /// getxattr and listxattr share one protocol: size 0 asks for the length.
