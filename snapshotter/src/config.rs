@@ -35,6 +35,8 @@ pub struct TraceSettings {
     pub prefetch: bool,
     /// Look for an image's trace in its registry on first sight.
     pub fetch_from_registry: bool,
+    /// Push every newly recorded trace next to its image (needs write credentials).
+    pub push_to_registry: bool,
     /// A recording ends this many seconds after the last read...
     pub quiet_secs: u64,
     /// ... or this many seconds after the first.
@@ -49,6 +51,7 @@ impl Default for TraceSettings {
             record: true,
             prefetch: true,
             fetch_from_registry: true,
+            push_to_registry: false,
             quiet_secs: 5,
             max_secs: 60,
             skip_prefetch: Vec::new(),

@@ -64,7 +64,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         max: Duration::from_secs(t.max_secs),
         ..Limits::default()
     };
-    let traces = Traces::open(store.db(), limits)?;
+    let push = t.push_to_registry.then(|| crate::traces::Push {
+        client: client.clone(),
+        rt: tokio::runtime::Handle::current(),
+    });
+    let traces = Traces::open(store.db(), limits, push)?;
     let policy = TracePolicy {
         record: t.record,
         prefetch: t.prefetch,

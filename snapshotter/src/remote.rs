@@ -320,10 +320,11 @@ impl RemoteLayers {
             Some(_) => {}
             None if self.policy.record => {
                 tracing::info!(image = %reference, "recording a start-up trace");
-                self.traces.note_recording();
-                self.traces
-                    .recorder()
-                    .begin(manifest, layers.iter().map(|(b, _)| *b).collect());
+                self.traces.record(
+                    manifest,
+                    reference,
+                    layers.iter().map(|(b, _)| *b).collect(),
+                );
             }
             None => {}
         }

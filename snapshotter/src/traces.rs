@@ -2,10 +2,12 @@
 //! starts with no trace anywhere, and replayed as prefetch when its layers are prepared again
 //! (here or on any host that fetched the trace from the registry).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use brisk_blobcache::reference::Reference;
+use brisk_blobcache::registry::RegistryClient;
 use brisk_blobcache::Digest;
 use brisk_trace_recorder::recorder::Limits;
 use brisk_trace_recorder::{Recorder, Trace};
@@ -19,24 +21,67 @@ pub struct Traces {
     started: Mutex<HashSet<Digest>>,
     prefetches: AtomicU64,
     recordings: AtomicU64,
+    /// The reference each recorded image was pulled from, for pushing its trace.
+    sources: Arc<Mutex<HashMap<Digest, Reference>>>,
+}
+
+/// Where recorded traces are pushed when the operator enabled it.
+pub struct Push {
+    pub client: Arc<RegistryClient>,
+    pub rt: tokio::runtime::Handle,
 }
 
 impl Traces {
-    pub fn open(db: &sled::Db, limits: Limits) -> Result<Arc<Self>> {
+    /// Opens the trace store. With `push`, every newly recorded trace is also pushed to the
+    /// registry of the image it was recorded for (an operator's choice: it needs write access).
+    pub fn open(db: &sled::Db, limits: Limits, push: Option<Push>) -> Result<Arc<Self>> {
         let tree = db.open_tree("traces").map_err(Error::Meta)?;
         let store = tree.clone();
+        let sources: Arc<Mutex<HashMap<Digest, Reference>>> = Arc::default();
+        let from = sources.clone();
         let recorder = Recorder::start(4096, limits, move |trace| {
-            if let Err(err) = merge_into(&store, &trace) {
-                tracing::error!(image = %trace.image, %err, "storing a recorded trace failed");
-            }
+            let merged = match merge_into(&store, &trace) {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::error!(image = %trace.image, %err, "storing a recorded trace failed");
+                    return;
+                }
+            };
+            let (Some(push), Some(reference)) = (
+                &push,
+                from.lock()
+                    .expect("not poisoned")
+                    .get(&trace.image)
+                    .cloned(),
+            ) else {
+                return;
+            };
+            let client = push.client.clone();
+            push.rt.spawn(async move {
+                match brisk_trace_recorder::share::push(&client, &reference, &merged).await {
+                    Ok(d) => tracing::info!(image = %reference, artifact = %d, "trace pushed to the registry"),
+                    Err(err) => tracing::warn!(image = %reference, %err, "pushing the trace failed"),
+                }
+            });
         });
         Ok(Arc::new(Self {
             tree,
             recorder,
+            sources,
             started: Mutex::default(),
             prefetches: AtomicU64::new(0),
             recordings: AtomicU64::new(0),
         }))
+    }
+
+    /// Starts recording `image`, remembering where it came from for a later push.
+    pub fn record(&self, image: Digest, reference: &Reference, layers: Vec<Digest>) {
+        self.sources
+            .lock()
+            .expect("not poisoned")
+            .insert(image, reference.clone());
+        self.recordings.fetch_add(1, Ordering::Relaxed);
+        self.recorder.begin(image, layers);
     }
 
     pub fn recorder(&self) -> &Arc<Recorder> {
@@ -67,10 +112,6 @@ impl Traces {
 
     pub fn note_prefetch(&self) {
         self.prefetches.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn note_recording(&self) {
-        self.recordings.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn prefetches_started(&self) -> u64 {
