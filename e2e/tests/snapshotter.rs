@@ -299,3 +299,72 @@ fn removing_the_image_leaves_no_mount_or_directory() -> Result<()> {
     assert!(dirs.is_empty(), "{dirs:?}");
     Ok(())
 }
+
+#[test]
+fn layers_are_read_through_a_mirror_from_containerd_hosts_config() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let sample = build_sample_image(&tmp.path().join("sample"))?;
+    let mirror = Registry::start()?;
+    brisk(&["convert", &sample.transport(), &mirror.image("sample:lazy")])?;
+    // The image's own registry does not exist: every byte must come through the mirror.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let certs = tmp.path().join("certs.d");
+    std::fs::create_dir_all(certs.join(&dead))?;
+    std::fs::write(
+        certs.join(&dead).join("hosts.toml"),
+        format!("server = \"http://{dead}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror.addr()),
+    )?;
+    let config = tmp.path().join("brisk.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\nconfig_path = \"{}\"\n", certs.display()),
+    )?;
+    let snapshotter = Snapshotter::start(
+        &tmp.path().join("brisk"),
+        &["--config", config.to_str().context("path")?],
+    )?;
+    let containerd = Containerd::start(
+        &tmp.path().join("containerd"),
+        &snapshotter.socket,
+        &unique("brisk-mirror"),
+    )?;
+    let image = format!("{dead}/sample:lazy");
+    let socket = containerd.socket.to_str().context("path")?;
+    let certs_arg = certs.to_str().context("path")?;
+    brisk(&[
+        "pull",
+        &image,
+        "--containerd",
+        socket,
+        "--namespace",
+        &containerd.namespace,
+        "--hosts-dir",
+        certs_arg,
+    ])?;
+    let id = unique("c");
+    let out = containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "brisk",
+            &image,
+            &id,
+            "/bin/busybox",
+            "cat",
+            "/etc/hostname",
+        ])
+        .with_context(|| snapshotter.log())?;
+    assert_eq!(out, "sample-v2\n");
+    assert!(
+        snapshotter.log().contains("lazy layer mounted"),
+        "{}",
+        snapshotter.log()
+    );
+    Ok(())
+}

@@ -79,6 +79,9 @@ pub struct RegistrySettings {
     /// Seconds a registry may stay silent before a request is retried.
     pub timeout_secs: Option<u64>,
     pub retries: Option<u32>,
+    /// containerd's registry host configuration directory (`/etc/containerd/certs.d`): the
+    /// mirrors listed there are read through, in order, before the registry itself.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for Config {

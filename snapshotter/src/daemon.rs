@@ -35,8 +35,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // A previous run killed before unmounting leaves dead FUSE mounts that fail every access.
     detach_all_under(&root.join("snapshots"));
 
+    let mirrors = match &config.registry.config_path {
+        Some(dir) => brisk_blobcache::registry::hosts::load(dir)?,
+        None => brisk_blobcache::registry::hosts::Mirrors::default(),
+    };
     let registry = RegistryConfig {
-        plain_http_hosts: config.registry.plain_http.clone(),
+        plain_http_hosts: [config.registry.plain_http.clone(), mirrors.plain_http].concat(),
+        mirrors: mirrors.by_registry,
         timeout: Duration::from_secs(config.registry.timeout_secs.unwrap_or(30)),
         retries: config.registry.retries.unwrap_or(4),
         ..RegistryConfig::default()

@@ -36,6 +36,9 @@ struct RegistryFlags {
     /// Retries for 429, 5xx, timeouts and broken connections.
     #[arg(long, global = true, default_value_t = 4)]
     retries: u32,
+    /// containerd's registry host directory (`certs.d`): mirrors listed there are read first.
+    #[arg(long, global = true)]
+    hosts_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -165,19 +168,25 @@ enum TraceCommand {
 }
 
 impl RegistryFlags {
-    fn config(&self) -> RegistryConfig {
-        RegistryConfig {
+    fn config(&self) -> anyhow::Result<RegistryConfig> {
+        let mirrors = match &self.hosts_dir {
+            Some(dir) => brisk_blobcache::registry::hosts::load(dir)?,
+            None => Default::default(),
+        };
+        Ok(RegistryConfig {
+            plain_http_hosts: mirrors.plain_http,
+            mirrors: mirrors.by_registry,
             plain_http: self.plain_http,
             timeout: Duration::from_secs(self.registry_timeout),
             retries: self.retries,
             ..RegistryConfig::default()
-        }
+        })
     }
 }
 
 fn open(location: &str, flags: &RegistryFlags) -> anyhow::Result<Store> {
     let location: Location = location.parse()?;
-    let client = RegistryClient::new(flags.config())?;
+    let client = RegistryClient::new(flags.config()?)?;
     Ok(Store::open(location, Arc::new(client)))
 }
 
@@ -271,7 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cache_dir,
                 disk_bytes: cache_bytes,
                 platform,
-                registry: registry.config(),
+                registry: registry.config()?,
                 ..CatOptions::default()
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -305,7 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             snapshotter,
             registry,
         } => {
-            let client = RegistryClient::new(registry.config())?;
+            let client = RegistryClient::new(registry.config()?)?;
             match command {
                 TraceCommand::Ls { json } => {
                     let list = brisk_tools::trace::list(&snapshotter)
@@ -409,7 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace,
                 snapshotter,
                 platform: None,
-                registry: registry.config(),
+                registry: registry.config()?,
             };
             let summary = pull::pull(&image, &opts)
                 .await

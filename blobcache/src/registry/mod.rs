@@ -5,6 +5,7 @@
 //! disk. It does not cache: caching is the job of the levels built on top of it.
 
 mod auth;
+pub mod hosts;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -20,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 pub use auth::{Challenge, Credentials};
 
 use crate::digest::Hasher;
+use crate::error::chain;
 use crate::reference::Reference;
 use crate::{media, Digest, Error, Result};
 
@@ -32,6 +34,8 @@ pub struct RegistryConfig {
     pub plain_http: bool,
     /// Registries (`host[:port]`) reached over plain HTTP besides loopback ones.
     pub plain_http_hosts: Vec<String>,
+    /// Mirrors (`host[:port]`) tried in order before a registry, for reads, by registry.
+    pub mirrors: std::collections::HashMap<String, Vec<String>>,
     /// A request that sends no bytes for this long is abandoned (and retried).
     pub timeout: Duration,
     /// Retries after the first attempt, for 429, 5xx, timeouts and broken connections.
@@ -45,6 +49,7 @@ impl Default for RegistryConfig {
         Self {
             plain_http: false,
             plain_http_hosts: Vec::new(),
+            mirrors: std::collections::HashMap::new(),
             timeout: Duration::from_secs(30),
             retries: 4,
             backoff: Duration::from_millis(200),
@@ -105,7 +110,7 @@ impl RegistryClient {
     }
 
     /// Fetches the manifest `r` names. When `r` has a digest the bytes must match it.
-    pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
+    async fn get_manifest_direct(&self, r: &Reference) -> Result<FetchedManifest> {
         let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
         let resp = self
             .send(r, "pull", Method::GET, &url, &|b| {
@@ -142,7 +147,7 @@ impl RegistryClient {
 
     /// The digest a tag points to, from a HEAD request (no manifest bytes are transferred).
     /// `None` when the registry does not say (no `Docker-Content-Digest` header).
-    pub async fn head_manifest(&self, r: &Reference) -> Result<Option<Digest>> {
+    async fn head_manifest_direct(&self, r: &Reference) -> Result<Option<Digest>> {
         let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
         let resp = self
             .send(r, "pull", Method::HEAD, &url, &|b| {
@@ -161,7 +166,7 @@ impl RegistryClient {
     }
 
     /// Fetches a small blob (a config) into memory, verified.
-    pub async fn get_blob_bytes(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
+    async fn get_blob_bytes_direct(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
         self.retrying(|| async {
             let url = format!("{}/blobs/{digest}", self.base(r));
             let resp = self.send_once(r, "pull", Method::GET, &url, &|b| b).await?;
@@ -190,7 +195,7 @@ impl RegistryClient {
 
     /// Streams a blob into the file at `path` (created or truncated), verified against its
     /// digest and size. On failure the file's content is unspecified; callers use temp files.
-    pub async fn get_blob_to_file(
+    async fn get_blob_to_file_direct(
         &self,
         r: &Reference,
         digest: &Digest,
@@ -254,7 +259,7 @@ impl RegistryClient {
     /// Reads `range` of a blob. A registry that ignores `Range` and sends the whole blob is
     /// handled by reading up to the end of the range and dropping the connection. The bytes
     /// are not verified here: a range has no digest of its own, the caller checks chunks.
-    pub async fn get_blob_range(
+    async fn get_blob_range_direct(
         &self,
         r: &Reference,
         digest: &Digest,
@@ -299,7 +304,7 @@ impl RegistryClient {
         .map_err(|e| map_blob_404(e, digest))
     }
 
-    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool> {
+    async fn blob_exists_direct(&self, r: &Reference, digest: &Digest) -> Result<bool> {
         let url = format!("{}/blobs/{digest}", self.base(r));
         match self.send(r, "pull", Method::HEAD, &url, &|b| b).await {
             Ok(_) => Ok(true),
@@ -370,7 +375,7 @@ impl RegistryClient {
     /// Uploads a manifest under `tag_or_digest`.
     /// The OCI 1.1 referrers index of `digest`, or `None` when the registry has no referrers
     /// API (404), in which case callers use the tag-schema fallback.
-    pub async fn get_referrers(&self, r: &Reference, digest: &Digest) -> Result<Option<Bytes>> {
+    async fn get_referrers_direct(&self, r: &Reference, digest: &Digest) -> Result<Option<Bytes>> {
         let url = format!("{}/referrers/{digest}", self.base(r));
         match self
             .send(r, "pull", Method::GET, &url, &|b| {
@@ -382,6 +387,90 @@ impl RegistryClient {
             Err(Error::RegistryStatus { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Fetches the manifest `r` names (through a mirror if one answers). When `r` has a
+    /// digest the bytes must match it.
+    pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
+        self.via_mirrors(r, |r| async move { self.get_manifest_direct(&r).await })
+            .await
+    }
+
+    /// The digest a tag points to, from a HEAD request; `None` if the registry does not say.
+    pub async fn head_manifest(&self, r: &Reference) -> Result<Option<Digest>> {
+        self.via_mirrors(r, |r| async move { self.head_manifest_direct(&r).await })
+            .await
+    }
+
+    /// A small blob (a config) in memory, verified.
+    pub async fn get_blob_bytes(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
+        self.via_mirrors(r, |r| async move {
+            self.get_blob_bytes_direct(&r, digest).await
+        })
+        .await
+    }
+
+    /// A blob streamed into the file at `path`, verified against digest and size.
+    pub async fn get_blob_to_file(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<()> {
+        self.via_mirrors(r, |r| async move {
+            self.get_blob_to_file_direct(&r, digest, size, path).await
+        })
+        .await
+    }
+
+    /// A byte range of a blob (unverified: the caller checks what it decodes).
+    pub async fn get_blob_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
+        self.via_mirrors(r, |r| {
+            let range = range.clone();
+            async move { self.get_blob_range_direct(&r, digest, range).await }
+        })
+        .await
+    }
+
+    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool> {
+        self.blob_exists_direct(r, digest).await
+    }
+
+    /// The OCI 1.1 referrers index of `digest`, or `None` without the referrers API.
+    pub async fn get_referrers(&self, r: &Reference, digest: &Digest) -> Result<Option<Bytes>> {
+        self.via_mirrors(
+            r,
+            |r| async move { self.get_referrers_direct(&r, digest).await },
+        )
+        .await
+    }
+
+    /// Runs a read against each configured mirror of `r`'s registry in turn, then against the
+    /// registry itself. A mirror that fails is only logged: the next candidate is tried.
+    async fn via_mirrors<T, F, Fut>(&self, r: &Reference, op: F) -> Result<T>
+    where
+        F: Fn(Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        for mirror in self.config.mirrors.get(&r.registry).into_iter().flatten() {
+            let via = Reference {
+                registry: mirror.clone(),
+                ..r.clone()
+            };
+            match op(via).await {
+                Ok(v) => return Ok(v),
+                Err(err) => {
+                    tracing::warn!(mirror, err = %chain(&err), "mirror failed, trying the next source")
+                }
+            }
+        }
+        op(r.clone()).await
     }
 
     /// Uploads a small blob held in memory.
