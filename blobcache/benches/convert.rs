@@ -73,7 +73,7 @@ fn main() {
             Vec::new(),
             &ConvertOptions {
                 chunk_size: kib * 1024,
-                level: 3,
+                ..ConvertOptions::default()
             },
         )
         .unwrap();

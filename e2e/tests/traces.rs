@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use brisk_e2e::daemons::{Containerd, Snapshotter};
-use brisk_e2e::{brisk, brisk_output, build_sample_image, gate, Registry, CONVERT_FILES};
+use brisk_e2e::{
+    assert_same_tree, brisk, brisk_output, build_sample_image, gate, unpack_image_from_layout,
+    unpack_image_from_registry, Registry, CONVERT_FILES,
+};
 use serde_json::Value;
 
 const TOOLS: &[&str] = &[
@@ -298,5 +301,84 @@ fn bad_trace_files_are_refused() -> Result<()> {
         host.socket(),
     ])?;
     assert!(ok.contains("2 start(s)"), "{ok}");
+    Ok(())
+}
+
+#[test]
+fn a_baked_trace_prefetches_on_a_host_that_never_saw_one() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let sample = build_sample_image(&tmp.path().join("sample"))?;
+    let registry = Registry::start()?;
+    let lazy = registry.image("sample:lazy");
+    brisk(&["convert", &sample.transport(), &lazy])?;
+    let a = Host::start(&tmp.path().join("a"), "bake-a")?;
+    assert_eq!(a.pull_and_run(&lazy, "record")?, "done\n");
+    a.wait_for_trace()?;
+    let trace = tmp.path().join("trace.json");
+    brisk(&[
+        "trace",
+        "export",
+        &lazy,
+        trace.to_str().context("path")?,
+        "--snapshotter",
+        a.socket(),
+    ])?;
+
+    // Bake it in: the traced files move to the front of their layers.
+    let baked = registry.image("sample:baked");
+    brisk(&[
+        "convert",
+        "--trace",
+        trace.to_str().context("path")?,
+        &sample.transport(),
+        &baked,
+    ])?;
+    let inspect: Value = serde_json::from_str(&brisk(&["inspect", "--json", &baked])?)?;
+    assert!(inspect[0]["layers"]
+        .as_array()
+        .context("layers")?
+        .iter()
+        .all(|l| l["toc"].is_object()));
+    // Standard tools still unpack exactly the original tree.
+    let original = unpack_image_from_layout(&sample, &tmp.path().join("unpack-original"))?;
+    let reordered = unpack_image_from_registry(&baked, &tmp.path().join("unpack-baked"))?;
+    assert_same_tree(&original, &reordered)?;
+
+    // A host with no trace at all prefetches from the TOC.
+    let b = Host::start(&tmp.path().join("b"), "bake-b")?;
+    let socket = b.containerd.socket.to_str().context("path")?;
+    brisk(&[
+        "pull",
+        &baked,
+        "--containerd",
+        socket,
+        "--namespace",
+        &b.containerd.namespace,
+    ])?;
+    b.wait_for_prefetch()?;
+    let before = b.status()?;
+    assert_eq!(before["prefetches_started"], 1, "{before}");
+    let id = format!("baked-{}", std::process::id());
+    let out = b.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "brisk",
+        &baked,
+        &id,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        PROGRAM,
+    ])?;
+    assert_eq!(out, "done\n");
+    let after = b.status()?;
+    assert_eq!(
+        after["on_demand_fetches"], before["on_demand_fetches"],
+        "{after}"
+    );
     Ok(())
 }

@@ -319,6 +319,26 @@ impl RemoteLayers {
             }
             Some(_) => {}
             None if self.policy.record => {
+                // A trace baked in at conversion prefetches even on a host that never saw one;
+                // the start is still recorded, to learn this host's own order.
+                let baked: Vec<brisk_blobcache::chunk::ChunkRef> = layers
+                    .iter()
+                    .flat_map(|(blob, toc)| {
+                        toc.prefetch
+                            .iter()
+                            .filter_map(|&i| toc.chunks.get(i as usize))
+                            .map(|c| brisk_blobcache::chunk::ChunkRef::new(*blob, c))
+                    })
+                    .collect();
+                if !baked.is_empty() && self.policy.prefetch && !self.policy.skip.contains(&repo) {
+                    tracing::info!(image = %reference, chunks = baked.len(), "prefetching the trace baked into the image");
+                    self.traces.note_prefetch();
+                    self.cache.prefetch(
+                        baked,
+                        PREFETCH_BATCH,
+                        tokio_util::sync::CancellationToken::new(),
+                    );
+                }
                 tracing::info!(image = %reference, "recording a start-up trace");
                 self.traces.record(
                     manifest,

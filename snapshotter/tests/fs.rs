@@ -131,7 +131,7 @@ struct Layer {
 fn convert(tar: &[u8]) -> Layer {
     let options = ConvertOptions {
         chunk_size: 256 * 1024,
-        level: 3,
+        ..ConvertOptions::default()
     };
     let (layer, blob) = toc::convert_layer(tar, Vec::new(), &options).unwrap();
     let footer = Footer::decode(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();

@@ -62,6 +62,10 @@ enum Command {
         /// Print a machine-readable summary on stdout.
         #[arg(long)]
         json: bool,
+        /// A start-up trace (`brisk trace export`) to bake in: traced files move to the front
+        /// of their layers and the TOC lists their chunks for prefetch.
+        #[arg(long)]
+        trace: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryFlags,
     },
@@ -218,9 +222,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             level,
             jobs,
             json,
+            trace,
             registry,
         } => {
             let (src_store, dst_store) = (open(&src, &registry)?, open(&dst, &registry)?);
+            let trace_files = match &trace {
+                Some(file) => brisk_tools::trace::read_file(file)
+                    .with_context(|| format!("Reading {}", file.display()))?
+                    .files()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                None => Vec::new(),
+            };
             let defaults = ConvertConfig::default();
             let config = ConvertConfig {
                 chunk_size,
@@ -229,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 jobs: jobs.unwrap_or(defaults.jobs),
                 progress: !json && std::io::stderr().is_terminal(),
                 tmp_dir: None,
+                trace_files,
             };
             let summary = convert::convert(&src_store, &dst_store, &config)
                 .await

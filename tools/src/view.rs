@@ -193,6 +193,7 @@ mod tests {
             tar_size: 0,
             chunks: vec![],
             entries,
+            prefetch: vec![],
         }
     }
 

@@ -169,7 +169,7 @@ fn zstd_and_tar_unpack_a_converted_layer_to_the_identical_tree() {
         Vec::new(),
         &ConvertOptions {
             chunk_size: 256 * 1024,
-            level: 3,
+            ..ConvertOptions::default()
         },
     )
     .unwrap();

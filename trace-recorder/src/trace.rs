@@ -112,11 +112,26 @@ impl Trace {
             .into_iter()
             .filter(|e| seen.insert((e.layer, e.chunk)))
             .collect();
+        let mut files: Vec<FileTouch> = self
+            .files
+            .drain(..)
+            .chain(other.files.iter().cloned())
+            .collect();
+        files.sort_by_key(|f| f.at_ms);
+        let mut seen = HashSet::new();
+        self.files = files
+            .into_iter()
+            .filter(|f| seen.insert(f.path.clone()))
+            .collect();
         self.starts += other.starts.max(1);
     }
 
-    /// Files in the order the start first touched them.
+    /// Files in the order the start first read them.
     pub fn files(&self) -> Vec<&str> {
+        if !self.files.is_empty() {
+            return self.files.iter().map(|f| f.path.as_str()).collect();
+        }
+        // Traces without a file list: the first reader of each chunk.
         let mut seen = HashSet::new();
         self.entries
             .iter()

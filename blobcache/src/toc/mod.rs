@@ -49,6 +49,10 @@ pub struct Toc {
     pub tar_size: u64,
     pub chunks: Vec<Chunk>,
     pub entries: Vec<Entry>,
+    /// Chunks to fetch as soon as the layer is mounted, in order: a start-up trace baked in
+    /// by `brisk convert --trace` (the traced files were also moved to the front of the tar).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<u32>,
 }
 
 /// One independently decodable zstd frame of the layer.
@@ -217,6 +221,15 @@ impl Toc {
         }
         if tar_offset != self.tar_size {
             return Err(Error::bad_toc("chunks do not cover the tar stream"));
+        }
+        if self
+            .prefetch
+            .iter()
+            .any(|&i| i as usize >= self.chunks.len())
+        {
+            return Err(Error::bad_toc(
+                "prefetch list names a chunk that does not exist",
+            ));
         }
         for e in &self.entries {
             if normalize_name(&e.name)? != e.name {

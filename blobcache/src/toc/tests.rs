@@ -88,7 +88,7 @@ fn convert(tar: &[u8], chunk_size: u32) -> (ConvertedLayer, Vec<u8>) {
         Vec::new(),
         &ConvertOptions {
             chunk_size,
-            level: 3,
+            ..ConvertOptions::default()
         },
     )
     .unwrap()
@@ -469,7 +469,7 @@ proptest! {
             off += size;
             tar_off += tar_size;
         }
-        let toc = Toc { version: FORMAT_VERSION, tar_size: tar_off, chunks, entries };
+        let toc = Toc { version: FORMAT_VERSION, tar_size: tar_off, chunks, entries, prefetch: Vec::new() };
         let (payload, len) = toc.encode().unwrap();
         let digest = Digest::sha256(&payload);
         prop_assert_eq!(Toc::decode(&payload, len, Some(&digest)).unwrap(), toc);

@@ -25,6 +25,8 @@ pub struct ConvertOptions {
     pub chunk_size: u32,
     /// zstd level for chunk frames.
     pub level: i32,
+    /// Files (layer paths) whose chunks the TOC lists for prefetch, in this order.
+    pub prefetch_files: Vec<String>,
 }
 
 impl Default for ConvertOptions {
@@ -32,6 +34,7 @@ impl Default for ConvertOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             level: 3,
+            prefetch_files: Vec::new(),
         }
     }
 }
@@ -88,7 +91,7 @@ pub fn convert_layer<R: Read, W: Write>(
         .ok()
         .expect("the tee is gone")
         .into_inner();
-    frames.finish(entries.into_vec())
+    frames.finish(entries.into_vec(), &opts.prefetch_files)
 }
 
 /// Passes everything the tar parser reads on to the frame writer, so the output holds the
@@ -218,14 +221,21 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    fn finish(mut self, entries: Vec<Entry>) -> Result<(ConvertedLayer, W)> {
+    fn finish(
+        mut self,
+        entries: Vec<Entry>,
+        prefetch_files: &[String],
+    ) -> Result<(ConvertedLayer, W)> {
         self.flush_frame(self.buf.len()).map_err(Error::Write)?;
         let toc = Toc {
             version: FORMAT_VERSION,
             tar_size: self.frame_start,
             chunks: self.chunks,
             entries,
+            prefetch: Vec::new(),
         };
+        let mut toc = toc;
+        toc.prefetch = prefetch_chunks(&toc, prefetch_files);
         let (payload, uncompressed_size) = toc.encode()?;
         let out = &mut self.out;
         out.write_all(&skippable_header(TOC_FRAME_MAGIC, payload.len()).map_err(Error::Write)?)
@@ -259,6 +269,25 @@ impl<W: Write> FrameWriter<W> {
         };
         Ok((layer, inner))
     }
+}
+
+/// The chunks holding `files`' contents, in the files' order, each chunk once.
+fn prefetch_chunks(toc: &Toc, files: &[String]) -> Vec<u32> {
+    let by_name: std::collections::HashMap<&str, &Entry> =
+        toc.entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for f in files {
+        let Some(range) = by_name.get(f.as_str()).and_then(|e| e.tar_range()) else {
+            continue;
+        };
+        for i in toc.chunks_for(range) {
+            if seen.insert(i) {
+                out.push(i as u32);
+            }
+        }
+    }
+    out
 }
 
 /// Entries in tar order, where a later entry of the same name replaces the earlier one (what

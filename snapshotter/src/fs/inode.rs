@@ -432,6 +432,7 @@ mod tests {
             tar_size: 0,
             chunks: Vec::new(),
             entries,
+            prefetch: Vec::new(),
         })
     }
 

@@ -128,6 +128,7 @@ mod tests {
             tar_size: at,
             chunks,
             entries: Vec::new(),
+            prefetch: Vec::new(),
         };
         (toc, verified)
     }

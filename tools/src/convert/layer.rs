@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
 
+use brisk_blobcache::digest::HashingWriter;
 use brisk_blobcache::media::{layer_compression, Compression};
 use brisk_blobcache::toc::{self, ConvertOptions, ConvertedLayer};
 use brisk_blobcache::Digest;
@@ -11,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oci_spec::image::Descriptor;
 use serde::Serialize;
 
-use super::Run;
+use super::{reorder, Run};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,18 +68,15 @@ pub(super) async fn convert_layer(
     let opts = ConvertOptions {
         chunk_size: run.config.chunk_size,
         level: run.config.level,
+        prefetch_files: Vec::new(),
     };
     let (inp, outp, b) = (input.clone(), output.clone(), bar.clone());
-    let converted =
-        tokio::task::spawn_blocking(move || convert_file(&inp, compression, &outp, &opts, &b))
-            .await
-            .map_err(Error::Task)??;
-    if converted.diff_id != diff_id {
-        return Err(Error::DiffIdMismatch {
-            expected: diff_id,
-            actual: converted.diff_id,
-        });
-    }
+    let trace_files = run.config.trace_files.clone();
+    let converted = tokio::task::spawn_blocking(move || {
+        convert_file(&inp, compression, &outp, &opts, &b, &trace_files, diff_id)
+    })
+    .await
+    .map_err(Error::Task)??;
 
     bar.set_message("uploading");
     let uploaded = run.dst.put_blob_file(&converted.digest, &output).await?;
@@ -99,23 +97,73 @@ pub(super) async fn convert_layer(
     })
 }
 
-/// Decompresses `input` as `compression` says and converts it into `output`.
+/// Decompresses `input` as `compression` says and converts it into `output`, checking the
+/// uncompressed content against the config's `diff_id`. With `trace_files`, the traced files
+/// of this layer move to the front first (the result then has a new diff_id).
 pub fn convert_file(
     input: &Path,
     compression: Compression,
     output: &Path,
     opts: &ConvertOptions,
     bar: &ProgressBar,
+    trace_files: &[String],
+    diff_id: Digest,
 ) -> Result<ConvertedLayer> {
     let file = File::open(input).map_err(|e| Error::io(input, e))?;
     let counted = BufReader::with_capacity(256 * 1024, bar.wrap_read(file));
-    let tar: Box<dyn Read> = match compression {
+    let mut tar: Box<dyn Read> = match compression {
         Compression::None => Box::new(counted),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(counted).map_err(|e| Error::io(input, e))?,
         ),
     };
+    if trace_files.is_empty() {
+        let converted = write_layer(tar, output, opts)?;
+        check_diff_id(diff_id, converted.diff_id)?;
+        return Ok(converted);
+    }
+    // Reordering needs random access: stage the uncompressed tar, checking it on the way.
+    let plain = output.with_extension("tar");
+    let staged = File::create(&plain).map_err(|e| Error::io(&plain, e))?;
+    let mut writer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, staged));
+    std::io::copy(&mut tar, &mut writer).map_err(|e| brisk_blobcache::Error::Tar(e))?;
+    let (original, _, staged) = writer.finish();
+    staged
+        .into_inner()
+        .map_err(|e| Error::io(&plain, e.into_error()))?;
+    check_diff_id(diff_id, original)?;
+    let planned = reorder::plan(&plain, trace_files)?;
+    let converted = match planned {
+        None => write_layer(
+            File::open(&plain).map_err(|e| Error::io(&plain, e))?,
+            output,
+            opts,
+        )?,
+        Some(plan) => {
+            let opts = ConvertOptions {
+                prefetch_files: plan.files,
+                ..opts.clone()
+            };
+            write_layer(
+                reorder::Segments::new(&plain, plan.segments)?,
+                output,
+                &opts,
+            )?
+        }
+    };
+    let _ = std::fs::remove_file(&plain);
+    Ok(converted)
+}
+
+fn check_diff_id(expected: Digest, actual: Digest) -> Result<()> {
+    if expected != actual {
+        return Err(Error::DiffIdMismatch { expected, actual });
+    }
+    Ok(())
+}
+
+fn write_layer(tar: impl Read, output: &Path, opts: &ConvertOptions) -> Result<ConvertedLayer> {
     let out = File::create(output).map_err(|e| Error::io(output, e))?;
     let (converted, out) =
         toc::convert_layer(tar, BufWriter::with_capacity(256 * 1024, out), opts)?;

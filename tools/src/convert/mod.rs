@@ -6,6 +6,7 @@
 //! destination without a manifest that points to a missing blob.
 
 mod layer;
+mod reorder;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub struct ConvertConfig {
     pub progress: bool,
     /// Where layers are staged; the system temp dir by default.
     pub tmp_dir: Option<PathBuf>,
+    /// Files of a start-up trace (layer paths, first-read order) to bake in: they move to the
+    /// front of their layer and the TOC lists their chunks for prefetch.
+    pub trace_files: Vec<String>,
 }
 
 impl Default for ConvertConfig {
@@ -47,6 +51,7 @@ impl Default for ConvertConfig {
             platform: None,
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: false,
+            trace_files: Vec::new(),
             tmp_dir: None,
         }
     }
@@ -274,6 +279,21 @@ impl Run<'_> {
 
         // The tar streams pass through unchanged, so the diff_ids (checked per layer) and
         // therefore the config bytes and digest stay the same.
+        // A layer reordered for a baked trace has a new uncompressed digest; the config must
+        // name it (containerd and umoci check diff_ids). Otherwise the config is untouched.
+        let new_diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id).collect();
+        let (config_digest, config_bytes) = if new_diff_ids == diff_ids {
+            (config_digest, config_bytes)
+        } else {
+            let mut config = config;
+            config["rootfs"]["diff_ids"] = json!(new_diff_ids
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>());
+            let bytes =
+                serde_json::to_vec(&config).map_err(|e| Error::invalid("output config", e))?;
+            (Digest::sha256(&bytes), bytes::Bytes::from(bytes))
+        };
         self.dst
             .put_blob_bytes(&config_digest, config_bytes.clone())
             .await?;
