@@ -127,7 +127,7 @@ pub fn convert_file(
     let plain = output.with_extension("tar");
     let staged = File::create(&plain).map_err(|e| Error::io(&plain, e))?;
     let mut writer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, staged));
-    std::io::copy(&mut tar, &mut writer).map_err(|e| brisk_blobcache::Error::Tar(e))?;
+    std::io::copy(&mut tar, &mut writer).map_err(brisk_blobcache::Error::Tar)?;
     let (original, _, staged) = writer.finish();
     staged
         .into_inner()
