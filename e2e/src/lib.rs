@@ -6,6 +6,7 @@
 //! command and its stderr. It never builds Brisk itself; the tests run whatever `brisk_bin`
 //! points at, so build the binaries first.
 
+pub mod bench;
 pub mod cmd;
 pub mod daemons;
 pub mod image;

@@ -1,0 +1,202 @@
+//! The benchmark's images, built locally from the Debian archive and busybox, kept in one OCI
+//! layout under the output directory so that a rerun skips the slow build:
+//!
+//! - `py`: Debian bookworm minbase with python3 (mmdebstrap), one layer; its command imports a
+//!   few standard modules and prints `ready`.
+//! - `big`: `py` plus a layer holding one 200 MiB file of incompressible bytes.
+//! - `small-0` … `small-9`: one busybox layer each, made distinct by a file of their own, so
+//!   that ten pulls mount ten different lazy layers.
+//!
+//! Each run pushes them to its fresh registry (`NAME:v1`) and converts them there
+//! (`NAME:lazy`), talking to the registry directly: setup is not measured.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cmd::run;
+use crate::image::{push_image, raw_manifest, OciImage};
+use crate::registry::Registry;
+
+/// Changes whenever the recipe below does, so an old cache is rebuilt rather than reused.
+const RECIPE: &str = "brisk-bench images v1\n";
+
+/// The command of `py`: what a cold start waits for.
+pub const PY_CMD: &[&str] = &[
+    "python3",
+    "-c",
+    "import json, http.server, email, sqlite3; print('ready')",
+];
+
+/// Where the big file sits inside `big`, and its size.
+pub const BIG_FILE: &str = "/data/big.bin";
+pub const BIG_FILE_BYTES: u64 = 200 << 20;
+
+/// How many small images the memory measurement mounts.
+pub const SMALL_IMAGES: usize = 10;
+
+/// Names and sizes of the images of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageSizes {
+    pub name: String,
+    pub layers: usize,
+    /// Sum of the compressed layer sizes of `NAME:v1` (gzip, as umoci writes them).
+    pub v1_bytes: u64,
+    /// The same for `NAME:lazy` (Brisk's format, zstd with a TOC).
+    pub lazy_bytes: u64,
+}
+
+/// Builds the layout under `cache` unless a complete one is there; returns it.
+pub fn build_or_reuse(cache: &Path) -> Result<PathBuf> {
+    let layout = cache.join("layout");
+    let marker = cache.join("complete");
+    if fs::read_to_string(&marker).is_ok_and(|m| m == RECIPE) {
+        eprintln!("images: reusing the layout built earlier");
+        return Ok(layout);
+    }
+    if cache.exists() {
+        fs::remove_dir_all(cache).context("Removing an incomplete image cache")?;
+    }
+    fs::create_dir_all(cache)?;
+    let layout_arg = layout.display().to_string();
+    run(Command::new("umoci").args(["init", "--layout", &layout_arg]))?;
+    build_python(cache, &layout).context("Building the python image")?;
+    for i in 0..SMALL_IMAGES {
+        build_small(cache, &layout, i).with_context(|| format!("Building small-{i}"))?;
+    }
+    fs::write(&marker, RECIPE)?;
+    Ok(layout)
+}
+
+fn image(layout: &Path, tag: &str) -> OciImage {
+    OciImage {
+        dir: layout.to_owned(),
+        tag: tag.to_owned(),
+    }
+}
+
+fn umoci(args: &[&str], bundle: &Path) -> Result<()> {
+    run(Command::new("umoci").args(args).arg(bundle))?;
+    Ok(())
+}
+
+fn build_python(cache: &Path, layout: &Path) -> Result<()> {
+    let tar = cache.join("rootfs.tar");
+    eprintln!("images: mmdebstrap bookworm minbase + python3 (about 30-60 s)");
+    run(Command::new("mmdebstrap")
+        .args([
+            "--quiet",
+            "--variant=minbase",
+            "--include=python3",
+            "bookworm",
+        ])
+        .arg(&tar))?;
+    let bundle = cache.join("py-bundle");
+    let py = image(layout, "py").to_string();
+    run(Command::new("umoci").args(["new", "--image", &py]))?;
+    umoci(&["unpack", "--image", &py], &bundle)?;
+    // Device nodes stay out, as in images from registries: the runtime provides /dev.
+    run(Command::new("tar")
+        .args(["-xpf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(bundle.join("rootfs"))
+        .args(["--numeric-owner", "--exclude=./dev/*"]))?;
+    fs::remove_file(&tar)?;
+    eprintln!("images: packing py");
+    umoci(&["repack", "--refresh-bundle", "--image", &py], &bundle)?;
+    let mut config = Command::new("umoci");
+    config.args(["config", "--image", &py]);
+    for arg in PY_CMD {
+        config.arg("--config.cmd").arg(arg);
+    }
+    run(&mut config)?;
+
+    // `big` is `py` plus one layer: tag the same manifest, then pack only the new file on top.
+    let big = image(layout, "big").to_string();
+    run(Command::new("umoci").args(["tag", "--image", &py, "big"]))?;
+    let data = bundle.join("rootfs/data");
+    fs::create_dir_all(&data)?;
+    eprintln!("images: packing big ({} MiB)", BIG_FILE_BYTES >> 20);
+    fs::write(
+        bundle.join("rootfs").join(BIG_FILE.trim_start_matches('/')),
+        seeded_bytes(BIG_FILE_BYTES as usize, 0xb16),
+    )?;
+    umoci(&["repack", "--refresh-bundle", "--image", &big], &bundle)?;
+    fs::remove_dir_all(&bundle)?;
+    Ok(())
+}
+
+fn build_small(cache: &Path, layout: &Path, i: usize) -> Result<()> {
+    let bundle = cache.join(format!("small-{i}-bundle"));
+    let tag = image(layout, &format!("small-{i}")).to_string();
+    run(Command::new("umoci").args(["new", "--image", &tag]))?;
+    umoci(&["unpack", "--image", &tag], &bundle)?;
+    let root = bundle.join("rootfs");
+    for d in ["bin", "etc", "app", "tmp"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    for applet in ["sh", "cat"] {
+        symlink("busybox", root.join("bin").join(applet))?;
+    }
+    fs::write(root.join("etc/hostname"), format!("small-{i}\n"))?;
+    fs::write(
+        root.join("app/data.bin"),
+        seeded_bytes(1 << 20, 0x5eed + i as u64),
+    )?;
+    umoci(&["repack", "--image", &tag], &bundle)?;
+    fs::remove_dir_all(&bundle)?;
+    Ok(())
+}
+
+/// `len` bytes of xorshift64 from `seed`: incompressible, and different for every seed.
+fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Pushes `NAME:v1` for every image of the layout to `registry` and converts each to
+/// `NAME:lazy` with `brisk convert`; returns their sizes.
+pub fn publish(layout: &Path, registry: &Registry) -> Result<Vec<ImageSizes>> {
+    let mut names = vec!["py".to_owned(), "big".to_owned()];
+    names.extend((0..SMALL_IMAGES).map(|i| format!("small-{i}")));
+    let mut sizes = Vec::new();
+    for name in names {
+        let v1 = registry.image(&format!("{name}:v1"));
+        let lazy = registry.image(&format!("{name}:lazy"));
+        push_image(&image(layout, &name), &v1).with_context(|| format!("Pushing {name}"))?;
+        crate::brisk(&["convert", &v1, &lazy]).with_context(|| format!("Converting {name}"))?;
+        let (layers, v1_bytes) = layer_bytes(&v1)?;
+        let (_, lazy_bytes) = layer_bytes(&lazy)?;
+        sizes.push(ImageSizes {
+            name,
+            layers,
+            v1_bytes,
+            lazy_bytes,
+        });
+    }
+    Ok(sizes)
+}
+
+fn layer_bytes(reference: &str) -> Result<(usize, u64)> {
+    let manifest: Value = serde_json::from_str(&raw_manifest(reference)?)?;
+    let layers = manifest["layers"].as_array().context("No layers")?;
+    Ok((
+        layers.len(),
+        layers.iter().filter_map(|l| l["size"].as_u64()).sum(),
+    ))
+}

@@ -1,0 +1,94 @@
+//! `brisk-bench`: benchmarks of Brisk against the real containerd, runc, registry and fuse3 of
+//! this machine. Needs root. Parses flags, runs the library, writes the JSON and the report.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use brisk_e2e::bench::{self, wan::Link, Options};
+use brisk_e2e::workspace_root;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "brisk-bench",
+    about = "Benchmarks of the Brisk snapshotter (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cold start, cached reads and daemon memory: overlayfs against Brisk across an emulated
+    /// WAN. Writes DIR/cold-start.json and BENCHMARKS-snapshotter.md at the workspace root.
+    ColdStart {
+        /// One repetition instead of three.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of every mode (overrides --quick).
+        #[arg(long)]
+        repetitions: Option<usize>,
+        /// Output directory: the JSON, and the image cache reused by later runs.
+        #[arg(long, default_value = "target/brisk-bench")]
+        out: PathBuf,
+        /// Round-trip time the link adds, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        rtt_ms: u64,
+        /// Capacity of the link, registry to client, in Mbit/s.
+        #[arg(long, default_value_t = 100)]
+        mbit: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cmd::ColdStart {
+        quick,
+        repetitions,
+        out,
+        rtt_ms,
+        mbit,
+    } = Cli::parse().command;
+    // Measurements use release binaries unless told otherwise. Set before any thread starts.
+    for (var, name) in [
+        ("BRISK_BIN", "brisk"),
+        ("BRISK_SNAPSHOTTER_BIN", "brisk-snapshotter"),
+    ] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, workspace_root().join("target/release").join(name));
+        }
+    }
+    let out = if out.is_relative() {
+        workspace_root().join(&out)
+    } else {
+        out
+    };
+    let command = format!(
+        "cargo run -p brisk-e2e --release --bin brisk-bench -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let opts = Options {
+        repetitions: repetitions.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        out: out.clone(),
+        link: Link {
+            rtt: Duration::from_millis(rtt_ms),
+            bits_per_sec: mbit * 1_000_000,
+        },
+        command: command.trim_end().to_owned(),
+    };
+    let report = bench::cold_start(&opts).context("Benchmark setup failed")?;
+    let markdown = workspace_root().join("BENCHMARKS-snapshotter.md");
+    bench::write(&report, &out, &markdown)?;
+    let failures = report.failures();
+    eprintln!(
+        "wrote {} and {} ({} failure(s))",
+        out.join("cold-start.json").display(),
+        markdown.display(),
+        failures.len()
+    );
+    if !failures.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
