@@ -1,20 +1,23 @@
 //! Cold start: the time from the start of a pull to the first line the container prints,
-//! across the emulated WAN, for the three ways of getting `py` running:
+//! across the emulated WAN, for the ways of getting `py` running:
 //!
 //! - (a) overlayfs: `ctr image pull` downloads and unpacks every layer, then `ctr run`;
 //! - (b) Brisk, first start: `brisk pull` of the converted image on a snapshotter with an
-//!   empty root, then `ctr run` on Brisk;
+//!   empty root, then `ctr run` on Brisk; the daemon records a start-up trace, which is
+//!   exported for (d) and for the bake of (e);
 //! - (c) Brisk with a warm L2: as (b), on a snapshotter that kept the chunk cache (`cache/`)
-//!   and the TOCs (`meta/`) of an earlier (b) run, but no images, snapshots or start-up trace.
+//!   and the TOCs (`meta/`) of the (b) of the same repetition, but no images, snapshots or
+//!   start-up trace;
+//! - (d) and (e), Brisk prefetching from a trace on an empty root, are in `prefetch`.
 //!
 //! Every run gets a fresh containerd root and a dropped page cache, so nothing is reused that
 //! its mode does not name. Traffic is counted at the link from the start of the pull until the
-//! container has exited.
+//! container has exited. Setting up a mode (starting daemons, moving a trace) is not timed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -24,6 +27,7 @@ use super::stack::{
 };
 use super::wan::{Traffic, Wan};
 use crate::daemons::{mounts_under, Containerd, Snapshotter};
+use crate::registry::Registry;
 
 /// One cold start.
 #[derive(Clone, Debug, Serialize)]
@@ -35,24 +39,72 @@ pub struct ColdStart {
     pub traffic: Traffic,
     /// `brisk pull --json` (lazy and downloaded layer counts), for the Brisk modes.
     pub pull: Option<Value>,
-    /// `brisk status --json` after the run (hits per cache level), for the Brisk modes.
+    /// `brisk status --json` after the run (hits per cache level, chunks fetched on demand
+    /// and by prefetch), for the Brisk modes.
     pub status: Option<Value>,
+    /// The `brisk trace ls --json` entry of the trace involved: the one (b) recorded, or the
+    /// one (d) was given.
+    pub trace: Option<Value>,
 }
 
-/// What the three modes share in one benchmark run.
+/// What the modes share in one benchmark run.
 pub struct Setup<'a> {
     pub wan: &'a Wan,
+    /// The registry itself, for what is not measured: exporting a trace, baking one in.
+    pub registry: &'a Registry,
     /// Scratch space for daemons' state.
     pub base: &'a Path,
+    /// The config every Brisk snapshotter of this measurement starts with (`SNAPSHOTTER_CONFIG`).
+    pub config: PathBuf,
 }
 
-impl Setup<'_> {
-    fn reference(&self, tag: &str) -> String {
+/// A recording ends one second after the last read instead of five, so that (b) hands its
+/// trace to (d) sooner. The start of `py` reads without a pause that long, so the recording
+/// still covers all of it (every chunk (b) fetched is in the trace).
+const SNAPSHOTTER_CONFIG: &str = "[trace]\nquiet_secs = 1\n";
+
+/// What (b) leaves for the modes after it in the same repetition.
+pub struct FirstStart {
+    /// Holds the snapshotter directory (its root) until the repetition ends.
+    _dir: tempfile::TempDir,
+    brisk_dir: PathBuf,
+    /// Whether the root was reduced to the chunk cache and TOCs, for (c).
+    kept_cache: Result<()>,
+    /// The trace (b) recorded, for (d) and the bake.
+    pub trace: Result<RecordedTrace>,
+}
+
+/// A start-up trace exported to a file.
+pub struct RecordedTrace {
+    pub file: PathBuf,
+    /// The daemon's `brisk trace ls --json` entry for it (chunks, files, duration).
+    pub listing: Value,
+}
+
+impl<'a> Setup<'a> {
+    pub fn new(wan: &'a Wan, registry: &'a Registry, base: &'a Path) -> Result<Self> {
+        let config = base.join("brisk.toml");
+        std::fs::write(&config, SNAPSHOTTER_CONFIG)?;
+        Ok(Self {
+            wan,
+            registry,
+            base,
+            config,
+        })
+    }
+
+    pub(super) fn reference(&self, tag: &str) -> String {
         self.wan.image(&format!("py:{tag}"))
     }
 
-    fn namespace(&self) -> String {
+    pub(super) fn namespace(&self) -> String {
         unique("brisk-bench")
+    }
+
+    /// A snapshotter with this measurement's config, its state under `dir`.
+    pub(super) fn snapshotter(&self, dir: &Path) -> Result<Snapshotter> {
+        let config = self.config.to_str().context("Config path is not UTF-8")?;
+        Snapshotter::start(dir, &["--config", config])
     }
 
     /// `ctr run --rm` of `image` on `snapshotter`, until it prints `ready`; the instant it did.
@@ -104,80 +156,117 @@ impl Setup<'_> {
             traffic: self.wan.traffic(),
             pull: None,
             status: None,
+            trace: None,
         })
     }
 
-    /// (b) then (c): a first start on an empty snapshotter root; then, keeping only its chunk
-    /// cache and TOCs, a start on a restarted snapshotter. (c) needs (b) to have filled the
-    /// cache, so it fails when (b) does.
-    pub fn lazy_then_warm(&self) -> (Result<ColdStart>, Result<ColdStart>) {
+    /// (b): a first start on an empty snapshotter root. Afterwards the recorded trace is
+    /// exported, the image removed and the snapshotter stopped with only its chunk cache and
+    /// TOCs left, for (c). Without the (b) figure nothing is left for the others.
+    pub fn lazy(&self) -> (Result<ColdStart>, Option<FirstStart>) {
         let dir = match scratch(self.base, "brisk-") {
             Ok(dir) => dir,
-            Err(err) => return (Err(err), Err(anyhow::anyhow!("Not run: (b) failed"))),
+            Err(err) => return (Err(err), None),
         };
         let brisk_dir = dir.path().join("brisk");
-        let first = Snapshotter::start(&brisk_dir, &[]).and_then(|s| {
-            let result = self.brisk_start(&s, &dir.path().join("containerd-b"), true);
-            result.map(|r| (s, r))
-        });
-        let (snapshotter, lazy) = match first {
-            Ok(pair) => pair,
-            Err(err) => return (Err(err), Err(anyhow::anyhow!("Not run: (b) failed"))),
+        let snapshotter = match self.snapshotter(&brisk_dir) {
+            Ok(s) => s,
+            Err(err) => return (Err(err), None),
         };
-        let warm = (|| {
-            keep_only_cache(snapshotter)?;
-            let s = Snapshotter::start(&brisk_dir, &[])?;
-            self.brisk_start(&s, &dir.path().join("containerd-c"), false)
-        })();
-        (Ok(lazy), warm)
+        let containerd = Containerd::start(
+            &dir.path().join("containerd-b"),
+            &snapshotter.socket,
+            &self.namespace(),
+        );
+        let lazy = containerd.and_then(|c| Ok((self.brisk_start(&snapshotter, &c, "lazy")?, c)));
+        let (mut cold, containerd) = match lazy {
+            Ok(pair) => pair,
+            Err(err) => return (Err(err), None),
+        };
+        let trace =
+            super::prefetch::export_trace(self, &snapshotter, &dir.path().join("trace.json"));
+        if let Ok(t) = &trace {
+            cold.trace = Some(t.listing.clone());
+        }
+        let kept_cache = remove_image(&containerd, &self.reference("lazy")).and_then(|()| {
+            drop(containerd);
+            keep_only_cache(snapshotter)
+        });
+        (
+            Ok(cold),
+            Some(FirstStart {
+                _dir: dir,
+                brisk_dir,
+                kept_cache,
+                trace,
+            }),
+        )
     }
 
-    /// Pull and run on `snapshotter` with a fresh containerd. After a first start (`first`),
-    /// the image is removed again, so that only the cache levels keep anything.
-    fn brisk_start(
+    /// (c): after (b), the snapshotter started again on the root (b) left.
+    pub fn warm(&self, first: Option<&FirstStart>) -> Result<ColdStart> {
+        let first = first.context("Not run: (b) failed")?;
+        if let Err(err) = &first.kept_cache {
+            bail!("Not run: the cache of (b) could not be kept: {err:#}");
+        }
+        let snapshotter = self.snapshotter(&first.brisk_dir)?;
+        let containerd = Containerd::start(
+            &first.brisk_dir.with_file_name("containerd-c"),
+            &snapshotter.socket,
+            &self.namespace(),
+        )?;
+        self.brisk_start(&snapshotter, &containerd, "lazy")
+    }
+
+    /// Pulls `py:TAG` into `containerd` and runs it on `snapshotter`: the timed part of every
+    /// Brisk mode. The page cache is dropped and the link's counters reset first.
+    pub(super) fn brisk_start(
         &self,
         snapshotter: &Snapshotter,
-        containerd_dir: &Path,
-        first: bool,
+        containerd: &Containerd,
+        tag: &str,
     ) -> Result<ColdStart> {
-        let containerd = Containerd::start(containerd_dir, &snapshotter.socket, &self.namespace())?;
-        let image = self.reference("lazy");
+        let image = self.reference(tag);
         drop_caches()?;
         self.wan.reset();
         let started = Instant::now();
-        let pull = brisk_pull(&containerd, &image)?;
+        let pull = brisk_pull(containerd, &image)?;
         let pulled = started.elapsed();
         let ready = self
-            .run_until_ready(&containerd, "brisk", &image)
+            .run_until_ready(containerd, "brisk", &image)
             .with_context(|| format!("snapshotter log:\n{}", tail(&snapshotter.log(), 20)))?;
         let traffic = self.wan.traffic();
         let status = brisk_status(&snapshotter.socket).ok();
-        if first {
-            // The image and its snapshots go; containerd's GC asks Brisk to remove them.
-            watch(
-                &mut ctr(&containerd, &["images", "rm", "--sync", &image]),
-                None,
-                STEP_TIMEOUT,
-            )?;
-            let left = watch(
-                &mut ctr(&containerd, &["snapshots", "--snapshotter", "brisk", "ls"]),
-                None,
-                STEP_TIMEOUT,
-            )?;
-            ensure!(
-                left.stdout.lines().count() <= 1,
-                "Snapshots left after removing the image:\n{}",
-                left.stdout
-            );
-        }
         Ok(ColdStart {
             seconds: (ready - started).as_secs_f64(),
             pull_seconds: pulled.as_secs_f64(),
             traffic,
             pull: Some(pull),
             status,
+            trace: None,
         })
     }
+}
+
+/// Removes `image` from `containerd` and checks that its snapshots went too (containerd's GC
+/// asks Brisk to remove them), so that only the cache levels keep anything.
+fn remove_image(containerd: &Containerd, image: &str) -> Result<()> {
+    watch(
+        &mut ctr(containerd, &["images", "rm", "--sync", image]),
+        None,
+        STEP_TIMEOUT,
+    )?;
+    let left = watch(
+        &mut ctr(containerd, &["snapshots", "--snapshotter", "brisk", "ls"]),
+        None,
+        STEP_TIMEOUT,
+    )?;
+    ensure!(
+        left.stdout.lines().count() <= 1,
+        "Snapshots left after removing the image:\n{}",
+        left.stdout
+    );
+    Ok(())
 }
 
 /// Stops the snapshotter cleanly (its cache index is flushed) and deletes everything under its

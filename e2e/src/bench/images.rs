@@ -192,7 +192,8 @@ pub fn publish(layout: &Path, registry: &Registry) -> Result<Vec<ImageSizes>> {
     Ok(sizes)
 }
 
-fn layer_bytes(reference: &str) -> Result<(usize, u64)> {
+/// Layer count and the sum of the compressed layer sizes of `reference`.
+pub(super) fn layer_bytes(reference: &str) -> Result<(usize, u64)> {
     let manifest: Value = serde_json::from_str(&raw_manifest(reference)?)?;
     let layers = manifest["layers"].as_array().context("No layers")?;
     Ok((

@@ -9,7 +9,8 @@ use super::images::{BIG_FILE, BIG_FILE_BYTES, SMALL_IMAGES};
 use super::memory::Memory;
 use super::reads::mib_per_sec;
 use super::report::{
-    figures, Attempt, Report, Spread, TARGET_LAZY_RATIO, TARGET_READ_RATIO, TARGET_RSS_MIB,
+    figures, origin_fetches, Attempt, Report, Spread, TARGET_GAP_CLOSED, TARGET_LAZY_RATIO,
+    TARGET_LOCAL_SHARE, TARGET_READ_RATIO, TARGET_RSS_MIB,
 };
 use serde_json::Value;
 
@@ -185,6 +186,7 @@ struct Row<'a> {
     attempts: &'a [Attempt<ColdStart>],
     seconds: Option<Spread>,
     ratio: Option<String>,
+    to_warm: Option<f64>,
     target: String,
 }
 
@@ -195,33 +197,53 @@ fn cold_section(md: &mut String, r: &Report) {
         md,
         "## Cold start of `py`: from the start of the pull to the container's first line\n"
     );
-    let _ = writeln!(md, "| mode | pull to `ready` | ratio to (a) | target | of which pull | bytes from the registry | requests | connections | chunk reads from registry / L2 |\n|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| mode | pull to `ready` | ratio to (a) | target | ratio to (c) | of which pull | bytes from the registry | requests | connections | chunk reads from registry / L2 |\n|---|---|---|---|---|---|---|---|---|---|");
     let lazy_target = target(
         s.lazy_ratio,
         &s.lazy_ratio_per_repetition,
         |x| x <= TARGET_LAZY_RATIO,
         &format!("≤ {TARGET_LAZY_RATIO}× (a)"),
     );
+    let two = |x: Option<f64>| x.map(|x| format!("{x:.2}"));
     let rows = [
         Row {
             name: "(a) overlayfs, full pull (`ctr image pull`)",
             attempts: &c.overlay,
             seconds: s.overlay_seconds,
             ratio: s.overlay_seconds.map(|_| "1 (baseline)".to_owned()),
+            to_warm: s.to_warm[0],
             target: String::new(),
         },
         Row {
             name: "(b) Brisk lazy, first start (`brisk pull`, empty snapshotter root)",
             attempts: &c.lazy,
             seconds: s.lazy_seconds,
-            ratio: s.lazy_ratio.map(|x| format!("{x:.2}")),
+            ratio: two(s.lazy_ratio),
+            to_warm: s.to_warm[1],
             target: lazy_target,
+        },
+        Row {
+            name: "(d) Brisk, recorded trace (empty L1/L2, trace of (b) imported before the pull)",
+            attempts: &c.recorded,
+            seconds: s.recorded_seconds,
+            ratio: two(s.recorded_ratio),
+            to_warm: s.to_warm[2],
+            target: String::new(),
+        },
+        Row {
+            name: "(e) Brisk, baked trace (`py:baked`, empty L1/L2, no trace held)",
+            attempts: &c.baked,
+            seconds: s.baked_seconds,
+            ratio: two(s.baked_ratio),
+            to_warm: s.to_warm[3],
+            target: String::new(),
         },
         Row {
             name: "(c) Brisk, warm L2 (chunk cache kept, no trace, restarted)",
             attempts: &c.warm,
             seconds: s.warm_seconds,
-            ratio: s.warm_ratio.map(|x| format!("{x:.2}")),
+            ratio: two(s.warm_ratio),
+            to_warm: s.warm_seconds.map(|_| 1.0),
             target: String::new(),
         },
     ];
@@ -231,11 +253,12 @@ fn cold_section(md: &mut String, r: &Report) {
         let traffic = median.map(|m| m.traffic);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.name,
             spread(row.seconds, row.attempts.len(), "s", 2),
             row.ratio.unwrap_or_else(|| "–".to_owned()),
             row.target,
+            two(row.to_warm).unwrap_or_else(|| "–".to_owned()),
             spread(pull, row.attempts.len(), "s", 2),
             traffic.map_or("–".into(), |t| bytes(t.bytes_down)),
             traffic.map_or("–".into(), |t| t.requests.to_string()),
@@ -245,28 +268,160 @@ fn cold_section(md: &mut String, r: &Report) {
                 .unwrap_or_else(|| "–".to_owned()),
         );
     }
-    let _ = writeln!(md, "\nEvery repetition, in the order run (seconds; traffic and cache hits in `cold-start.json`):\n");
+    prefetch_table(md, r);
+    let _ = writeln!(md, "Every repetition, in the order run (seconds; traffic and cache hits in `cold-start.json`):\n");
     let _ = writeln!(
         md,
-        "| repetition | order | (a) | (b) | (c) |\n|---|---|---|---|---|"
+        "| repetition | order | (a) | (b) | (c) | (d) | (e) |\n|---|---|---|---|---|---|---|"
     );
     for (i, order) in c.order.iter().enumerate() {
-        let cell = |a: &[Attempt<ColdStart>]| match a.get(i) {
+        let cell = |a: &[Attempt<ColdStart>]| match a.iter().find(|a| a.repetition == i + 1) {
             Some(Attempt { ok: Some(v), .. }) => format!("{:.2}", v.seconds),
             Some(_) => "failed".to_owned(),
             None => "–".to_owned(),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             i + 1,
             order.join(" "),
             cell(&c.overlay),
             cell(&c.lazy),
-            cell(&c.warm)
+            cell(&c.warm),
+            cell(&c.recorded),
+            cell(&c.baked)
         );
     }
     let _ = writeln!(md);
+}
+
+/// What prefetch from a trace achieved: the share of the cold-to-warm gap it closes, and the
+/// share of first-touch chunk reads it served without a wait on the registry.
+fn prefetch_table(md: &mut String, r: &Report) {
+    let s = &r.summary;
+    let c = &r.cold_start;
+    let _ = writeln!(
+        md,
+        "\nPrefetch from a start-up trace, against the first start (b) and the warm L2 (c):\n"
+    );
+    let _ = writeln!(md, "| mode | gap closed, ((b) − X) / ((b) − (c)) | target | chunks fetched from the registry: on demand / by prefetch | first-touch reads served locally, 1 − on demand / (on demand + prefetch) | target |\n|---|---|---|---|---|---|");
+    let gap_target = |x: Option<f64>, each: &[f64]| {
+        target(
+            x,
+            each,
+            |x| x >= TARGET_GAP_CLOSED,
+            &format!("≥ {:.0}%", TARGET_GAP_CLOSED * 100.0),
+        )
+    };
+    let share_target = |x: Option<Spread>, a: &[Attempt<ColdStart>]| {
+        let each: Vec<f64> = a
+            .iter()
+            .filter_map(|a| super::report::local_share(a.ok.as_ref()?.status.as_ref()?))
+            .collect();
+        target(
+            x.map(|x| x.median),
+            &each,
+            |x| x >= TARGET_LOCAL_SHARE,
+            &format!("≥ {:.0}%", TARGET_LOCAL_SHARE * 100.0),
+        )
+    };
+    let percent = |x: Option<f64>| x.map_or("–".to_owned(), |x| format!("{:.0}%", x * 100.0));
+    let share = |x: Option<Spread>, of: usize| match x {
+        Some(x) => {
+            let mut text = format!("{:.0}%", x.median * 100.0);
+            if x.n > 1 {
+                text += &format!(" ({:.0}–{:.0}%)", x.min * 100.0, x.max * 100.0);
+            }
+            if x.n < of {
+                text += &format!(", {} of {of} ok", x.n);
+            }
+            text
+        }
+        None => "–".to_owned(),
+    };
+    let fetches = |a: &[Attempt<ColdStart>]| {
+        median_attempt(a)
+            .and_then(|m| origin_fetches(m.status.as_ref()?))
+            .map_or("–".to_owned(), |(d, p)| format!("{d} / {p}"))
+    };
+    let _ = writeln!(
+        md,
+        "| (b) first start, for comparison | 0% | | {} | {} | |",
+        fetches(&c.lazy),
+        share(s.lazy_local_share, c.lazy.len())
+    );
+    let _ = writeln!(
+        md,
+        "| (d) recorded trace | {} | {} | {} | {} | {} |",
+        percent(s.recorded_gap_closed),
+        gap_target(s.recorded_gap_closed, &s.recorded_gap_closed_per_repetition),
+        fetches(&c.recorded),
+        share(s.recorded_local_share, c.recorded.len()),
+        share_target(s.recorded_local_share, &c.recorded)
+    );
+    let _ = writeln!(
+        md,
+        "| (e) baked trace | {} | {} | {} | {} | {} |\n",
+        percent(s.baked_gap_closed),
+        gap_target(s.baked_gap_closed, &s.baked_gap_closed_per_repetition),
+        fetches(&c.baked),
+        share(s.baked_local_share, c.baked.len()),
+        share_target(s.baked_local_share, &c.baked)
+    );
+    let _ = writeln!(
+        md,
+        "The gap closed is computed from the medians; the repetitions that miss a target are \
+         counted from each repetition's own (b), (c) and (d) or (e). The fetch counts are the \
+         daemon's (`brisk status --json`, read after the container exited) in the repetition \
+         with the median time. A chunk counts as prefetched only if prefetch fetched it before \
+         any reader asked for it: a chunk a reader needed while its prefetch was still in flight \
+         counts as on demand. Prefetch may also fetch chunks the start never reads, which count \
+         on the prefetch side.\n"
+    );
+    // For scale: the transfer time alone of what prefetch modes moved, and the time a 90%
+    // share of the gap asks for, both from this run's figures.
+    let crossing = |a: &[Attempt<ColdStart>]| {
+        let link = r.link?;
+        let moved = median_attempt(a)?.traffic.bytes_down as f64;
+        Some(moved * 8.0 / link.bits_per_sec as f64)
+    };
+    let needed = s
+        .lazy_seconds
+        .zip(s.warm_seconds)
+        .map(|(b, c)| b.median - TARGET_GAP_CLOSED * (b.median - c.median));
+    if let (Some(d), Some(e), Some(needed), Some(link)) =
+        (crossing(&c.recorded), crossing(&c.baked), needed, r.link)
+    {
+        let _ = writeln!(
+            md,
+            "For scale: at the link's {} Mbit/s, the bytes (d) and (e) moved take at least \
+             {d:.2} s and {e:.2} s to cross it, pull and program start not included; closing \
+             {:.0}% of the gap asks for a start in at most {needed:.2} s.\n",
+            link.bits_per_sec / 1_000_000,
+            TARGET_GAP_CLOSED * 100.0
+        );
+    }
+    if let Some(bake) = &c.bake {
+        let _ = match (&bake.ok, &bake.error) {
+            (Some(b), _) => writeln!(
+                md,
+                "`py:baked` was converted once, from `py:v1` with the trace recorded by (b) of \
+                 repetition {} ({} chunks, {} files): {} layer(s), {}, in {:.1} s, directly on the \
+                 registry.\n",
+                b.from_repetition,
+                b.trace["chunks"],
+                b.trace["files"],
+                b.layers,
+                bytes(b.bytes),
+                b.seconds
+            ),
+            (None, err) => writeln!(
+                md,
+                "Baking the trace into `py:baked` failed: {}\n",
+                shorten(err.as_deref().unwrap_or(""), 300)
+            ),
+        };
+    }
 }
 
 fn reads_section(md: &mut String, r: &Report) {
@@ -348,7 +503,17 @@ fn method_section(md: &mut String) {
          no trace to prefetch from; it records one) and runs `brisk pull` then `ctr run --snapshotter brisk`. \
          (c) follows (b) of the same repetition: the image is removed (`ctr images rm --sync`), the \
          snapshotter stopped with SIGTERM, everything under its root but `cache/` and `meta/` deleted \
-         (snapshot records and the recorded trace go), and it is started again before the run.\n\
+         (snapshot records and the recorded trace go), and it is started again before the run. \
+         (d) starts a snapshotter on an empty root, gives it the trace (b) of the same repetition \
+         recorded (`brisk trace ls` until it lists it, `brisk trace export`, then `brisk trace \
+         import` on the new daemon, all before the timed part), and runs `py:lazy` as (b) did; the \
+         daemon prefetches the traced chunks from the moment `Prepare` sees the image's layers. \
+         (e) runs `py:baked` on a snapshotter with an empty root and no trace; the daemon \
+         prefetches the chunks the TOC lists. `py:baked` is converted once per run with \
+         `brisk convert --trace FILE REGISTRY/py:v1 REGISTRY/py:baked`, directly on the registry, \
+         from the first trace a (b) recorded. Every Brisk snapshotter of this section runs with \
+         `[trace] quiet_secs = 1` (a recording ends one second after the last read instead of \
+         five) and otherwise the default configuration.\n\
          - Reads: one containerd and one snapshotter with start-up traces off for the phase. Python in the \
          container times `cat FILE > /dev/null` twice with `time.perf_counter`; each figure includes \
          starting `cat`. Before an overlayfs container the page cache is dropped; before a Brisk \

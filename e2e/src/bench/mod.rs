@@ -2,7 +2,8 @@
 //! `docker-registry` and fuse3 on this machine, with the registry behind an emulated WAN link.
 //!
 //! It measures, in one run and with modes interleaved: the cold start of a Python image on
-//! overlayfs, on Brisk on a first start, and on Brisk with a warm chunk cache (`cold`); reads
+//! overlayfs, on Brisk on a first start, on Brisk with a warm chunk cache (`cold`), and on Brisk
+//! with an empty cache prefetching from a recorded or a baked start-up trace (`prefetch`); reads
 //! of a large file inside a container on both (`reads`); and the daemon's memory with ten lazy
 //! images mounted (`memory`). It reports medians and ratios to baselines of the same run and
 //! prints targets next to them, but asserts nothing: a figure that misses its target is still a
@@ -15,6 +16,7 @@ pub mod cold;
 pub mod images;
 pub mod markdown;
 pub mod memory;
+pub mod prefetch;
 pub mod reads;
 pub mod report;
 pub mod stack;
@@ -56,6 +58,33 @@ const TOOLS: &[&str] = &[
     "tar",
     "sync",
 ];
+
+/// The cold-start modes, in the order of the report's letters.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// overlayfs, full pull.
+    A,
+    /// Brisk, first start on an empty root.
+    B,
+    /// Brisk, warm L2 left by (b).
+    C,
+    /// Brisk, empty root holding the trace (b) recorded.
+    D,
+    /// Brisk, empty root, trace baked into the image.
+    E,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::A => "a",
+            Mode::B => "b",
+            Mode::C => "c",
+            Mode::D => "d",
+            Mode::E => "e",
+        }
+    }
+}
 
 /// Fails naming everything missing at once: root, tools, files and the Brisk binaries.
 pub fn check_prerequisites() -> Result<()> {
@@ -111,38 +140,56 @@ pub fn cold_start(opts: &Options) -> Result<Report> {
     let wan = Wan::start(&registry.addr(), opts.link)?;
     let base = tempfile::Builder::new().prefix("brisk-bench-").tempdir()?;
 
-    let setup = cold::Setup {
-        wan: &wan,
-        base: base.path(),
-    };
+    let setup = cold::Setup::new(&wan, &registry, base.path())?;
     for rep in 1..=opts.repetitions {
-        // Alternate the order, so that a drift during the run does not favour one mode.
-        let overlay_first = rep % 2 == 1;
-        let c = &mut report.cold_start;
-        c.order.push(if overlay_first {
-            vec!["a", "b", "c"]
+        // Alternate the order, so that a drift during the run does not favour one mode. (b)
+        // comes before (c) and (d), which need what it leaves.
+        let order = if rep % 2 == 1 {
+            [Mode::A, Mode::B, Mode::C, Mode::D, Mode::E]
         } else {
-            vec!["b", "c", "a"]
-        });
-        if overlay_first {
-            c.overlay.push(Attempt::new(rep, setup.overlay()));
+            [Mode::B, Mode::E, Mode::D, Mode::C, Mode::A]
+        };
+        let c = &mut report.cold_start;
+        c.order.push(order.iter().map(|m| m.label()).collect());
+        let mut first = None;
+        for mode in order {
+            match mode {
+                Mode::A => c.overlay.push(Attempt::new(rep, setup.overlay())),
+                Mode::B => {
+                    let (lazy, left) = setup.lazy();
+                    c.lazy.push(Attempt::new(rep, lazy));
+                    first = left;
+                }
+                Mode::C => c.warm.push(Attempt::new(rep, setup.warm(first.as_ref()))),
+                Mode::D => c
+                    .recorded
+                    .push(Attempt::new(rep, setup.recorded(first.as_ref()))),
+                Mode::E => {
+                    // Baked once, from the first trace a (b) leaves; not timed.
+                    let trace = first.as_ref().and_then(|f| f.trace.as_ref().ok());
+                    if let (None, Some(trace)) = (&c.bake, trace) {
+                        progress("baking the trace of (b) into py:baked");
+                        c.bake = Some(Attempt::new(rep, setup.bake(trace, rep)));
+                    }
+                    c.baked
+                        .push(Attempt::new(rep, setup.baked(c.bake.as_ref())));
+                }
+            }
         }
-        let (lazy, warm) = setup.lazy_then_warm();
-        c.lazy.push(Attempt::new(rep, lazy));
-        c.warm.push(Attempt::new(rep, warm));
-        if !overlay_first {
-            c.overlay.push(Attempt::new(rep, setup.overlay()));
-        }
+        // The snapshotter root of (b) goes before the next repetition.
+        drop(first);
         let show = |a: &[Attempt<cold::ColdStart>]| match a.last().and_then(|a| a.ok.as_ref()) {
             Some(c) => format!("{:.2} s", c.seconds),
             None => "failed".to_owned(),
         };
         progress(&format!(
-            "cold start {rep}/{}: (a) {}  (b) {}  (c) {}",
+            "cold start {rep}/{}: (a) {}  (b) {}  (c) {}  (d) {}  (e) {}",
             opts.repetitions,
             show(&c.overlay),
             show(&c.lazy),
-            show(&c.warm)
+            show(&c.warm),
+            show(&c.recorded),
+            show(&c.baked)
         ));
     }
 

@@ -5,10 +5,12 @@
 use std::process::Command;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use super::cold::ColdStart;
 use super::images::ImageSizes;
 use super::memory::Memory;
+use super::prefetch::Bake;
 use super::reads::{mib_per_sec, BriskReads, Setup as ReadsSetup, TwoReads};
 use super::wan::Link;
 use crate::cmd::run;
@@ -174,6 +176,12 @@ pub struct ColdResults {
     pub overlay: Vec<Attempt<ColdStart>>,
     pub lazy: Vec<Attempt<ColdStart>>,
     pub warm: Vec<Attempt<ColdStart>>,
+    /// (d): empty root, holding the trace (b) of the same repetition recorded.
+    pub recorded: Vec<Attempt<ColdStart>>,
+    /// (e): empty root, no trace, `py:baked`.
+    pub baked: Vec<Attempt<ColdStart>>,
+    /// The conversion to `py:baked`, once per run, after the first (b) that left a trace.
+    pub bake: Option<Attempt<Bake>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -197,6 +205,25 @@ pub struct Summary {
     pub lazy_ratio_per_repetition: Vec<f64>,
     /// (c) / (a).
     pub warm_ratio: Option<f64>,
+    pub recorded_seconds: Option<Spread>,
+    pub baked_seconds: Option<Spread>,
+    /// (d) / (a) and (e) / (a).
+    pub recorded_ratio: Option<f64>,
+    pub baked_ratio: Option<f64>,
+    /// Each mode's median over that of (c), in the order (a), (b), (d), (e).
+    pub to_warm: [Option<f64>; 4],
+    /// ((b) − (d)) / ((b) − (c)) of the medians: the share of the cold-to-warm gap that a
+    /// recorded trace closes. Target at least 0.9.
+    pub recorded_gap_closed: Option<f64>,
+    pub recorded_gap_closed_per_repetition: Vec<f64>,
+    /// The same for (e).
+    pub baked_gap_closed: Option<f64>,
+    pub baked_gap_closed_per_repetition: Vec<f64>,
+    /// 1 − on-demand / (on-demand + prefetch) chunk fetches from the registry, over the
+    /// repetitions of (b), (d) and (e). Target at least 0.95 for (d) and (e).
+    pub lazy_local_share: Option<Spread>,
+    pub recorded_local_share: Option<Spread>,
+    pub baked_local_share: Option<Spread>,
     pub overlay_first_mib_s: Option<Spread>,
     pub overlay_second_mib_s: Option<Spread>,
     pub brisk_first_mib_s: Option<Spread>,
@@ -216,6 +243,46 @@ pub struct Summary {
 pub const TARGET_LAZY_RATIO: f64 = 0.3;
 pub const TARGET_READ_RATIO: f64 = 0.8;
 pub const TARGET_RSS_MIB: f64 = 64.0;
+pub const TARGET_GAP_CLOSED: f64 = 0.9;
+pub const TARGET_LOCAL_SHARE: f64 = 0.95;
+
+/// Chunks fetched from the registry while a reader waited, and by prefetch before any reader
+/// asked for them, from `brisk status --json`.
+pub fn origin_fetches(status: &Value) -> Option<(u64, u64)> {
+    Some((
+        status["on_demand_fetches"].as_u64()?,
+        status["prefetch_fetches"].as_u64()?,
+    ))
+}
+
+/// The share of first-touch chunk reads that did not wait on the registry:
+/// 1 − on-demand / (on-demand + prefetch). `None` when nothing was fetched at all.
+pub fn local_share(status: &Value) -> Option<f64> {
+    let (on_demand, prefetch) = origin_fetches(status)?;
+    let all = on_demand + prefetch;
+    (all > 0).then(|| 1.0 - on_demand as f64 / all as f64)
+}
+
+/// ((b) − (x)) / ((b) − (c)) within each repetition in which all three succeeded.
+fn gap_closed_per_repetition(
+    lazy: &[Attempt<ColdStart>],
+    warm: &[Attempt<ColdStart>],
+    x: &[Attempt<ColdStart>],
+) -> Vec<f64> {
+    let at = |a: &[Attempt<ColdStart>], rep: usize| {
+        a.iter()
+            .find(|a| a.repetition == rep)
+            .and_then(|a| a.ok.as_ref())
+            .map(|c| c.seconds)
+    };
+    lazy.iter()
+        .filter_map(|b| {
+            let b_s = b.ok.as_ref()?.seconds;
+            let (c_s, x_s) = (at(warm, b.repetition)?, at(x, b.repetition)?);
+            Some((b_s - x_s) / (b_s - c_s))
+        })
+        .collect()
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -255,8 +322,38 @@ impl Report {
             rss_peak_mib: Spread::of(&figures(&self.memory, |m| mib(m.peak_kib))),
             ..Summary::default()
         };
+        s.recorded_seconds = secs(&c.recorded);
+        s.baked_seconds = secs(&c.baked);
         s.lazy_ratio = ratio(s.lazy_seconds, s.overlay_seconds);
         s.warm_ratio = ratio(s.warm_seconds, s.overlay_seconds);
+        s.recorded_ratio = ratio(s.recorded_seconds, s.overlay_seconds);
+        s.baked_ratio = ratio(s.baked_seconds, s.overlay_seconds);
+        s.to_warm = [
+            s.overlay_seconds,
+            s.lazy_seconds,
+            s.recorded_seconds,
+            s.baked_seconds,
+        ]
+        .map(|x| ratio(x, s.warm_seconds));
+        let gap = |x: Option<Spread>| {
+            let (b, c, x) = (s.lazy_seconds?.median, s.warm_seconds?.median, x?.median);
+            Some((b - x) / (b - c))
+        };
+        s.recorded_gap_closed = gap(s.recorded_seconds);
+        s.baked_gap_closed = gap(s.baked_seconds);
+        s.recorded_gap_closed_per_repetition =
+            gap_closed_per_repetition(&c.lazy, &c.warm, &c.recorded);
+        s.baked_gap_closed_per_repetition = gap_closed_per_repetition(&c.lazy, &c.warm, &c.baked);
+        let share = |a: &[Attempt<ColdStart>]| {
+            let each: Vec<f64> = a
+                .iter()
+                .filter_map(|a| local_share(a.ok.as_ref()?.status.as_ref()?))
+                .collect();
+            Spread::of(&each)
+        };
+        s.lazy_local_share = share(&c.lazy);
+        s.recorded_local_share = share(&c.recorded);
+        s.baked_local_share = share(&c.baked);
         s.first_read_ratio = ratio(s.brisk_first_mib_s, s.overlay_first_mib_s);
         s.second_read_ratio = ratio(s.brisk_second_mib_s, s.overlay_second_mib_s);
         s.lazy_ratio_per_repetition = paired(&c.overlay, |a| a.seconds, &c.lazy, |b| b.seconds);
@@ -288,6 +385,23 @@ impl Report {
             &mut out,
             "(c) Brisk warm-L2 cold start",
             &self.cold_start.warm,
+        );
+        collect(
+            &mut out,
+            "(d) Brisk cold start with a recorded trace",
+            &self.cold_start.recorded,
+        );
+        if let Some(bake) = &self.cold_start.bake {
+            collect(
+                &mut out,
+                "baking the trace into `py:baked`",
+                std::slice::from_ref(bake),
+            );
+        }
+        collect(
+            &mut out,
+            "(e) Brisk cold start with a baked trace",
+            &self.cold_start.baked,
         );
         if let Some(e) = &self.reads.setup_error {
             out.push(("reads: pulling `big`".to_owned(), e.clone()));

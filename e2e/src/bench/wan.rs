@@ -392,12 +392,14 @@ mod tests {
         client.read_to_end(&mut rest).unwrap();
         let total = started.elapsed().as_secs_f64();
         // Handshake, request and response: two round trips before the first byte.
+        // Lower bounds are what the link guarantees; upper bounds only catch a hang, since a
+        // loaded machine can always be slower.
         assert!(
-            (0.040..0.100).contains(&first_byte),
+            (0.040..2.0).contains(&first_byte),
             "first byte after {first_byte} s"
         );
         // 2 MB at 10 MB/s, less the initial burst, after the first byte.
-        assert!((0.22..0.45).contains(&total), "done after {total} s");
+        assert!((0.22..5.0).contains(&total), "done after {total} s");
         assert_eq!(rest.len() + 1, SIZE);
         let t = wan.traffic();
         assert_eq!(
@@ -419,6 +421,6 @@ mod tests {
             bucket.take(CHUNK).await;
         }
         let took = started.elapsed().as_secs_f64();
-        assert!((0.18..0.40).contains(&took), "took {took} s");
+        assert!((0.18..5.0).contains(&took), "took {took} s");
     }
 }

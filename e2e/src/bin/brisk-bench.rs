@@ -21,8 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Cold start, cached reads and daemon memory: overlayfs against Brisk across an emulated
-    /// WAN. Writes DIR/cold-start.json and BENCHMARKS-snapshotter.md at the workspace root.
+    /// Cold start (with and without a start-up trace), cached reads and daemon memory:
+    /// overlayfs against Brisk across an emulated WAN. Writes DIR/cold-start.json and
+    /// BENCHMARKS-snapshotter.md at the workspace root.
     ColdStart {
         /// One repetition instead of three.
         #[arg(long)]
