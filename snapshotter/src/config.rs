@@ -130,12 +130,12 @@ mod tests {
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
         assert!(!c.cache.background_fetch);
         let c: Config = toml::from_str(
-            "root = \"/tmp/x\"\n[cache]\nmemory_bytes = 5\n[registry]\nplain_http = [\"h:1\"]\n",
+            "root = \"state/brisk\"\n[cache]\nmemory_bytes = 5\n[registry]\nplain_http = [\"h:1\"]\n",
         )
         .unwrap();
         assert_eq!(
             (c.root, c.cache.memory_bytes, c.registry.plain_http),
-            ("/tmp/x".into(), 5, vec!["h:1".to_owned()])
+            ("state/brisk".into(), 5, vec!["h:1".to_owned()])
         );
         assert!(toml::from_str::<Config>("nope = 1").is_err());
     }

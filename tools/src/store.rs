@@ -263,9 +263,12 @@ mod tests {
 
     #[test]
     fn parses_layout_and_registry_locations() {
-        match "oci:/tmp/x:v1".parse::<Location>().unwrap() {
+        match "oci:images/app:v1".parse::<Location>().unwrap() {
             Location::Layout { dir, tag } => {
-                assert_eq!((dir, tag.as_deref()), (PathBuf::from("/tmp/x"), Some("v1")))
+                assert_eq!(
+                    (dir, tag.as_deref()),
+                    (PathBuf::from("images/app"), Some("v1"))
+                )
             }
             other => panic!("{other:?}"),
         }
