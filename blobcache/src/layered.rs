@@ -671,8 +671,8 @@ mod tests {
         assert_eq!(layered.report()[1].corrupt, 2, "one try per pass");
     }
 
-    #[tokio::test]
-    async fn on_demand_reads_jump_the_prefetch_queue() {
+    /// Twelve chunks behind an origin that takes 40 ms a call, with one prefetch slot.
+    fn slow_origin_one_prefetch_slot() -> (Vec<(ChunkRef, Bytes)>, Arc<Scripted>, Arc<Layered>) {
         let cs = chunks(12);
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(40);
@@ -681,6 +681,23 @@ mod tests {
             .level(origin.clone(), Duration::from_secs(5))
             .prefetch_concurrency(1)
             .build();
+        (cs, origin, layered)
+    }
+
+    /// Which origin call fetched `chunk`.
+    fn call_of(origin: &Scripted, chunk: &ChunkRef) -> usize {
+        origin
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|c| c.contains(&chunk.digest))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn on_demand_reads_jump_the_prefetch_queue() {
+        let (cs, origin, layered) = slow_origin_one_prefetch_slot();
         // Prefetch chunks 0..10 one batch at a time (batch bytes smaller than a chunk).
         let prefetch: Vec<ChunkRef> = cs[..10].iter().map(|c| c.0.clone()).collect();
         let handle = layered.prefetch(prefetch, 1, CancellationToken::new());
@@ -690,10 +707,7 @@ mod tests {
         assert_eq!(handle.await.unwrap(), 10);
         assert_eq!(layered.origin_fetches(), (1, 10));
         let calls = origin.calls.lock().unwrap().clone();
-        let position = calls
-            .iter()
-            .position(|c| c.contains(&wanted.digest))
-            .unwrap();
+        let position = call_of(&origin, &wanted);
         // At most the one prefetch batch already in flight went first.
         assert!(
             position <= 2,
@@ -704,14 +718,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_on_demand_reader_joining_a_queued_prefetch_fetch_promotes_it() {
-        let cs = chunks(12);
-        let mut origin = Scripted::new(&cs);
-        origin.delay = Duration::from_millis(40);
-        let origin = Arc::new(origin);
-        let layered = Layered::builder()
-            .level(origin.clone(), Duration::from_secs(5))
-            .prefetch_concurrency(1)
-            .build();
+        let (cs, origin, layered) = slow_origin_one_prefetch_slot();
         // Four images prefetching at once share one prefetch slot: the last one's first fetch
         // (chunk 9) is started but queued behind the first fetches of the other three.
         let mut handles = Vec::new();
@@ -730,13 +737,7 @@ mod tests {
         );
         let wanted = cs[9].0.clone();
         layered.read(&wanted, Priority::OnDemand).await.unwrap();
-        let position = origin
-            .calls
-            .lock()
-            .unwrap()
-            .iter()
-            .position(|c| c.contains(&wanted.digest))
-            .unwrap();
+        let position = call_of(&origin, &wanted);
         assert!(position <= 1, "joined prefetch fetch was call {position}");
         let mut total = 0;
         for h in handles {

@@ -243,7 +243,7 @@ async fn image_manifest(
     let want = opts
         .platform
         .clone()
-        .unwrap_or_else(|| format!("linux/{}", go_arch()));
+        .unwrap_or_else(crate::pull::resolve::host_platform);
     let desc = index
         .manifests()
         .iter()
@@ -292,15 +292,4 @@ async fn layer_toc(
         m.put(&payload)?;
     }
     Ok(toc)
-}
-
-/// The architecture name OCI platforms use for the one Brisk was built for.
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
 }

@@ -109,11 +109,12 @@ impl RegistryClient {
         format!("{scheme}://{}/v2/{}", r.registry, r.repository)
     }
 
-    /// Fetches the manifest `r` names. When `r` has a digest the bytes must match it.
-    async fn get_manifest_direct(&self, r: &Reference) -> Result<FetchedManifest> {
+    /// A GET or HEAD of `r`'s manifest accepting every manifest type; a 404 is
+    /// `ManifestNotFound`. Returns the response and its URL.
+    async fn manifest_request(&self, r: &Reference, method: Method) -> Result<(Response, String)> {
         let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
         let resp = self
-            .send(r, "pull", Method::GET, &url, &|b| {
+            .send(r, "pull", method, &url, &|b| {
                 b.header(header::ACCEPT, media::MANIFEST_ACCEPT)
             })
             .await
@@ -121,6 +122,12 @@ impl RegistryClient {
                 Error::RegistryStatus { status: 404, .. } => Error::ManifestNotFound(r.to_string()),
                 e => e,
             })?;
+        Ok((resp, url))
+    }
+
+    /// Fetches the manifest `r` names. When `r` has a digest the bytes must match it.
+    async fn get_manifest_direct(&self, r: &Reference) -> Result<FetchedManifest> {
+        let (resp, url) = self.manifest_request(r, Method::GET).await?;
         let media_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -148,16 +155,7 @@ impl RegistryClient {
     /// The digest a tag points to, from a HEAD request (no manifest bytes are transferred).
     /// `None` when the registry does not say (no `Docker-Content-Digest` header).
     async fn head_manifest_direct(&self, r: &Reference) -> Result<Option<Digest>> {
-        let url = format!("{}/manifests/{}", self.base(r), r.manifest_ref());
-        let resp = self
-            .send(r, "pull", Method::HEAD, &url, &|b| {
-                b.header(header::ACCEPT, media::MANIFEST_ACCEPT)
-            })
-            .await
-            .map_err(|e| match e {
-                Error::RegistryStatus { status: 404, .. } => Error::ManifestNotFound(r.to_string()),
-                e => e,
-            })?;
+        let (resp, _) = self.manifest_request(r, Method::HEAD).await?;
         Ok(resp
             .headers()
             .get("docker-content-digest")
