@@ -60,6 +60,17 @@ fn signal(child: &Child, sig: &str) {
         .status();
 }
 
+/// SIGTERM, up to 10 s to exit, then SIGKILL; always reaped.
+fn stop(mut c: Child) {
+    signal(&c, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 /// A running `brisk-snapshotter`.
 pub struct Snapshotter {
     child: Option<Child>,
@@ -144,14 +155,8 @@ impl Snapshotter {
 
 impl Drop for Snapshotter {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "-TERM");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop(c);
         }
         // Whatever the daemon left mounted under its root must not outlive the test.
         crate::daemons::detach_under(&self.root);
@@ -280,14 +285,8 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "-TERM");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop(c);
         }
         detach_under(&self.dir);
     }

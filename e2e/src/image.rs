@@ -166,7 +166,12 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 /// `len` bytes from xorshift64: the same on every run, and incompressible, so the
 /// compressed layer has chunks of about the same size as the tar ranges they cover.
 pub fn deterministic_bytes(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    seeded_bytes(len, 1)
+}
+
+/// `len` bytes of xorshift64 from `seed`: incompressible, and different for every seed.
+pub fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state ^= state << 13;

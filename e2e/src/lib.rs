@@ -13,6 +13,7 @@ pub mod image;
 pub mod layout;
 pub mod proxy;
 pub mod registry;
+pub mod server_thread;
 pub mod tree;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -45,6 +46,12 @@ pub const CONVERT_TOOLS: &[&str] = &[
 
 /// Files the sample image is built from (from the `busybox-static` package).
 pub const CONVERT_FILES: &[&str] = &["/bin/busybox"];
+
+/// Tools the snapshotter tests run besides the conversion ones: a private containerd and runc.
+pub const CONTAINERD_TOOLS: &[&str] = &["containerd", "ctr", "runc"];
+
+/// Files the snapshotter tests need: the sample's busybox and the FUSE device.
+pub const SNAPSHOTTER_FILES: &[&str] = &["/bin/busybox", "/dev/fuse"];
 
 /// Decides whether a system test runs.
 ///
@@ -81,6 +88,15 @@ pub fn gate(tools: &[&str], files: &[&str]) -> bool {
         );
     }
     true
+}
+
+/// `gate` for the tests that run containers on Brisk: the conversion tools, containerd, runc
+/// and FUSE.
+pub fn snapshotter_gate() -> bool {
+    gate(
+        &[CONVERT_TOOLS, CONTAINERD_TOOLS].concat(),
+        SNAPSHOTTER_FILES,
+    )
 }
 
 /// `/proc/self` belongs to the effective user of the process reading it.

@@ -17,7 +17,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -29,6 +28,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+use crate::server_thread::ServerThread;
 
 /// Where a redirected blob request goes: the proxy itself serves paths under this prefix,
 /// honoring `Range`, with no fault.
@@ -144,8 +145,7 @@ type Shared = Arc<Mutex<State>>;
 pub struct Proxy {
     addr: SocketAddr,
     state: Shared,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl Proxy {
@@ -164,29 +164,21 @@ impl Proxy {
             .build()
             .context("Building the proxy's HTTP client")?;
         let state = Shared::default();
-        let (shutdown, stopped) = oneshot::channel();
         let forward = Forward {
             client,
             upstream: format!("http://{upstream}"),
             state: state.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("fault-proxy".into())
-            .spawn(move || {
-                // Dropping the runtime at the end of the thread cancels every connection,
-                // stalled ones included.
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    accept_until(listener, forward, stopped).await;
-                });
-            })?;
+        let server = ServerThread::spawn(
+            "fault-proxy",
+            runtime,
+            listener,
+            move |listener, stopped| accept_until(listener, forward, stopped),
+        )?;
         Ok(Self {
             addr,
             state,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            server,
         })
     }
 
@@ -221,22 +213,11 @@ impl Proxy {
     /// Closes the port and every connection: from now on the registry is unreachable
     /// through the proxy. Counts stay readable.
     pub fn stop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.server.stop();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("not poisoned")
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -11,25 +11,14 @@ use anyhow::{Context, Result};
 use brisk_blobcache::toc::{Footer, Toc, FOOTER_SIZE};
 use brisk_e2e::daemons::{mounts_under, Containerd, Snapshotter};
 use brisk_e2e::{
-    brisk, build_sample_image, gate, push_image, raw_manifest, sample_rootfs, Proxy, Registry,
-    CONVERT_FILES,
+    brisk, build_sample_image, push_image, raw_manifest, sample_rootfs, snapshotter_gate, Proxy,
+    Registry,
 };
 use serde_json::Value;
 use tempfile::TempDir;
 
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "umoci",
-    "containerd",
-    "ctr",
-    "runc",
-    "setfattr",
-    "sha256sum",
-];
-
 fn enabled() -> bool {
-    gate(TOOLS, &[CONVERT_FILES, &["/dev/fuse"]].concat())
+    snapshotter_gate()
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

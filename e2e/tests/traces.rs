@@ -3,33 +3,22 @@
 //! caches, which prefetches it so the same start needs no on-demand registry fetch; bad
 //! trace files are refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use brisk_e2e::daemons::{Containerd, Snapshotter};
 use brisk_e2e::{
-    assert_same_tree, brisk, brisk_output, build_sample_image, gate, unpack_image_from_layout,
-    unpack_image_from_registry, Registry, CONVERT_FILES,
+    assert_same_tree, brisk, brisk_output, build_sample_image, snapshotter_gate,
+    unpack_image_from_layout, unpack_image_from_registry, OciImage, Registry,
 };
 use serde_json::Value;
-
-const TOOLS: &[&str] = &[
-    "docker-registry",
-    "skopeo",
-    "umoci",
-    "containerd",
-    "ctr",
-    "runc",
-    "setfattr",
-    "sha256sum",
-];
 
 /// What the traced program reads.
 const PROGRAM: &str = "cat /etc/hostname /app/link /app/added/new.txt > /dev/null; echo done";
 
 fn enabled() -> bool {
-    gate(TOOLS, &[CONVERT_FILES, &["/dev/fuse"]].concat())
+    snapshotter_gate()
 }
 
 /// One "host": a snapshotter (recording ends 1 s after the last read) and a containerd.
@@ -60,31 +49,56 @@ impl Host {
         self.snapshotter.socket.to_str().expect("UTF-8 temp path")
     }
 
-    fn pull_and_run(&self, image: &str, id: &str) -> Result<String> {
+    fn pull(&self, image: &str) -> Result<()> {
         let socket = self.containerd.socket.to_str().context("path")?;
+        let namespace = &self.containerd.namespace;
         brisk(&[
             "pull",
             image,
             "--containerd",
             socket,
             "--namespace",
-            &self.containerd.namespace,
+            namespace,
         ])?;
+        Ok(())
+    }
+
+    /// Runs `PROGRAM` in a new container of `image`; its stdout.
+    fn run(&self, image: &str, id: &str) -> Result<String> {
         let id = format!("{id}-{}", std::process::id());
+        let args = [
+            "run",
+            "--rm",
+            "--snapshotter",
+            "brisk",
+            image,
+            &id,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            PROGRAM,
+        ];
         self.containerd
-            .ctr(&[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "brisk",
-                image,
-                &id,
-                "/bin/busybox",
-                "sh",
-                "-c",
-                PROGRAM,
-            ])
+            .ctr(&args)
             .with_context(|| self.snapshotter.log())
+    }
+
+    fn pull_and_run(&self, image: &str, id: &str) -> Result<String> {
+        self.pull(image)?;
+        self.run(image, id)
+    }
+
+    fn export_trace(&self, image: &str, file: &Path) -> Result<()> {
+        let file = file.to_str().context("path")?;
+        brisk(&[
+            "trace",
+            "export",
+            image,
+            file,
+            "--snapshotter",
+            self.socket(),
+        ])?;
+        Ok(())
     }
 
     fn status(&self) -> Result<Value> {
@@ -137,22 +151,51 @@ impl Host {
     }
 }
 
+/// The sample converted into its own registry, and the host whose first start of it was
+/// recorded and exported.
+struct Recorded {
+    sample: OciImage,
+    registry: Registry,
+    image: String,
+    host: Host,
+    trace: PathBuf,
+}
+
+fn record_first_start(dir: &Path, name: &str) -> Result<Recorded> {
+    let sample = build_sample_image(&dir.join("sample"))?;
+    let registry = Registry::start()?;
+    let image = registry.image("sample:lazy");
+    brisk(&["convert", &sample.transport(), &image])?;
+    let host = Host::start(&dir.join(name), name)?;
+    assert_eq!(host.pull_and_run(&image, "first")?, "done\n");
+    host.wait_for_trace()?;
+    let trace = dir.join("trace.json");
+    host.export_trace(&image, &trace)?;
+    Ok(Recorded {
+        sample,
+        registry,
+        image,
+        host,
+        trace,
+    })
+}
+
 #[test]
 fn a_recorded_trace_travels_through_the_registry_and_is_prefetched() -> Result<()> {
     if !enabled() {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let sample = build_sample_image(&tmp.path().join("sample"))?;
-    let registry = Registry::start()?;
-    let image = registry.image("sample:lazy");
-    brisk(&["convert", &sample.transport(), &image])?;
-
     // Host A: first start, recorded.
-    let a = Host::start(&tmp.path().join("a"), "trace-a")?;
-    assert_eq!(a.pull_and_run(&image, "first")?, "done\n");
+    // The registry is bound so that it lives to the end of the test.
+    let Recorded {
+        image,
+        host: a,
+        trace: exported,
+        registry: _registry,
+        ..
+    } = record_first_start(tmp.path(), "trace-a")?;
     assert_eq!(a.status()?["recordings"], 1);
-    a.wait_for_trace()?;
     let shown = brisk(&["trace", "show", &image, "--snapshotter", a.socket()])?;
     for file in [
         "bin/busybox",
@@ -169,45 +212,16 @@ fn a_recorded_trace_travels_through_the_registry_and_is_prefetched() -> Result<(
         !shown.contains("app/big.bin"),
         "the program never read big.bin:\n{shown}"
     );
-    let exported = tmp.path().join("trace.json");
-    brisk(&[
-        "trace",
-        "export",
-        &image,
-        exported.to_str().context("path")?,
-        "--snapshotter",
-        a.socket(),
-    ])?;
     brisk(&["trace", "push", &image, "--snapshotter", a.socket()])?;
 
     // Host B: empty caches; the trace comes from the registry on first sight.
     let b = Host::start(&tmp.path().join("b"), "trace-b")?;
-    let socket = b.containerd.socket.to_str().context("path")?;
-    brisk(&[
-        "pull",
-        &image,
-        "--containerd",
-        socket,
-        "--namespace",
-        &b.containerd.namespace,
-    ])?;
+    b.pull(&image)?;
     let prefetched = b.wait_for_prefetch()?;
     let before = b.status()?;
     assert_eq!(before["prefetches_started"], 1, "{before}");
     assert_eq!(before["recordings"], 0, "{before}");
-    let id = format!("second-{}", std::process::id());
-    let out = b.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "brisk",
-        &image,
-        &id,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        PROGRAM,
-    ])?;
+    let out = b.run(&image, "second")?;
     assert_eq!(out, "done\n");
     let after = b.status()?;
     assert_eq!(
@@ -238,22 +252,13 @@ fn bad_trace_files_are_refused() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let sample = build_sample_image(&tmp.path().join("sample"))?;
-    let registry = Registry::start()?;
-    let image = registry.image("sample:lazy");
-    brisk(&["convert", &sample.transport(), &image])?;
-    let host = Host::start(&tmp.path().join("h"), "trace-bad")?;
-    assert_eq!(host.pull_and_run(&image, "rec")?, "done\n");
-    host.wait_for_trace()?;
-    let good = tmp.path().join("good.json");
-    brisk(&[
-        "trace",
-        "export",
-        &image,
-        good.to_str().context("path")?,
-        "--snapshotter",
-        host.socket(),
-    ])?;
+    let Recorded {
+        sample,
+        registry,
+        image,
+        host,
+        trace: good,
+    } = record_first_start(tmp.path(), "trace-bad")?;
     let bytes = std::fs::read(&good)?;
 
     let garbage = tmp.path().join("garbage.json");
@@ -310,22 +315,13 @@ fn a_baked_trace_prefetches_on_a_host_that_never_saw_one() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let sample = build_sample_image(&tmp.path().join("sample"))?;
-    let registry = Registry::start()?;
-    let lazy = registry.image("sample:lazy");
-    brisk(&["convert", &sample.transport(), &lazy])?;
-    let a = Host::start(&tmp.path().join("a"), "bake-a")?;
-    assert_eq!(a.pull_and_run(&lazy, "record")?, "done\n");
-    a.wait_for_trace()?;
-    let trace = tmp.path().join("trace.json");
-    brisk(&[
-        "trace",
-        "export",
-        &lazy,
-        trace.to_str().context("path")?,
-        "--snapshotter",
-        a.socket(),
-    ])?;
+    let Recorded {
+        sample,
+        registry,
+        trace,
+        host: _a,
+        ..
+    } = record_first_start(tmp.path(), "bake-a")?;
 
     // Bake it in: the traced files move to the front of their layers.
     let baked = registry.image("sample:baked");
@@ -349,31 +345,11 @@ fn a_baked_trace_prefetches_on_a_host_that_never_saw_one() -> Result<()> {
 
     // A host with no trace at all prefetches from the TOC.
     let b = Host::start(&tmp.path().join("b"), "bake-b")?;
-    let socket = b.containerd.socket.to_str().context("path")?;
-    brisk(&[
-        "pull",
-        &baked,
-        "--containerd",
-        socket,
-        "--namespace",
-        &b.containerd.namespace,
-    ])?;
+    b.pull(&baked)?;
     b.wait_for_prefetch()?;
     let before = b.status()?;
     assert_eq!(before["prefetches_started"], 1, "{before}");
-    let id = format!("baked-{}", std::process::id());
-    let out = b.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "brisk",
-        &baked,
-        &id,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        PROGRAM,
-    ])?;
+    let out = b.run(&baked, "baked")?;
     assert_eq!(out, "done\n");
     let after = b.status()?;
     assert_eq!(

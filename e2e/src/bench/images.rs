@@ -125,7 +125,7 @@ fn build_python(cache: &Path, layout: &Path) -> Result<()> {
     eprintln!("images: packing big ({} MiB)", BIG_FILE_BYTES >> 20);
     fs::write(
         bundle.join("rootfs").join(BIG_FILE.trim_start_matches('/')),
-        seeded_bytes(BIG_FILE_BYTES as usize, 0xb16),
+        crate::image::seeded_bytes(BIG_FILE_BYTES as usize, 0xb16),
     )?;
     umoci(&["repack", "--refresh-bundle", "--image", &big], &bundle)?;
     fs::remove_dir_all(&bundle)?;
@@ -148,25 +148,11 @@ fn build_small(cache: &Path, layout: &Path, i: usize) -> Result<()> {
     fs::write(root.join("etc/hostname"), format!("small-{i}\n"))?;
     fs::write(
         root.join("app/data.bin"),
-        seeded_bytes(1 << 20, 0x5eed + i as u64),
+        crate::image::seeded_bytes(1 << 20, 0x5eed + i as u64),
     )?;
     umoci(&["repack", "--image", &tag], &bundle)?;
     fs::remove_dir_all(&bundle)?;
     Ok(())
-}
-
-/// `len` bytes of xorshift64 from `seed`: incompressible, and different for every seed.
-fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Pushes `NAME:v1` for every image of the layout to `registry` and converts each to

@@ -16,7 +16,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -26,6 +25,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::server_thread::ServerThread;
 
 /// Bytes read from one side in one go. Small enough that the token bucket meters the link
 /// smoothly (16 KiB is 1.3 ms at 100 Mbit/s), large enough to keep the relay cheap.
@@ -77,8 +78,8 @@ pub struct Wan {
     addr: SocketAddr,
     link: Link,
     counters: Arc<Counters>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the link when the `Wan` is dropped.
+    _server: ServerThread,
 }
 
 impl Wan {
@@ -104,24 +105,15 @@ impl Wan {
             counters: counters.clone(),
             upstream,
         });
-        let (shutdown, stopped) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("wan-link".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    accept_until(listener, shared, stopped).await;
-                });
-                // Dropping the runtime here cancels every relay still running.
+        let server =
+            ServerThread::spawn("wan-link", runtime, listener, move |listener, stopped| {
+                accept_until(listener, shared, stopped)
             })?;
         Ok(Self {
             addr,
             link,
             counters,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _server: server,
         })
     }
 
@@ -153,17 +145,6 @@ impl Wan {
         let c = &self.counters;
         for counter in [&c.bytes_down, &c.bytes_up, &c.connections, &c.requests] {
             counter.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
