@@ -312,6 +312,10 @@ impl ChunkSource for DiskCache {
         self.read(&chunk.digest).map_err(SourceError::unavailable)
     }
 
+    async fn contains(&self, digest: &Digest) -> bool {
+        self.index.contains_key(digest.as_bytes()).unwrap_or(false)
+    }
+
     async fn put(&self, chunk: &VerifiedChunk) {
         if let Err(err) = self.write(chunk) {
             tracing::warn!(digest = %chunk.digest(), %err, "disk cache write failed; serving without keeping");

@@ -68,6 +68,8 @@ pub enum Error {
     ManifestNotFound(String),
     #[error("Chunk {digest} could not be read from any cache level: {reason}")]
     ChunkUnavailable { digest: Digest, reason: String },
+    #[error("Zone: {0}")]
+    Zone(String),
     #[error("Invalid configuration: {0}")]
     Config(String),
     #[error("I/O error on {path}")]

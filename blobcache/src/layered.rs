@@ -6,7 +6,7 @@
 //! same chunk (single flight), and let on-demand reads go ahead of prefetch.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,7 +96,22 @@ impl Urgency {
 struct InFlight {
     flight: Flight,
     urgency: Arc<Urgency>,
+    /// Set while the fetch is asking zone peers. A peer's request for such a chunk is
+    /// declined rather than joined: two hosts with different views of the zone could
+    /// otherwise each wait for the other.
+    at_peer: Arc<AtomicBool>,
 }
+
+/// Who a read is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Local,
+    /// A zone peer: the peer level is skipped (the asking host already chose this one).
+    Peer,
+}
+
+/// The name zone peer levels go by; see `ChunkSource::name`.
+const PEER_LEVEL: &str = "peer";
 
 pub struct Layered {
     levels: Vec<Level>,
@@ -206,7 +221,10 @@ impl Layered {
         chunks: &[ChunkRef],
         priority: Priority,
     ) -> Result<Vec<VerifiedChunk>> {
-        let flights = self.join_or_start(chunks, priority);
+        let flights = self
+            .join_or_start(chunks, priority, Reader::Local)
+            .into_iter()
+            .map(|f| f.expect("local reads are never declined"));
         let results = futures::future::join_all(flights).await;
         chunks
             .iter()
@@ -220,17 +238,56 @@ impl Layered {
             .collect()
     }
 
-    fn join_or_start(self: &Arc<Self>, chunks: &[ChunkRef], priority: Priority) -> Vec<Flight> {
+    /// Reads chunks for a zone peer, from every level but the peers. `None` for a chunk that
+    /// no level could provide, or that this host is itself fetching from a peer right now.
+    pub async fn read_for_peer(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) -> Vec<Option<VerifiedChunk>> {
+        let flights = self.join_or_start(chunks, priority, Reader::Peer);
+        futures::future::join_all(flights.into_iter().map(|f| async move {
+            match f {
+                Some(f) => f.await.ok(),
+                None => None,
+            }
+        }))
+        .await
+    }
+
+    /// Whether a level faster than the peers holds the chunk; fetches nothing.
+    pub async fn contains(&self, digest: &Digest) -> bool {
+        for level in &self.levels {
+            if level.source.name() == PEER_LEVEL {
+                break;
+            }
+            if level.source.contains(digest).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef],
+        priority: Priority,
+        reader: Reader,
+    ) -> Vec<Option<Flight>> {
         let mut inflight = self.inflight.lock().expect("not poisoned");
         let mut mine: Vec<ChunkRef> = Vec::new();
         let mut mine_index: HashMap<Digest, usize> = HashMap::new();
         enum Slot {
             Joined(Flight),
             Mine(usize),
+            Declined,
         }
         let slots: Vec<Slot> = chunks
             .iter()
             .map(|c| match inflight.get(&c.digest) {
+                Some(f) if reader == Reader::Peer && f.at_peer.load(Ordering::SeqCst) => {
+                    Slot::Declined
+                }
                 Some(f) => {
                     if priority == Priority::OnDemand {
                         f.urgency.raise();
@@ -249,8 +306,12 @@ impl Layered {
             let batch = mine.clone();
             let urgency = Arc::new(Urgency::default());
             let urgent = urgency.clone();
+            let at_peer = Arc::new(AtomicBool::new(false));
+            let asking = at_peer.clone();
             let group = async move {
-                let out = this.read_through(&batch, priority, &urgent).await;
+                let out = this
+                    .read_through(&batch, priority, &urgent, reader, &asking)
+                    .await;
                 let mut inflight = this.inflight.lock().expect("not poisoned");
                 for c in &batch {
                     inflight.remove(&c.digest);
@@ -267,6 +328,7 @@ impl Layered {
                     InFlight {
                         flight: flight.clone(),
                         urgency: urgency.clone(),
+                        at_peer: at_peer.clone(),
                     },
                 );
                 started.push(flight);
@@ -275,8 +337,9 @@ impl Layered {
         slots
             .into_iter()
             .map(|s| match s {
-                Slot::Joined(f) => f,
-                Slot::Mine(j) => started[j].clone(),
+                Slot::Joined(f) => Some(f),
+                Slot::Mine(j) => Some(started[j].clone()),
+                Slot::Declined => None,
             })
             .collect()
     }
@@ -286,6 +349,8 @@ impl Layered {
         chunks: &[ChunkRef],
         priority: Priority,
         urgency: &Urgency,
+        reader: Reader,
+        at_peer: &AtomicBool,
     ) -> Vec<Outcome> {
         let mut out: Vec<Outcome> = vec![Err(Arc::from("no cache level has it")); chunks.len()];
         let mut remaining: Vec<usize> = (0..chunks.len()).collect();
@@ -294,6 +359,10 @@ impl Layered {
             for (li, level) in self.levels.iter().enumerate() {
                 if remaining.is_empty() {
                     return out;
+                }
+                let peer_level = level.source.name() == PEER_LEVEL;
+                if peer_level && reader == Reader::Peer {
+                    continue;
                 }
                 let mut _slot = None;
                 let _guard;
@@ -312,7 +381,16 @@ impl Layered {
                     _guard = OnDemandGuard(self);
                 }
                 let asked = remaining.len();
-                remaining = self.ask(li, level, chunks, remaining, &mut out).await;
+                at_peer.store(peer_level, Ordering::SeqCst);
+                let effective = if urgency.is_raised() {
+                    Priority::OnDemand
+                } else {
+                    priority
+                };
+                remaining = self
+                    .ask(li, level, chunks, remaining, &mut out, effective)
+                    .await;
+                at_peer.store(false, Ordering::SeqCst);
                 if li == last {
                     let served = (asked - remaining.len()) as u64;
                     let counter = if priority == Priority::OnDemand || urgency.is_raised() {
@@ -335,27 +413,30 @@ impl Layered {
         chunks: &[ChunkRef],
         remaining: Vec<usize>,
         out: &mut [Outcome],
+        priority: Priority,
     ) -> Vec<usize> {
         let name = level.source.name();
         let refs: Vec<ChunkRef> = remaining.iter().map(|&i| chunks[i].clone()).collect();
         let started = Instant::now();
-        let answers = match tokio::time::timeout(level.deadline, level.source.get_many(&refs)).await
-        {
-            Ok(answers) => answers,
-            Err(_) => {
-                level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
-                tracing::warn!(level = name, "level too slow, skipping");
-                let reason: Arc<str> = Arc::from(format!(
-                    "the {name} level did not answer in {:?}",
-                    level.deadline
-                ));
-                for &i in &remaining {
-                    out[i] = Err(reason.clone());
+        let answers =
+            match tokio::time::timeout(level.deadline, level.source.get_many_for(&refs, priority))
+                .await
+            {
+                Ok(answers) => answers,
+                Err(_) => {
+                    level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
+                    tracing::warn!(level = name, "level too slow, skipping");
+                    let reason: Arc<str> = Arc::from(format!(
+                        "the {name} level did not answer in {:?}",
+                        level.deadline
+                    ));
+                    for &i in &remaining {
+                        out[i] = Err(reason.clone());
+                    }
+                    return remaining;
                 }
-                return remaining;
-            }
-        };
+            };
         metrics::histogram!("brisk_cache_latency_seconds", "level" => name)
             .record(started.elapsed().as_secs_f64());
         let mut missed = Vec::new();

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod remote;
 pub mod source;
 pub mod toc;
+pub mod zone;
 
 pub use digest::Digest;
 pub use error::{chain as error_chain, Error, Result};

@@ -54,6 +54,14 @@ impl ChunkSource for MemoryCache {
         Ok(self.lookup(&chunk.digest).map(Found::Verified))
     }
 
+    async fn contains(&self, digest: &Digest) -> bool {
+        self.inner
+            .lock()
+            .expect("not poisoned")
+            .lru
+            .contains(digest)
+    }
+
     async fn put(&self, chunk: &VerifiedChunk) {
         let size = chunk.data().len() as u64;
         if size > self.capacity {

@@ -76,6 +76,11 @@ impl RegistrySource {
         self.blobs.write().expect("not poisoned").insert(blob, r);
     }
 
+    /// The repository registered for `blob`, if any.
+    pub fn repository_of(&self, blob: &Digest) -> Option<Reference> {
+        self.blobs.read().expect("not poisoned").get(blob).cloned()
+    }
+
     pub fn stats(&self) -> &RemoteStats {
         &self.stats
     }

@@ -6,6 +6,7 @@
 use bytes::Bytes;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::layered::Priority;
 use crate::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,17 @@ pub trait ChunkSource: Send + Sync {
     /// one request (the registry) override this; the default asks for each concurrently.
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
         futures::future::join_all(chunks.iter().map(|c| self.get(c))).await
+    }
+
+    /// `get_many` for a read of the given priority; levels that pass work on to others
+    /// (zone peers) forward it.
+    async fn get_many_for(&self, chunks: &[ChunkRef], _priority: Priority) -> Vec<Answer> {
+        self.get_many(chunks).await
+    }
+
+    /// Whether this level holds the chunk, without fetching it. Only local levels know.
+    async fn contains(&self, _digest: &Digest) -> bool {
+        false
     }
 
     /// Keep a chunk fetched from a slower level. The registry keeps nothing.

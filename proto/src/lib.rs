@@ -1,5 +1,5 @@
 //! Brisk's gRPC surface: containerd's snapshots service (generated from the vendored protos in
-//! `vendor/`, see `vendor/SOURCES.txt`) and Brisk's own control service (`brisk/v1`).
+//! `vendor/`, see `vendor/SOURCES.txt`) and Brisk's own control and zone peer services (`brisk/v1`).
 //!
 //! Generated code only. The module nesting mirrors the protobuf packages, because the
 //! generated code refers across packages with `super::` paths.

@@ -24,6 +24,37 @@ pub struct Config {
     pub cache: CacheConfig,
     pub registry: RegistrySettings,
     pub trace: TraceSettings,
+    pub peer: PeerSettings,
+}
+
+/// The zone cache peer service (L3). Off unless `listen` is set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerSettings {
+    /// `host:port` for the peer service (TCP) and zone gossip (UDP). Other members reach this
+    /// host there, so it must be an address they can route to, not a wildcard.
+    pub listen: Option<String>,
+    /// Seed members (`host:port`, this host's own address may be among them). Seeds that are
+    /// down at start are tried again every second.
+    pub peers: Vec<String>,
+    /// File holding the zone's shared token (at least 16 bytes); required with `listen`.
+    pub token_file: Option<PathBuf>,
+    /// A peer must accept a request within this many milliseconds, or it is passed over.
+    pub ack_timeout_ms: u64,
+    /// Serve the zone only: no snapshots socket (a cache host for the zone).
+    pub peer_only: bool,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            peers: Vec::new(),
+            token_file: None,
+            ack_timeout_ms: 500,
+            peer_only: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -79,6 +110,10 @@ pub struct RegistrySettings {
     /// Seconds a registry may stay silent before a request is retried.
     pub timeout_secs: Option<u64>,
     pub retries: Option<u32>,
+    /// HTTP proxy for every registry request (`http://host:port`), e.g. a P2P distribution
+    /// daemon in front of the registry. Unset: the `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`
+    /// environment applies.
+    pub proxy: Option<String>,
     /// containerd's registry host configuration directory (`/etc/containerd/certs.d`): the
     /// mirrors listed there are read through, in order, before the registry itself.
     pub config_path: Option<PathBuf>,
@@ -94,6 +129,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             registry: RegistrySettings::default(),
             trace: TraceSettings::default(),
+            peer: PeerSettings::default(),
         }
     }
 }

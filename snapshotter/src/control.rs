@@ -116,6 +116,18 @@ impl api::control_server::Control for ControlService {
             prefetch_fetches: remote.cache().origin_fetches().1,
             prefetches_started: remote.traces().prefetches_started(),
             recordings: remote.traces().recordings_started(),
+            zone: remote.zone().map(|z| {
+                let s = z.stats();
+                api::ZoneStatus {
+                    address: z.zone().me().to_string(),
+                    members: z.zone().members().iter().map(|m| m.to_string()).collect(),
+                    requests: s.requests.load(Ordering::Relaxed),
+                    chunks: s.chunks.load(Ordering::Relaxed),
+                    bytes: s.bytes.load(Ordering::Relaxed),
+                    corrupt: s.corrupt.load(Ordering::Relaxed),
+                    failures: s.failures.load(Ordering::Relaxed),
+                }
+            }),
         }))
     }
 }

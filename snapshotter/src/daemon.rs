@@ -43,6 +43,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         plain_http_hosts: [config.registry.plain_http.clone(), mirrors.plain_http].concat(),
         mirrors: mirrors.by_registry,
         timeout: Duration::from_secs(config.registry.timeout_secs.unwrap_or(30)),
+        proxy: config.registry.proxy.clone(),
         retries: config.registry.retries.unwrap_or(4),
         ..RegistryConfig::default()
     };
@@ -53,14 +54,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.cache.disk_bytes,
     )?);
     let origin_deadline = registry.timeout * (registry.retries + 1) + Duration::from_secs(15);
-    let cache = Layered::builder()
+    let mut zone = crate::zone::join(&config.peer, source.clone()).await?;
+    let mut levels = Layered::builder()
         .level(
             Arc::new(MemoryCache::new(config.cache.memory_bytes)),
             Duration::from_secs(1),
         )
-        .level(disk.clone(), Duration::from_secs(5))
-        .level(source.clone(), origin_deadline)
-        .build();
+        .level(disk.clone(), Duration::from_secs(5));
+    if let Some(zone) = &zone {
+        // The peer level keeps its own time: it waits on a home that shows progress, so
+        // only a home that is itself waiting on the registry can take this long.
+        levels = levels.level(zone.source.clone(), origin_deadline);
+    }
+    let cache = levels.level(source.clone(), origin_deadline).build();
     let manifests = ManifestStore::open(root.join("meta"))?;
     let store = SnapshotStore::open(&root.join("metadata"))?;
     let t = &config.trace;
@@ -80,21 +86,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         fetch_from_registry: t.fetch_from_registry,
         skip: t.skip_prefetch.clone(),
     };
-    let remote = Arc::new(RemoteLayers::new(
-        client,
-        manifests,
-        source,
-        cache,
-        tokio::runtime::Handle::current(),
-        traces,
-        policy,
-    ));
+    if let Some(zone) = &mut zone {
+        zone.serve(cache.clone(), source.clone(), traces.clone());
+    }
+    let remote = Arc::new(
+        RemoteLayers::new(
+            client,
+            manifests,
+            source,
+            cache,
+            tokio::runtime::Handle::current(),
+            traces,
+            policy,
+        )
+        .with_zone(zone.as_ref().map(|z| z.source.clone())),
+    );
     let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone())?);
 
-    remount(&snapshotter, &config).await?;
     if let Some(addr) = &config.metrics_address {
         crate::metrics::serve(addr)?;
     }
+    if config.peer.peer_only {
+        if zone.is_none() {
+            return Err(Error::InvalidArgument(
+                "peer-only needs a peer listen address".into(),
+            ));
+        }
+        tracing::info!(root = %root.display(), "serving the zone only");
+        shutdown.await;
+        tracing::info!("shutting down");
+        if let Some(zone) = zone {
+            zone.leave().await;
+        }
+        disk.flush()?;
+        return Ok(());
+    }
+    remount(&snapshotter, &config).await?;
 
     let address = &config.address;
     if let Some(dir) = address.parent() {
@@ -114,6 +141,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     tracing::info!("shutting down");
+    if let Some(zone) = zone {
+        zone.leave().await;
+    }
     remote.unmount_all();
     disk.flush()?;
     let _ = std::fs::remove_file(address);

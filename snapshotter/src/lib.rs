@@ -16,6 +16,7 @@ mod remote;
 mod service;
 mod snapshots;
 mod traces;
+mod zone;
 
 pub use daemon::run;
 pub use error::{Error, Result};

@@ -21,6 +21,18 @@ struct Args {
     /// Unix socket for containerd (overrides the config).
     #[arg(long)]
     address: Option<PathBuf>,
+    /// Serve the zone cache peer service at HOST:PORT (TCP, and UDP for gossip).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_listen: Option<String>,
+    /// Zone seed members, comma separated (may include this host's own address).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// File holding the zone's shared token.
+    #[arg(long, value_name = "FILE")]
+    peer_token_file: Option<PathBuf>,
+    /// Serve only the zone (no snapshots socket): a cache host for the other members.
+    #[arg(long)]
+    peer_only: bool,
 }
 
 #[tokio::main]
@@ -34,6 +46,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(address) = args.address {
         config.address = address;
     }
+    if let Some(listen) = args.peer_listen {
+        config.peer.listen = Some(listen);
+    }
+    if let Some(peers) = args.peers {
+        config.peer.peers = peers;
+    }
+    if let Some(file) = args.peer_token_file {
+        config.peer.token_file = Some(file);
+    }
+    config.peer.peer_only |= args.peer_only;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&config.log_level).context("Bad log_level")?,

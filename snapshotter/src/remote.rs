@@ -59,6 +59,8 @@ pub struct RemoteLayers {
     /// Live FUSE sessions by snapshot id; dropping one unmounts it. A std mutex: held only
     /// to insert or remove.
     sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
+    /// Zone peers, asked for traces before the registry.
+    zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
 }
 
 impl RemoteLayers {
@@ -80,7 +82,20 @@ impl RemoteLayers {
             cache,
             rt,
             sessions: Mutex::default(),
+            zone: None,
         }
+    }
+
+    pub fn with_zone(
+        mut self,
+        zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
+    ) -> Self {
+        self.zone = zone;
+        self
+    }
+
+    pub fn zone(&self) -> Option<&Arc<brisk_blobcache::zone::client::PeerSource>> {
+        self.zone.as_ref()
     }
 
     pub fn traces(&self) -> &Arc<crate::traces::Traces> {
@@ -277,6 +292,19 @@ impl RemoteLayers {
         let layers = self.image_layers(reference, manifest).await?;
         let repo = format!("{}/{}", reference.registry, reference.repository);
         let mut trace = self.traces.get(&manifest)?;
+        if let (None, Some(zone)) = (&trace, &self.zone) {
+            if let Some(bytes) = zone.trace(&manifest).await {
+                match brisk_trace_recorder::Trace::decode(&bytes, Some(&manifest)) {
+                    Ok(t) => {
+                        tracing::info!(image = %reference, chunks = t.entries.len(), "trace fetched from a zone peer");
+                        trace = Some(self.traces.import(&t)?);
+                    }
+                    Err(err) => {
+                        tracing::warn!(image = %reference, err = %chain(&err), "a zone peer's trace was refused")
+                    }
+                }
+            }
+        }
         if trace.is_none() && self.policy.fetch_from_registry {
             match brisk_trace_recorder::share::fetch(&self.client, reference, &manifest).await {
                 Ok(Some(t)) => {

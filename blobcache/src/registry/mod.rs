@@ -42,6 +42,8 @@ pub struct RegistryConfig {
     pub retries: u32,
     /// First backoff; doubles each retry, with up to 50% random jitter.
     pub backoff: Duration,
+    /// Send every request through this HTTP proxy (`http://host:port`).
+    pub proxy: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -53,6 +55,7 @@ impl Default for RegistryConfig {
             timeout: Duration::from_secs(30),
             retries: 4,
             backoff: Duration::from_millis(200),
+            proxy: None,
         }
     }
 }
@@ -83,16 +86,20 @@ enum Attempt<T> {
 
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(config.timeout)
-            .user_agent(concat!("brisk/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| Error::Http {
-                method: "INIT",
-                url: String::new(),
-                source,
-            })?;
+            .user_agent(concat!("brisk/", env!("CARGO_PKG_VERSION")));
+        if let Some(proxy) = &config.proxy {
+            let proxy = reqwest::Proxy::all(proxy)
+                .map_err(|e| Error::Config(format!("registry proxy {proxy:?}: {e}")))?;
+            builder = builder.proxy(proxy);
+        }
+        let http = builder.build().map_err(|source| Error::Http {
+            method: "INIT",
+            url: String::new(),
+            source,
+        })?;
         Ok(Self {
             http,
             config,

@@ -1,0 +1,165 @@
+//! L3, the zone: which hosts are alive (SWIM gossip), which of them is each chunk's home
+//! (rendezvous hashing), and the peer service hosts use to serve each other chunks.
+//!
+//! A chunk's home is the live member with the highest weight for its digest, so a change of
+//! membership moves only the chunks whose home joined or left. Every member computes the same
+//! home from the same view; the home fetches from the registry once and keeps the chunk, so
+//! a zone reads each chunk from the registry about once however many hosts start the image.
+
+pub mod auth;
+pub mod client;
+pub mod gossip;
+pub mod server;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// This host's view of its zone.
+pub struct Zone {
+    me: SocketAddr,
+    /// Other members gossip says are alive. A std lock: held only to copy or update.
+    live: RwLock<BTreeSet<SocketAddr>>,
+    /// Members that lied or failed lately, and until when they are passed over.
+    avoided: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Zone {
+    pub fn new(me: SocketAddr) -> Self {
+        Self {
+            me,
+            live: RwLock::default(),
+            avoided: Mutex::default(),
+        }
+    }
+
+    pub fn me(&self) -> SocketAddr {
+        self.me
+    }
+
+    /// Other members believed alive, in address order.
+    pub fn members(&self) -> Vec<SocketAddr> {
+        self.live
+            .read()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn set_alive(&self, addr: SocketAddr, alive: bool) {
+        if addr == self.me {
+            return;
+        }
+        let mut live = self.live.write().expect("not poisoned");
+        let changed = if alive {
+            live.insert(addr)
+        } else {
+            live.remove(&addr)
+        };
+        if changed {
+            tracing::info!(peer = %addr, alive, members = live.len() + 1, "zone membership changed");
+            metrics::gauge!("brisk_zone_members").set((live.len() + 1) as f64);
+        }
+    }
+
+    /// Passes `addr` over for `period` (it served wrong bytes or stopped answering).
+    pub fn avoid(&self, addr: SocketAddr, period: Duration) {
+        self.avoided
+            .lock()
+            .expect("not poisoned")
+            .insert(addr, Instant::now() + period);
+    }
+
+    pub fn is_avoided(&self, addr: &SocketAddr) -> bool {
+        let mut avoided = self.avoided.lock().expect("not poisoned");
+        match avoided.get(addr) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                avoided.remove(addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Every member (this host included) ranked for `key`, home first. Avoided members are
+    /// left out, but only after ranking, so avoiding one member moves no other chunk.
+    pub fn ranked(&self, key: &[u8]) -> Vec<SocketAddr> {
+        let mut all: Vec<(u64, SocketAddr)> = self
+            .members()
+            .into_iter()
+            .chain(std::iter::once(self.me))
+            .map(|a| (weight(&a, key), a))
+            .collect();
+        all.sort_by(|a, b| b.cmp(a));
+        all.into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| *a == self.me || !self.is_avoided(a))
+            .collect()
+    }
+}
+
+/// The rendezvous weight of member `addr` for `key`.
+fn weight(addr: &SocketAddr, key: &[u8]) -> u64 {
+    let mut h = Sha256::new();
+    h.update(addr.to_string().as_bytes());
+    h.update([0]);
+    h.update(key);
+    let out = h.finalize();
+    u64::from_be_bytes(out[..8].try_into().expect("sha256 has 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7600))
+    }
+
+    #[test]
+    fn a_member_leaving_moves_only_the_keys_it_was_home_for() {
+        let zone = Zone::new(addr(1));
+        for i in 2..=5 {
+            zone.set_alive(addr(i), true);
+        }
+        let keys: Vec<[u8; 4]> = (0u32..2000).map(|k| k.to_be_bytes()).collect();
+        let before: Vec<SocketAddr> = keys.iter().map(|k| zone.ranked(k)[0]).collect();
+        let homes: BTreeSet<SocketAddr> = before.iter().copied().collect();
+        assert_eq!(homes.len(), 5, "every member is home for some keys");
+        zone.set_alive(addr(3), false);
+        for (k, old) in keys.iter().zip(&before) {
+            let new = zone.ranked(k)[0];
+            if *old == addr(3) {
+                assert_ne!(new, addr(3));
+            } else {
+                assert_eq!(new, *old, "a key whose home stayed did not move");
+            }
+        }
+    }
+
+    #[test]
+    fn avoided_members_are_passed_over_without_reshuffling_the_rest() {
+        let zone = Zone::new(addr(1));
+        zone.set_alive(addr(2), true);
+        zone.set_alive(addr(3), true);
+        let key = (0u32..)
+            .map(|k| k.to_be_bytes())
+            .find(|k| zone.ranked(k)[0] == addr(2))
+            .unwrap();
+        let full = zone.ranked(&key);
+        zone.avoid(addr(2), Duration::from_secs(60));
+        assert_eq!(zone.ranked(&key), full[1..].to_vec());
+        zone.avoid(addr(2), Duration::ZERO);
+        assert_eq!(zone.ranked(&key), full);
+        zone.avoid(addr(1), Duration::from_secs(60));
+        assert!(
+            zone.ranked(&key).contains(&addr(1)),
+            "this host is never avoided"
+        );
+    }
+}
