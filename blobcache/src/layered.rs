@@ -6,7 +6,7 @@
 //! same chunk (single flight), and let on-demand reads go ahead of prefetch.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,10 +96,10 @@ impl Urgency {
 struct InFlight {
     flight: Flight,
     urgency: Arc<Urgency>,
-    /// Set while the fetch is asking zone peers. A peer's request for such a chunk is
-    /// declined rather than joined: two hosts with different views of the zone could
+    /// This host fetches the chunk through a zone peer. A peer's request for such a chunk
+    /// is declined rather than joined: two hosts with different views of the zone could
     /// otherwise each wait for the other.
-    at_peer: Arc<AtomicBool>,
+    forwarded: bool,
 }
 
 /// Who a read is for.
@@ -285,9 +285,7 @@ impl Layered {
         let slots: Vec<Slot> = chunks
             .iter()
             .map(|c| match inflight.get(&c.digest) {
-                Some(f) if reader == Reader::Peer && f.at_peer.load(Ordering::SeqCst) => {
-                    Slot::Declined
-                }
+                Some(f) if reader == Reader::Peer && f.forwarded => Slot::Declined,
                 Some(f) => {
                     if priority == Priority::OnDemand {
                         f.urgency.raise();
@@ -300,18 +298,33 @@ impl Layered {
                 })),
             })
             .collect();
-        let mut started: Vec<Flight> = Vec::new();
-        if !mine.is_empty() {
+        // Chunks fetched through a peer and chunks fetched here go in separate groups, so a
+        // chunk this host is home for never waits on another host's answer: two homes
+        // serving each other would otherwise wait on each other.
+        let forwarded: Vec<bool> = mine
+            .iter()
+            .map(|c| {
+                reader == Reader::Local
+                    && self
+                        .levels
+                        .iter()
+                        .any(|l| l.source.name() == PEER_LEVEL && l.source.forwards(c))
+            })
+            .collect();
+        let mut started: Vec<Option<Flight>> = vec![None; mine.len()];
+        for group_forwarded in [false, true] {
+            let members: Vec<usize> = (0..mine.len())
+                .filter(|&j| forwarded[j] == group_forwarded)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
             let this = self.clone();
-            let batch = mine.clone();
+            let batch: Vec<ChunkRef> = members.iter().map(|&j| mine[j].clone()).collect();
             let urgency = Arc::new(Urgency::default());
             let urgent = urgency.clone();
-            let at_peer = Arc::new(AtomicBool::new(false));
-            let asking = at_peer.clone();
             let group = async move {
-                let out = this
-                    .read_through(&batch, priority, &urgent, reader, &asking)
-                    .await;
+                let out = this.read_through(&batch, priority, &urgent, reader).await;
                 let mut inflight = this.inflight.lock().expect("not poisoned");
                 for c in &batch {
                     inflight.remove(&c.digest);
@@ -320,25 +333,25 @@ impl Layered {
             }
             .boxed()
             .shared();
-            for (j, c) in mine.iter().enumerate() {
+            for (k, &j) in members.iter().enumerate() {
                 let g = group.clone();
-                let flight: Flight = async move { g.await[j].clone() }.boxed().shared();
+                let flight: Flight = async move { g.await[k].clone() }.boxed().shared();
                 inflight.insert(
-                    c.digest,
+                    mine[j].digest,
                     InFlight {
                         flight: flight.clone(),
                         urgency: urgency.clone(),
-                        at_peer: at_peer.clone(),
+                        forwarded: group_forwarded,
                     },
                 );
-                started.push(flight);
+                started[j] = Some(flight);
             }
         }
         slots
             .into_iter()
             .map(|s| match s {
                 Slot::Joined(f) => Some(f),
-                Slot::Mine(j) => Some(started[j].clone()),
+                Slot::Mine(j) => started[j].clone(),
                 Slot::Declined => None,
             })
             .collect()
@@ -350,7 +363,6 @@ impl Layered {
         priority: Priority,
         urgency: &Urgency,
         reader: Reader,
-        at_peer: &AtomicBool,
     ) -> Vec<Outcome> {
         let mut out: Vec<Outcome> = vec![Err(Arc::from("no cache level has it")); chunks.len()];
         let mut remaining: Vec<usize> = (0..chunks.len()).collect();
@@ -381,7 +393,6 @@ impl Layered {
                     _guard = OnDemandGuard(self);
                 }
                 let asked = remaining.len();
-                at_peer.store(peer_level, Ordering::SeqCst);
                 let effective = if urgency.is_raised() {
                     Priority::OnDemand
                 } else {
@@ -390,7 +401,6 @@ impl Layered {
                 remaining = self
                     .ask(li, level, chunks, remaining, &mut out, effective)
                     .await;
-                at_peer.store(false, Ordering::SeqCst);
                 if li == last {
                     let served = (asked - remaining.len()) as u64;
                     let counter = if priority == Priority::OnDemand || urgency.is_raised() {

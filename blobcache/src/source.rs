@@ -63,6 +63,11 @@ pub trait ChunkSource: Send + Sync {
         self.get_many(chunks).await
     }
 
+    /// Whether asking this level for `chunk` means asking another host (zone peers).
+    fn forwards(&self, _chunk: &ChunkRef) -> bool {
+        false
+    }
+
     /// Whether this level holds the chunk, without fetching it. Only local levels know.
     async fn contains(&self, _digest: &Digest) -> bool {
         false

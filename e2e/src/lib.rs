@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod registry;
 pub mod server_thread;
 pub mod tree;
+pub mod zone;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

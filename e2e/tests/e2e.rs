@@ -7,6 +7,7 @@
 mod cache;
 mod snapshotter;
 mod traces;
+mod zone;
 
 mod convert {
     //! `brisk convert`, `inspect` and `check`: a converted image unpacks to exactly the

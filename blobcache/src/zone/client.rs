@@ -355,6 +355,10 @@ impl ChunkSource for PeerSource {
         self.fetch_many(chunks, false).await
     }
 
+    fn forwards(&self, chunk: &ChunkRef) -> bool {
+        !self.candidates(chunk.digest.as_bytes()).is_empty()
+    }
+
     async fn get_many_for(&self, chunks: &[ChunkRef], priority: Priority) -> Vec<Answer> {
         self.fetch_many(chunks, priority == Priority::Prefetch)
             .await

@@ -1,0 +1,555 @@
+//! Zone peers (L3) with real hosts: several `brisk-snapshotter`s, each on its own loopback
+//! address, one registry behind a counting proxy. A zone reads each chunk from the registry
+//! about once; a peer killed mid-stream or a peer that lies costs latency, never a wrong
+//! byte; unauthenticated callers get nothing; members join and leave while reads go on.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use brisk_blobcache::zone::auth::{Verifier, ZoneKey, PROOF_HEADER, STAMP_HEADER};
+use brisk_blobcache::zone::{gossip, Zone};
+use brisk_e2e::zone::{free_addr, image_info, mount_image, write_token, Host, ImageInfo};
+use brisk_e2e::{
+    assert_same_tree, brisk, build_sample_image, push_image, sample_rootfs, snapshotter_gate,
+    Fault, Injection, Proxy, Registry,
+};
+use brisk_proto::brisk::v1::fetch_reply::Event;
+use brisk_proto::brisk::v1::peer_client::PeerClient;
+use brisk_proto::brisk::v1::peer_server::{Peer, PeerServer};
+use brisk_proto::brisk::v1::{
+    Accepted, FetchReply, FetchRequest, HasReply, HasRequest, PeerTraceReply, PeerTraceRequest,
+    Piece,
+};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Small chunks, so the sample has enough of them to spread over several homes.
+const CHUNK_SIZE: &str = "32768";
+
+fn enabled() -> bool {
+    snapshotter_gate()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// The sample converted into a registry behind a counting proxy, and the zone's token.
+struct Fixture {
+    proxy: Proxy,
+    _registry: Registry,
+    image: ImageInfo,
+    rootfs: PathBuf,
+    token: PathBuf,
+    /// Compressed bytes of the image's layers: one copy of everything.
+    layer_bytes: u64,
+    chunks: u64,
+    tmp: TempDir,
+}
+
+impl Fixture {
+    fn new(rt: &tokio::runtime::Runtime) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let sample_dir = tmp.path().join("sample");
+        let sample = build_sample_image(&sample_dir)?;
+        let registry = Registry::start()?;
+        push_image(&sample, &registry.image("sample:v1"))?;
+        brisk(&[
+            "convert",
+            "--chunk-size",
+            CHUNK_SIZE,
+            &sample.transport(),
+            &registry.image("sample:lazy"),
+        ])?;
+        let inspect: serde_json::Value = serde_json::from_str(&brisk(&[
+            "inspect",
+            "--json",
+            &registry.image("sample:lazy"),
+        ])?)?;
+        let chunks = count_chunks(&inspect);
+        let proxy = Proxy::start(&registry.addr())?;
+        let image = rt.block_on(image_info(&proxy.image("sample:lazy")))?;
+        let layer_bytes = layer_sizes(&inspect);
+        let token = tmp.path().join("zone.token");
+        write_token(&token)?;
+        proxy.reset_counts();
+        Ok(Self {
+            proxy,
+            _registry: registry,
+            image,
+            rootfs: sample_rootfs(&sample_dir),
+            token,
+            layer_bytes,
+            chunks,
+            tmp,
+        })
+    }
+
+    fn host(&self, name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> Result<Host> {
+        Host::start(&self.tmp.path().join(name), addr, seeds, &self.token)
+    }
+
+    /// Mounts the image on `host` and checks every file against the source tree.
+    async fn read_all(&self, host: &Host, view: String) -> Result<()> {
+        let target = host.snapshotter.root.join(&view);
+        mount_image(&host.snapshotter.socket, &self.image, &target, &view)
+            .await
+            .with_context(|| format!("host {}: {}", host.addr, host.snapshotter.log()))?;
+        let rootfs = self.rootfs.clone();
+        tokio::task::spawn_blocking(move || assert_same_tree(&rootfs, &target)).await??;
+        Ok(())
+    }
+}
+
+fn count_chunks(inspect: &serde_json::Value) -> u64 {
+    let mut n = 0;
+    walk(inspect, &mut |k, v| {
+        if k == "chunks" {
+            n += v.as_u64().unwrap_or(0);
+        }
+    });
+    n
+}
+
+fn layer_sizes(inspect: &serde_json::Value) -> u64 {
+    let mut n = 0;
+    walk(inspect, &mut |k, v| {
+        if k == "layers" {
+            for l in v.as_array().into_iter().flatten() {
+                n += l["size"].as_u64().unwrap_or(0);
+            }
+        }
+    });
+    n
+}
+
+fn walk(v: &serde_json::Value, f: &mut dyn FnMut(&str, &serde_json::Value)) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                f(k, x);
+                walk(x, f);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, f)),
+        _ => {}
+    }
+}
+
+fn ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, n)
+}
+
+/// Waits until every host sees all the others; how long it took.
+async fn converge(hosts: &[&Host], within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let mut done = true;
+        for h in hosts {
+            let want: Vec<String> = {
+                let mut w: Vec<String> = hosts
+                    .iter()
+                    .filter(|o| o.addr != h.addr)
+                    .map(|o| o.addr.to_string())
+                    .collect();
+                w.sort();
+                w
+            };
+            if h.members().await? != want {
+                done = false;
+            }
+        }
+        if done {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < within,
+            "membership did not converge in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn zone_counter(
+    host: &Host,
+    f: fn(&brisk_proto::brisk::v1::ZoneStatus) -> u64,
+) -> Result<u64> {
+    Ok(host.status().await?.zone.as_ref().map_or(0, f))
+}
+
+#[test]
+fn four_hosts_fetch_each_chunk_from_the_registry_about_once() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let addrs: Vec<SocketAddr> = (0..4)
+        .map(|i| free_addr(ip(21 + i)))
+        .collect::<Result<_>>()?;
+    let hosts: Vec<Host> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
+        .collect::<Result<_>>()?;
+    rt.block_on(async {
+        let took = converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        eprintln!("4 hosts converged in {took:?}");
+        fx.proxy.reset_counts();
+        let reads = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| fx.read_all(h, format!("view{i}")));
+        // A deadlock between homes shows as a hang: bound it.
+        let all = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(reads))
+            .await
+            .context("the hosts' reads did not finish in 120 s")?;
+        for r in all {
+            r?;
+        }
+        let counts = fx.proxy.counts();
+        let (mut from_peers, mut failures) = (0, 0);
+        for h in &hosts {
+            from_peers += zone_counter(h, |z| z.chunks).await?;
+            failures += zone_counter(h, |z| z.failures).await?;
+        }
+        eprintln!("peer requests that failed: {failures}");
+        eprintln!(
+            "zone of 4: registry served {} blob bytes in {} requests for {} layer bytes ({} chunks); {} chunks came from peers",
+            counts.blob_bytes, counts.blob_requests, fx.layer_bytes, fx.chunks, from_peers
+        );
+        ensure!(from_peers > 0, "no host got a chunk from a peer");
+        // Every host also reads each layer's TOC and footer itself: a few KiB per layer.
+        ensure!(
+            counts.blob_bytes as f64 <= fx.layer_bytes as f64 * 1.5,
+            "the registry served {} bytes for {} bytes of layers: more than one copy",
+            counts.blob_bytes,
+            fx.layer_bytes
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_peer_killed_mid_stream_costs_latency_not_bytes() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|i| free_addr(ip(31 + i)))
+        .collect::<Result<_>>()?;
+    let mut hosts: Vec<Host> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
+        .collect::<Result<_>>()?;
+    rt.block_on(async {
+        converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        // Mount first (TOCs fetched), then make every chunk fetch slow, so streams to the
+        // victim are open when it dies.
+        let mut targets = Vec::new();
+        for (i, h) in hosts.iter().enumerate().take(2) {
+            let target = h.snapshotter.root.join("view");
+            mount_image(&h.snapshotter.socket, &fx.image, &target, &format!("v{i}")).await?;
+            targets.push(target);
+        }
+        fx.proxy
+            .inject(Injection::blobs(Fault::Delay(Duration::from_millis(1500))));
+        Ok::<_, anyhow::Error>(targets)
+    })
+    .and_then(|targets| {
+        let readers: Vec<_> = targets
+            .into_iter()
+            .map(|t| {
+                let rootfs = fx.rootfs.clone();
+                std::thread::spawn(move || assert_same_tree(&rootfs, &t))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(800));
+        hosts[2].snapshotter.kill9();
+        for r in readers {
+            r.join().expect("reader thread")?;
+        }
+        Ok(())
+    })?;
+    let failures = rt.block_on(async {
+        let mut n = 0;
+        for h in hosts.iter().take(2) {
+            n += zone_counter(h, |z| z.failures).await?;
+        }
+        Ok::<_, anyhow::Error>(n)
+    })?;
+    ensure!(
+        failures > 0,
+        "no reader saw the killed peer fail: the test did not exercise the failure"
+    );
+    drop(hosts);
+    Ok(())
+}
+
+/// A zone member whose peer service answers every chunk with zeros.
+struct Liar {
+    verifier: Verifier,
+    lies: Arc<AtomicU64>,
+}
+
+type Replies = Pin<Box<dyn futures::Stream<Item = Result<FetchReply, Status>> + Send>>;
+
+impl Liar {
+    fn proof<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
+        let stamp = request
+            .metadata()
+            .get(STAMP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.verifier
+            .check(method, stamp.as_deref())
+            .map_err(|_| Status::unauthenticated("no"))?;
+        Ok(self.verifier.key().proof(&stamp.unwrap_or_default()))
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for Liar {
+    type FetchStream = Replies;
+
+    async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<Replies>, Status> {
+        let proof = self.proof(&request, "Fetch")?;
+        let mut replies = vec![Ok(FetchReply {
+            event: Some(Event::Accepted(Accepted {})),
+        })];
+        for (i, c) in request.get_ref().chunks.iter().enumerate() {
+            self.lies.fetch_add(1, Ordering::SeqCst);
+            replies.push(Ok(FetchReply {
+                event: Some(Event::Piece(Piece {
+                    index: i as u32,
+                    offset: 0,
+                    data: vec![0u8; c.uncompressed_length as usize].into(),
+                    last: true,
+                })),
+            }));
+        }
+        let mut response = Response::new(Box::pin(futures::stream::iter(replies)) as Replies);
+        response
+            .metadata_mut()
+            .insert(PROOF_HEADER, proof.parse().expect("hex"));
+        Ok(response)
+    }
+
+    async fn has(&self, _: Request<HasRequest>) -> Result<Response<HasReply>, Status> {
+        Err(Status::unimplemented("liar"))
+    }
+
+    async fn get_trace(
+        &self,
+        _: Request<PeerTraceRequest>,
+    ) -> Result<Response<PeerTraceReply>, Status> {
+        Ok(Response::new(PeerTraceReply::default()))
+    }
+}
+
+/// Runs a liar at `addr` that joins the zone through `seed`.
+async fn start_liar(
+    addr: SocketAddr,
+    seed: SocketAddr,
+    token: &Path,
+    cancel: CancellationToken,
+) -> Result<Arc<AtomicU64>> {
+    let key = ZoneKey::from_file(token)?;
+    let lies = Arc::new(AtomicU64::new(0));
+    let liar = Liar {
+        verifier: Verifier::new(key.clone()),
+        lies: lies.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(PeerServer::new(liar))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+    });
+    gossip::start(Arc::new(Zone::new(addr)), key, vec![seed], cancel).await?;
+    Ok(lies)
+}
+
+#[test]
+fn a_lying_peer_is_caught_every_time_never_served_and_avoided() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let a = free_addr(ip(41))?;
+    let liar_addr = free_addr(ip(42))?;
+    let host = fx.host("a", a, &[a, liar_addr])?;
+    let cancel = CancellationToken::new();
+    rt.block_on(async {
+        let lies = start_liar(liar_addr, a, &fx.token, cancel.clone()).await?;
+        let started = Instant::now();
+        while host.members().await? != vec![liar_addr.to_string()] {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the liar did not join"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fx.read_all(&host, "view".into()).await?;
+        let lies = lies.load(Ordering::SeqCst);
+        let caught = zone_counter(&host, |z| z.corrupt).await?;
+        eprintln!(
+            "liar told {lies} lies for an image of {} chunks; {caught} caught",
+            fx.chunks
+        );
+        ensure!(
+            lies > 0,
+            "the liar was never asked: the test did not exercise it"
+        );
+        ensure!(caught == lies, "{lies} lies told but {caught} caught");
+        // About half the chunks have the liar as their home; once caught it is passed over.
+        ensure!(
+            lies * 4 < fx.chunks,
+            "the liar was asked for {lies} of {} chunks: it was not avoided",
+            fx.chunks
+        );
+        Ok(())
+    })?;
+    cancel.cancel();
+    Ok(())
+}
+
+#[test]
+fn callers_without_the_zone_token_get_nothing() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let tmp = tempfile::tempdir()?;
+    let token = tmp.path().join("zone.token");
+    write_token(&token)?;
+    let wrong = tmp.path().join("wrong.token");
+    write_token(&wrong)?;
+    let a = free_addr(ip(51))?;
+    let host = Host::start(&tmp.path().join("a"), a, &[a], &token)?;
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
+            .connect()
+            .await?;
+        let mut client = PeerClient::new(channel);
+        let ask = |key: Option<&ZoneKey>| {
+            let mut r = Request::new(HasRequest {
+                digests: vec![format!("sha256:{}", "0".repeat(64))],
+            });
+            if let Some(k) = key {
+                r.metadata_mut()
+                    .insert(STAMP_HEADER, k.stamp("Has").parse().expect("ascii"));
+            }
+            r
+        };
+        let none = client.has(ask(None)).await;
+        ensure!(
+            matches!(&none, Err(s) if s.code() == tonic::Code::Unauthenticated),
+            "no credentials: {none:?}"
+        );
+        let other = ZoneKey::from_file(&wrong)?;
+        let bad = client.has(ask(Some(&other))).await;
+        ensure!(
+            matches!(&bad, Err(s) if s.code() == tonic::Code::Unauthenticated),
+            "wrong token: {bad:?}"
+        );
+        let key = ZoneKey::from_file(&token)?;
+        let good = client.has(ask(Some(&key))).await?;
+        ensure!(good.get_ref().present == vec![false]);
+        let mut fetch = Request::new(FetchRequest::default());
+        fetch
+            .metadata_mut()
+            .insert(STAMP_HEADER, other.stamp("Fetch").parse().expect("ascii"));
+        let refused = client.fetch(fetch).await;
+        ensure!(
+            matches!(&refused, Err(s) if s.code() == tonic::Code::Unauthenticated),
+            "fetch with the wrong token: {:?}",
+            refused.map(|_| ())
+        );
+
+        // Gossip sealed with another token is dropped; with the right one it joins.
+        let cancel = CancellationToken::new();
+        let outsider = free_addr(ip(52))?;
+        gossip::start(
+            Arc::new(Zone::new(outsider)),
+            other,
+            vec![a],
+            cancel.clone(),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(
+            host.members().await?.is_empty(),
+            "an outsider joined the zone"
+        );
+        let insider = free_addr(ip(53))?;
+        gossip::start(Arc::new(Zone::new(insider)), key, vec![a], cancel.clone()).await?;
+        let started = Instant::now();
+        while host.members().await? != vec![insider.to_string()] {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "a member with the token did not join"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cancel.cancel();
+        Ok(())
+    })
+}
+
+#[test]
+fn members_join_and_leave_while_reads_keep_working() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let addrs: Vec<SocketAddr> = (0..4)
+        .map(|i| free_addr(ip(61 + i)))
+        .collect::<Result<_>>()?;
+    // Only the first host is a seed; a seed listed before it starts is not fatal.
+    let mut hosts: Vec<Host> = Vec::new();
+    for (i, a) in addrs.iter().take(3).enumerate() {
+        hosts.push(fx.host(&format!("h{i}"), *a, &[addrs[0], addrs[3]])?);
+    }
+    rt.block_on(async {
+        let took = converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        eprintln!("3 hosts converged in {took:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    hosts.push(fx.host("h3", addrs[3], &[addrs[1]])?);
+    rt.block_on(async {
+        let took = converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        eprintln!("a fourth host joined in {took:?}");
+        fx.read_all(&hosts[3], "view".into()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // A polite leave (SIGTERM) and a crash (SIGKILL): both are noticed.
+    hosts[3].snapshotter.terminate()?;
+    hosts[2].snapshotter.kill9();
+    rt.block_on(async {
+        let left = [&hosts[0], &hosts[1]];
+        let took = converge(&left, Duration::from_secs(30)).await?;
+        eprintln!("two departures noticed in {took:?}");
+        fx.read_all(&hosts[0], "view2".into()).await?;
+        fx.read_all(&hosts[1], "view2".into()).await?;
+        Ok(())
+    })
+}
