@@ -664,6 +664,63 @@ mod tests {
             .collect()
     }
 
+    /// A zone peer level that forwards one chunk and never answers for it.
+    struct StuckPeer {
+        forwarded: Digest,
+    }
+
+    #[async_trait::async_trait]
+    impl ChunkSource for StuckPeer {
+        fn name(&self) -> &'static str {
+            PEER_LEVEL
+        }
+
+        fn forwards(&self, chunk: &ChunkRef) -> bool {
+            chunk.digest == self.forwarded
+        }
+
+        async fn get(&self, chunk: &ChunkRef) -> Answer {
+            if self.forwards(chunk) {
+                futures::future::pending::<()>().await;
+            }
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_request_never_waits_on_this_hosts_own_peer_fetches() {
+        let cs = chunks(2);
+        let origin = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(
+                Arc::new(StuckPeer {
+                    forwarded: cs[1].0.digest,
+                }),
+                Duration::from_secs(3600),
+            )
+            .level(origin, Duration::from_secs(5))
+            .build();
+        let refs: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
+        // A local read of both: chunk 1 waits on the (stuck) peer, chunk 0 is fetched here.
+        let l = layered.clone();
+        let both = refs.clone();
+        let local = tokio::spawn(async move { l.read_many(&both, Priority::OnDemand).await });
+        tokio::task::yield_now().await;
+        let served = tokio::time::timeout(
+            Duration::from_secs(5),
+            layered.read_for_peer(&refs, Priority::OnDemand),
+        )
+        .await
+        .expect("a peer request must not wait on this host's peer fetch");
+        assert_eq!(served[0].as_ref().map(|c| c.data()), Some(&cs[0].1));
+        assert!(
+            served[1].is_none(),
+            "a chunk fetched through a peer is declined"
+        );
+        assert!(!local.is_finished());
+        local.abort();
+    }
+
     #[tokio::test]
     async fn concurrent_misses_for_one_chunk_make_one_fetch() {
         let cs = chunks(1);

@@ -162,20 +162,25 @@ pub fn publish(layout: &Path, registry: &Registry) -> Result<Vec<ImageSizes>> {
     names.extend((0..SMALL_IMAGES).map(|i| format!("small-{i}")));
     let mut sizes = Vec::new();
     for name in names {
-        let v1 = registry.image(&format!("{name}:v1"));
-        let lazy = registry.image(&format!("{name}:lazy"));
-        push_image(&image(layout, &name), &v1).with_context(|| format!("Pushing {name}"))?;
-        crate::brisk(&["convert", &v1, &lazy]).with_context(|| format!("Converting {name}"))?;
-        let (layers, v1_bytes) = layer_bytes(&v1)?;
-        let (_, lazy_bytes) = layer_bytes(&lazy)?;
-        sizes.push(ImageSizes {
-            name,
-            layers,
-            v1_bytes,
-            lazy_bytes,
-        });
+        sizes.push(publish_one(layout, registry, &name)?);
     }
     Ok(sizes)
+}
+
+/// Pushes `NAME:v1` and converts it to `NAME:lazy`; its sizes.
+pub fn publish_one(layout: &Path, registry: &Registry, name: &str) -> Result<ImageSizes> {
+    let v1 = registry.image(&format!("{name}:v1"));
+    let lazy = registry.image(&format!("{name}:lazy"));
+    push_image(&image(layout, name), &v1).with_context(|| format!("Pushing {name}"))?;
+    crate::brisk(&["convert", &v1, &lazy]).with_context(|| format!("Converting {name}"))?;
+    let (layers, v1_bytes) = layer_bytes(&v1)?;
+    let (_, lazy_bytes) = layer_bytes(&lazy)?;
+    Ok(ImageSizes {
+        name: name.to_owned(),
+        layers,
+        v1_bytes,
+        lazy_bytes,
+    })
 }
 
 /// Layer count and the sum of the compressed layer sizes of `reference`.

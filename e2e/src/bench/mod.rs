@@ -21,6 +21,7 @@ pub mod reads;
 pub mod report;
 pub mod stack;
 pub mod wan;
+pub mod zone;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -227,7 +228,7 @@ pub fn cold_start(opts: &Options) -> Result<Report> {
 }
 
 /// Which binaries ran, relative to the workspace, and the commit they were built from.
-fn binaries() -> Result<Binaries> {
+pub(crate) fn binaries() -> Result<Binaries> {
     let root = workspace_root();
     let show = |p: PathBuf| match p.strip_prefix(&root) {
         Ok(rel) => rel.display().to_string(),

@@ -41,16 +41,25 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         mbit: u64,
     },
+    /// Zone peers: N hosts start the same image at once behind one shared WAN link. Writes
+    /// DIR/zone.json and BENCHMARKS-zone.md at the workspace root.
+    Zone {
+        /// Zone sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8])]
+        hosts: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+        #[arg(long, default_value = "target/brisk-bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        rtt_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        mbit: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cmd::ColdStart {
-        quick,
-        repetitions,
-        out,
-        rtt_ms,
-        mbit,
-    } = Cli::parse().command;
+    let command = Cli::parse().command;
     // Measurements use release binaries unless told otherwise. Set before any thread starts.
     for (var, name) in [
         ("BRISK_BIN", "brisk"),
@@ -60,15 +69,55 @@ fn main() -> anyhow::Result<()> {
             std::env::set_var(var, workspace_root().join("target/release").join(name));
         }
     }
-    let out = if out.is_relative() {
-        workspace_root().join(&out)
-    } else {
-        out
-    };
-    let command = format!(
+    let invocation = format!(
         "cargo run -p brisk-e2e --release --bin brisk-bench -- {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
+    let absolute = |out: PathBuf| {
+        if out.is_relative() {
+            workspace_root().join(out)
+        } else {
+            out
+        }
+    };
+    let (quick, repetitions, out, rtt_ms, mbit) = match command {
+        Cmd::ColdStart {
+            quick,
+            repetitions,
+            out,
+            rtt_ms,
+            mbit,
+        } => (quick, repetitions, absolute(out), rtt_ms, mbit),
+        Cmd::Zone {
+            hosts,
+            repetitions,
+            out,
+            rtt_ms,
+            mbit,
+        } => {
+            let out = absolute(out);
+            let opts = bench::zone::ZoneOptions {
+                sizes: hosts,
+                repetitions: repetitions.max(1),
+                out: out.clone(),
+                link: Link {
+                    rtt: Duration::from_millis(rtt_ms),
+                    bits_per_sec: mbit * 1_000_000,
+                },
+                command: invocation.trim_end().to_owned(),
+            };
+            let report = bench::zone::run(&opts).context("Benchmark setup failed")?;
+            std::fs::write(out.join("zone.json"), serde_json::to_vec_pretty(&report)?)?;
+            let markdown = workspace_root().join("BENCHMARKS-zone.md");
+            std::fs::write(&markdown, bench::zone::markdown(&report))?;
+            eprintln!(
+                "wrote {} and {}",
+                out.join("zone.json").display(),
+                markdown.display()
+            );
+            return Ok(());
+        }
+    };
     let opts = Options {
         repetitions: repetitions.unwrap_or(if quick { 1 } else { 3 }).max(1),
         out: out.clone(),
@@ -76,7 +125,7 @@ fn main() -> anyhow::Result<()> {
             rtt: Duration::from_millis(rtt_ms),
             bits_per_sec: mbit * 1_000_000,
         },
-        command: command.trim_end().to_owned(),
+        command: invocation.trim_end().to_owned(),
     };
     let report = bench::cold_start(&opts).context("Benchmark setup failed")?;
     let markdown = workspace_root().join("BENCHMARKS-snapshotter.md");
