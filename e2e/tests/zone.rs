@@ -299,7 +299,7 @@ fn a_peer_killed_mid_stream_costs_latency_not_bytes() -> Result<()> {
     Ok(())
 }
 
-/// A zone member whose peer service answers every chunk with zeros.
+/// A zone member whose peer service answers every chunk with zeros; counts its lying answers.
 struct Liar {
     verifier: Verifier,
     lies: Arc<AtomicU64>,
@@ -330,8 +330,12 @@ impl Peer for Liar {
         let mut replies = vec![Ok(FetchReply {
             event: Some(Event::Accepted(Accepted {})),
         })];
-        for (i, c) in request.get_ref().chunks.iter().enumerate() {
+        // A lying answer is caught at its first bad chunk and the rest of it is never read:
+        // lies are counted per answer.
+        if !request.get_ref().chunks.is_empty() {
             self.lies.fetch_add(1, Ordering::SeqCst);
+        }
+        for (i, c) in request.get_ref().chunks.iter().enumerate() {
             replies.push(Ok(FetchReply {
                 event: Some(Event::Piece(Piece {
                     index: i as u32,
@@ -411,14 +415,14 @@ fn a_lying_peer_is_caught_every_time_never_served_and_avoided() -> Result<()> {
         let lies = lies.load(Ordering::SeqCst);
         let caught = zone_counter(&host, |z| z.corrupt).await?;
         eprintln!(
-            "liar told {lies} lies for an image of {} chunks; {caught} caught",
+            "liar gave {lies} lying answers for an image of {} chunks; {caught} caught",
             fx.chunks
         );
         ensure!(
             lies > 0,
             "the liar was never asked: the test did not exercise it"
         );
-        ensure!(caught == lies, "{lies} lies told but {caught} caught");
+        ensure!(caught == lies, "{lies} lying answers but {caught} caught");
         // About half the chunks have the liar as their home; once caught it is passed over.
         ensure!(
             lies * 4 < fx.chunks,

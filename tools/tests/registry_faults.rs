@@ -148,3 +148,36 @@ async fn a_manifest_that_does_not_match_its_digest_is_rejected() {
         "{err}"
     );
 }
+
+/// With `proxy` set, every registry request goes to the proxy (as an absolute-URI request), so
+/// a P2P daemon or caching proxy can sit in front of the registry. The registry's host here
+/// does not exist: only the proxy can answer.
+#[tokio::test]
+async fn a_configured_http_proxy_carries_every_registry_request() {
+    let body = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let (proxy, count) = faulty_registry(Fault::Body(body)).await;
+    let client =
+        brisk_blobcache::registry::RegistryClient::new(brisk_blobcache::registry::RegistryConfig {
+            plain_http: true,
+            retries: 0,
+            proxy: Some(format!("http://{proxy}")),
+            ..Default::default()
+        })
+        .unwrap();
+    let reference = "registry.invalid:5000/app:v1".parse().unwrap();
+    let manifest = client.get_manifest(&reference).await.unwrap();
+    assert_eq!(manifest.bytes.as_ref(), body.as_bytes());
+    assert!(count.load(Ordering::SeqCst) >= 1);
+
+    let direct =
+        brisk_blobcache::registry::RegistryClient::new(brisk_blobcache::registry::RegistryConfig {
+            plain_http: true,
+            retries: 0,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(
+        direct.get_manifest(&reference).await.is_err(),
+        "without the proxy the made-up host cannot answer"
+    );
+}

@@ -63,7 +63,8 @@ pub struct PeerStats {
     pub requests: AtomicU64,
     pub chunks: AtomicU64,
     pub bytes: AtomicU64,
-    /// Chunks a peer sent that failed verification.
+    /// Answers dropped because a chunk in them failed verification (the rest of such an
+    /// answer is not read: the peer has lost its turn).
     pub corrupt: AtomicU64,
     /// Requests a peer did not accept or finish.
     pub failures: AtomicU64,
