@@ -55,13 +55,34 @@ pub struct Host {
 impl Host {
     /// Starts host `n` (address 127.0.0.`n`) under `dir` with the given seeds and token.
     pub fn start(dir: &Path, addr: SocketAddr, seeds: &[SocketAddr], token: &Path) -> Result<Self> {
+        Self::start_with(dir, addr, seeds, token, "")
+    }
+
+    /// As `start`, with more lines for the daemon's config file (keys of `[peer]`).
+    pub fn start_with(
+        dir: &Path,
+        addr: SocketAddr,
+        seeds: &[SocketAddr],
+        token: &Path,
+        peer_config: &str,
+    ) -> Result<Self> {
         let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
         let addr_s = addr.to_string();
         let seeds_s = seeds.join(",");
         let token_s = token.to_str().context("token path")?;
+        // A start-up trace ends one second after the last read, so a test can use it soon.
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!("[trace]\nquiet_secs = 1\n[peer]\n{peer_config}\n"),
+        )?;
+        let config_s = config.to_str().context("config path")?;
         let snapshotter = Snapshotter::start(
             dir,
             &[
+                "--config",
+                config_s,
                 "--peer-listen",
                 &addr_s,
                 "--peers",
@@ -75,6 +96,19 @@ impl Host {
             addr,
             dir: dir.to_owned(),
         })
+    }
+
+    /// Images this host holds a start-up trace for.
+    pub async fn traces(&self) -> Result<Vec<String>> {
+        let mut client = ControlClient::new(connect(&self.snapshotter.socket).await?);
+        Ok(client
+            .list_traces(brisk_proto::brisk::v1::ListTracesRequest {})
+            .await?
+            .into_inner()
+            .traces
+            .into_iter()
+            .map(|t| t.image)
+            .collect())
     }
 
     pub async fn status(&self) -> Result<brisk_proto::brisk::v1::StatusResponse> {
@@ -229,4 +263,68 @@ pub async fn mount_image(
         run(&mut cmd).context("Mounting the image view")?;
     }
     Ok(())
+}
+
+/// A zone CA and, for each address, a certificate naming it (IP SAN) with its key, made with
+/// the `openssl` CLI under `dir`. Returns `[peer]` config lines per address.
+pub fn zone_certificates(dir: &Path, addrs: &[SocketAddr]) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "2", "-subj", "/CN=brisk zone CA"])
+        .arg("-keyout")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("ca.pem")))?;
+    let mut out = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let (key, csr, pem, ext) = (
+            dir.join(format!("h{i}.key")),
+            dir.join(format!("h{i}.csr")),
+            dir.join(format!("h{i}.pem")),
+            dir.join(format!("h{i}.ext")),
+        );
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName = IP:{}\nextendedKeyUsage = serverAuth, clientAuth\nbasicConstraints = CA:FALSE\n",
+                a.ip()
+            ),
+        )?;
+        run(Command::new("openssl")
+            .arg("req")
+            .args(ec)
+            .args(["-subj", &format!("/CN={}", a.ip())])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr))?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(&csr)
+            .arg("-CA")
+            .arg(dir.join("ca.pem"))
+            .arg("-CAkey")
+            .arg(dir.join("ca.key"))
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&pem))?;
+        out.push(format!(
+            "tls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}",
+            dir.join("ca.pem"),
+            pem,
+            key
+        ));
+    }
+    Ok(out)
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use brisk_blobcache::zone::auth::{Verifier, ZoneKey, PROOF_HEADER, STAMP_HEADER};
 use brisk_blobcache::zone::{gossip, Zone};
-use brisk_e2e::zone::{free_addr, image_info, mount_image, write_token, Host, ImageInfo};
+use brisk_e2e::zone::{
+    free_addr, image_info, mount_image, write_token, zone_certificates, Host, ImageInfo,
+};
 use brisk_e2e::{
     assert_same_tree, brisk, build_sample_image, push_image, sample_rootfs, snapshotter_gate,
     Fault, Injection, Proxy, Registry,
@@ -554,6 +556,133 @@ fn members_join_and_leave_while_reads_keep_working() -> Result<()> {
         eprintln!("two departures noticed in {took:?}");
         fx.read_all(&hosts[0], "view2".into()).await?;
         fx.read_all(&hosts[1], "view2".into()).await?;
+        Ok(())
+    })
+}
+
+#[test]
+fn a_host_seeing_an_image_first_gets_its_start_up_trace_from_the_zone() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let a = free_addr(ip(71))?;
+    let b = free_addr(ip(72))?;
+    let first = fx.host("a", a, &[a, b])?;
+    rt.block_on(async {
+        // The first start anywhere in the zone is recorded on its host.
+        fx.read_all(&first, "view".into()).await?;
+        let started = Instant::now();
+        while first.traces().await? != vec![fx.image.manifest.clone()] {
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "host a recorded no trace"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let second = fx.host("b", b, &[a, b])?;
+    rt.block_on(async {
+        converge(&[&first, &second], Duration::from_secs(10)).await?;
+        ensure!(second.traces().await?.is_empty());
+        fx.read_all(&second, "view".into()).await?;
+        ensure!(
+            second.traces().await? == vec![fx.image.manifest.clone()],
+            "host b holds no trace after its first start"
+        );
+        let status = second.status().await?;
+        ensure!(
+            status.prefetches_started == 1 && status.recordings == 0,
+            "host b should prefetch from a's trace and record none: {status:?}"
+        );
+        ensure!(
+            second
+                .snapshotter
+                .log()
+                .contains("trace fetched from a zone peer"),
+            "host b's trace did not come from the zone"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_zone_with_mutual_tls_serves_members_and_refuses_strangers() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let addrs: Vec<SocketAddr> = (0..2)
+        .map(|i| free_addr(ip(81 + i)))
+        .collect::<Result<_>>()?;
+    let tls = zone_certificates(&fx.tmp.path().join("pki"), &addrs)?;
+    let hosts: Vec<Host> = addrs
+        .iter()
+        .zip(&tls)
+        .enumerate()
+        .map(|(i, (a, t))| {
+            Host::start_with(
+                &fx.tmp.path().join(format!("h{i}")),
+                *a,
+                &addrs,
+                &fx.token,
+                t,
+            )
+        })
+        .collect::<Result<_>>()?;
+    rt.block_on(async {
+        converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        let reads = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| fx.read_all(h, format!("view{i}")));
+        for r in futures::future::join_all(reads).await {
+            r?;
+        }
+        let mut from_peers = 0;
+        for h in &hosts {
+            from_peers += zone_counter(h, |z| z.chunks).await?;
+            ensure!(
+                zone_counter(h, |z| z.failures).await? == 0,
+                "a TLS request failed"
+            );
+        }
+        ensure!(from_peers > 0, "no chunk crossed the zone over TLS");
+
+        // With the token but without a certificate, in the clear or over TLS, nothing.
+        let key = ZoneKey::from_file(&fx.token)?;
+        let has = |k: &ZoneKey| {
+            let mut r = Request::new(HasRequest::default());
+            r.metadata_mut()
+                .insert(STAMP_HEADER, k.stamp("Has").parse().expect("ascii"));
+            r
+        };
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))?
+            .connect()
+            .await;
+        if let Ok(channel) = plain {
+            let answer = PeerClient::new(channel).has(has(&key)).await;
+            ensure!(answer.is_err(), "a plaintext caller was answered");
+        }
+        let ca = std::fs::read(fx.tmp.path().join("pki/ca.pem"))?;
+        let no_cert = tonic::transport::Endpoint::from_shared(format!("https://{}", addrs[0]))?
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
+                    .domain_name(addrs[0].ip().to_string()),
+            )?
+            .connect()
+            .await;
+        if let Ok(channel) = no_cert {
+            let answer = PeerClient::new(channel).has(has(&key)).await;
+            ensure!(
+                answer.is_err(),
+                "a caller without a client certificate was answered"
+            );
+        }
         Ok(())
     })
 }

@@ -43,6 +43,11 @@ pub struct PeerSettings {
     pub ack_timeout_ms: u64,
     /// Serve the zone only: no snapshots socket (a cache host for the zone).
     pub peer_only: bool,
+    /// Mutual TLS for the peer service (all three or none): the zone CA, and this host's
+    /// certificate (naming its peer address as an IP SAN) and key, PEM.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for PeerSettings {
@@ -53,6 +58,9 @@ impl Default for PeerSettings {
             token_file: None,
             ack_timeout_ms: 500,
             peer_only: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

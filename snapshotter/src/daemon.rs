@@ -87,7 +87,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         skip: t.skip_prefetch.clone(),
     };
     if let Some(zone) = &mut zone {
-        zone.serve(cache.clone(), source.clone(), traces.clone());
+        zone.serve(cache.clone(), source.clone(), traces.clone())?;
     }
     let remote = Arc::new(
         RemoteLayers::new(

@@ -10,7 +10,7 @@ use brisk_blobcache::remote::RegistrySource;
 use brisk_blobcache::zone::auth::ZoneKey;
 use brisk_blobcache::zone::client::{PeerConfig, PeerSource};
 use brisk_blobcache::zone::server::{PeerService, ServeLimits, TraceLookup};
-use brisk_blobcache::zone::{gossip, Zone};
+use brisk_blobcache::zone::{gossip, Zone, ZoneTls};
 use brisk_blobcache::Digest;
 use brisk_proto::brisk::v1::peer_server::PeerServer;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ use crate::{Error, Result};
 pub struct Membership {
     pub source: Arc<PeerSource>,
     key: ZoneKey,
+    tls: Option<ZoneTls>,
     /// Taken by `serve`.
     listener: Option<tokio::net::TcpListener>,
     gossip: tokio::task::JoinHandle<()>,
@@ -45,6 +46,15 @@ pub async fn join(
         )
     })?;
     let key = ZoneKey::from_file(token)?;
+    let tls = match (&settings.tls_ca, &settings.tls_cert, &settings.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(ZoneTls::load(ca, cert, key)?),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "peer TLS needs all of tls_ca, tls_cert and tls_key".into(),
+            ))
+        }
+    };
     let me = resolve(listen).await.ok_or_else(|| {
         Error::InvalidArgument(format!("peer listen address {listen:?} does not resolve"))
     })?;
@@ -68,13 +78,15 @@ pub async fn join(
     let gossip = gossip::start(zone.clone(), key.clone(), seeds.clone(), cancel.clone()).await?;
     let config = PeerConfig {
         ack_timeout: Duration::from_millis(settings.ack_timeout_ms.max(1)),
+        tls: tls.clone(),
         ..PeerConfig::default()
     };
     let source = Arc::new(PeerSource::new(zone, key.clone(), registry, config));
-    tracing::info!(address = %me, seeds = seeds.len(), "zone peer service on");
+    tracing::info!(address = %me, seeds = seeds.len(), tls = tls.is_some(), "zone peer service on");
     Ok(Some(Membership {
         source,
         key,
+        tls,
         listener: Some(listener),
         gossip,
         cancel,
@@ -100,7 +112,7 @@ impl Membership {
         cache: Arc<Layered>,
         registry: Arc<RegistrySource>,
         traces: Arc<Traces>,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> Result<tokio::task::JoinHandle<()>> {
         let service = PeerService::new(
             cache,
             registry,
@@ -113,16 +125,22 @@ impl Membership {
             .take()
             .expect("the peer service is served once");
         let cancel = self.cancel.clone();
-        tokio::spawn(async move {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.server())
+                .map_err(|e| Error::InvalidArgument(format!("peer TLS: {e}")))?;
+        }
+        Ok(tokio::spawn(async move {
             let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .add_service(PeerServer::new(service))
                 .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
                 .await;
             if let Err(err) = served {
                 tracing::error!(%err, "zone peer service stopped");
             }
-        })
+        }))
     }
 
     /// Leaves the zone (gossip says goodbye) and stops serving.

@@ -41,6 +41,8 @@ pub struct PeerConfig {
     pub streams_per_peer: usize,
     /// Candidates tried per chunk before the registry: the home, then the next in rank.
     pub candidates: usize,
+    /// Mutual TLS to peers; plain HTTP/2 when unset.
+    pub tls: Option<super::ZoneTls>,
 }
 
 impl Default for PeerConfig {
@@ -53,6 +55,7 @@ impl Default for PeerConfig {
             request_bytes: 8 << 20,
             streams_per_peer: 8,
             candidates: 2,
+            tls: None,
         }
     }
 }
@@ -132,11 +135,22 @@ impl PeerSource {
     fn peer(&self, addr: SocketAddr) -> (PeerClient<Channel>, Arc<Semaphore>) {
         let mut peers = self.peers.lock().expect("not poisoned");
         let (channel, slots) = peers.entry(addr).or_insert_with(|| {
-            let channel = Endpoint::from_shared(format!("http://{addr}"))
+            let scheme = if self.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                 .expect("a socket address is a valid URI authority")
                 .connect_timeout(self.config.ack_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .tcp_nodelay(true);
+            if let Some(tls) = &self.config.tls {
+                // A bad certificate shows at connection time, as a failed request.
+                endpoint = endpoint
+                    .tls_config(tls.client(&addr))
+                    .expect("TLS settings apply to an https endpoint");
+            }
+            let channel = endpoint.connect_lazy();
             (
                 channel,
                 Arc::new(Semaphore::new(self.config.streams_per_peer)),

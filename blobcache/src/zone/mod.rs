@@ -18,6 +18,53 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+/// Mutual TLS for the peer service: the zone's CA and this host's certificate and key (PEM).
+/// Every member presents a certificate the CA signed, and a host's certificate names its peer
+/// address (an IP subject alternative name), which is what callers check.
+#[derive(Clone)]
+pub struct ZoneTls {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ZoneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ZoneTls(..)")
+    }
+}
+
+impl ZoneTls {
+    pub fn load(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> crate::Result<Self> {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| crate::Error::io(p, e));
+        Ok(Self {
+            ca: read(ca)?,
+            cert: read(cert)?,
+            key: read(key)?,
+        })
+    }
+
+    /// What the peer service serves with: this host's identity, and client certificates
+    /// required and checked against the zone CA.
+    pub fn server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
+    }
+
+    /// What a caller connects to `peer` with.
+    pub fn client(&self, peer: &SocketAddr) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .domain_name(peer.ip().to_string())
+    }
+}
+
 /// This host's view of its zone.
 pub struct Zone {
     me: SocketAddr,
