@@ -184,10 +184,7 @@ impl ChunkSource for RegistrySource {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Answer {
-        self.get_many(std::slice::from_ref(chunk))
-            .await
-            .pop()
-            .unwrap_or(Ok(None))
+        crate::source::get_one(self, chunk).await
     }
 
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {

@@ -79,3 +79,12 @@ pub trait ChunkSource: Send + Sync {
     /// Forget a chunk whose bytes failed verification, so it is fetched again.
     async fn discard(&self, _digest: &Digest) {}
 }
+
+/// `get` for levels whose natural unit is a batch: asks `get_many` for one chunk.
+pub async fn get_one<S: ChunkSource + ?Sized>(source: &S, chunk: &ChunkRef) -> Answer {
+    source
+        .get_many(std::slice::from_ref(chunk))
+        .await
+        .pop()
+        .unwrap_or(Ok(None))
+}

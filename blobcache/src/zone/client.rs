@@ -187,6 +187,26 @@ impl PeerSource {
         }
     }
 
+    /// A request for `method` carrying a fresh stamp; the stamp, to check the answer's proof.
+    fn stamped<T>(&self, message: T, method: &str) -> (tonic::Request<T>, String) {
+        let stamp = self.key.stamp(method);
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert(STAMP_HEADER, stamp.parse().expect("a stamp is ASCII"));
+        (request, stamp)
+    }
+
+    /// Whether the answer proves the peer holds the zone's token.
+    fn proven<T>(&self, response: &tonic::Response<T>, stamp: &str) -> bool {
+        let proof = response
+            .metadata()
+            .get(PROOF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        self.key.check_proof(stamp, proof)
+    }
+
     /// One request to one peer for `chunks`.
     async fn fetch(
         &self,
@@ -222,26 +242,20 @@ impl PeerSource {
         let (mut client, slots) = self.peer(peer);
         let _slot = slots.acquire().await.expect("semaphore is never closed");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut request = tonic::Request::new(FetchRequest {
-            chunks: chunks.iter().map(|c| self.locator(c)).collect(),
-            prefetch,
-        });
-        let stamp = self.key.stamp("Fetch");
-        request
-            .metadata_mut()
-            .insert(STAMP_HEADER, stamp.parse().expect("a stamp is ASCII"));
+        let (request, stamp) = self.stamped(
+            FetchRequest {
+                chunks: chunks.iter().map(|c| self.locator(c)).collect(),
+                prefetch,
+            },
+            "Fetch",
+        );
         let call = |status| PeerError::Call { peer, status };
         let silent = || PeerError::Silent(peer);
         let response = tokio::time::timeout(self.config.ack_timeout, client.fetch(request))
             .await
             .map_err(|_| silent())?
             .map_err(call)?;
-        let proof = response
-            .metadata()
-            .get(PROOF_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        if !self.key.check_proof(&stamp, proof) {
+        if !self.proven(&response, &stamp) {
             return Err(PeerError::NoProof(peer));
         }
         let mut stream = response.into_inner();
@@ -321,22 +335,16 @@ impl PeerSource {
             .collect();
         for peer in asked {
             let (mut client, _) = self.peer(peer);
-            let mut request = tonic::Request::new(PeerTraceRequest {
-                image: image.to_string(),
-            });
-            let stamp = self.key.stamp("GetTrace");
-            request
-                .metadata_mut()
-                .insert(STAMP_HEADER, stamp.parse().expect("a stamp is ASCII"));
+            let (request, stamp) = self.stamped(
+                PeerTraceRequest {
+                    image: image.to_string(),
+                },
+                "GetTrace",
+            );
             let reply = tokio::time::timeout(self.config.idle_timeout, client.get_trace(request));
             match reply.await {
                 Ok(Ok(r)) => {
-                    let proof = r
-                        .metadata()
-                        .get(PROOF_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    if !self.key.check_proof(&stamp, proof) {
+                    if !self.proven(&r, &stamp) {
                         tracing::warn!(%peer, "trace from a peer without zone proof ignored");
                         continue;
                     }
@@ -360,10 +368,7 @@ impl ChunkSource for PeerSource {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Answer {
-        self.get_many(std::slice::from_ref(chunk))
-            .await
-            .pop()
-            .unwrap_or(Ok(None))
+        crate::source::get_one(self, chunk).await
     }
 
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
