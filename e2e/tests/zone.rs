@@ -686,3 +686,71 @@ fn a_zone_with_mutual_tls_serves_members_and_refuses_strangers() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn a_home_waiting_on_a_slow_registry_is_waited_for_not_bypassed() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let addrs: Vec<SocketAddr> = (0..2)
+        .map(|i| free_addr(ip(91 + i)))
+        .collect::<Result<_>>()?;
+    let hosts: Vec<Host> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
+        .collect::<Result<_>>()?;
+    let targets = rt.block_on(async {
+        converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
+        let mut targets = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let target = h.snapshotter.root.join("view");
+            mount_image(&h.snapshotter.socket, &fx.image, &target, &format!("v{i}")).await?;
+            targets.push(target);
+        }
+        Ok::<_, anyhow::Error>(targets)
+    })?;
+    // Longer than a silent peer is given (5 s): only the home's progress keeps the other
+    // host waiting instead of going to the registry itself.
+    fx.proxy.reset_counts();
+    fx.proxy
+        .inject(Injection::blobs(Fault::Delay(Duration::from_secs(7))));
+    let started = Instant::now();
+    let readers: Vec<_> = targets
+        .into_iter()
+        .map(|t| std::thread::spawn(move || std::fs::read(t.join("etc/group"))))
+        .collect();
+    for r in readers {
+        let got = r.join().expect("reader thread")?;
+        ensure!(
+            got == std::fs::read(fx.rootfs.join("etc/group"))?,
+            "wrong bytes"
+        );
+    }
+    let took = started.elapsed();
+    let counts = fx.proxy.counts();
+    let failures = rt.block_on(async {
+        let mut n = 0;
+        for h in &hosts {
+            n += zone_counter(h, |z| z.failures).await?;
+        }
+        Ok::<_, anyhow::Error>(n)
+    })?;
+    eprintln!(
+        "both hosts read in {took:?}; registry blob requests: {}; peer failures: {failures}",
+        counts.blob_requests
+    );
+    ensure!(
+        took >= Duration::from_secs(7),
+        "the registry was not slow: the test exercised nothing"
+    );
+    ensure!(failures == 0, "the busy home was given up on");
+    ensure!(
+        counts.blob_requests == 1,
+        "the chunk was fetched {} times from the registry",
+        counts.blob_requests
+    );
+    Ok(())
+}
