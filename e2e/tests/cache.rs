@@ -512,18 +512,18 @@ fn l2_detects_a_chunk_corrupted_on_disk_and_refetches() -> Result<()> {
     Ok(())
 }
 
-/// Layer 1 of the sample as the library sees it, read through the proxy.
-struct Layer {
-    blob: Digest,
-    toc: Toc,
+/// Layer 1 of a lazy image as the library sees it.
+pub(crate) struct Layer {
+    pub(crate) blob: Digest,
+    pub(crate) toc: Toc,
     source: Arc<RegistrySource>,
 }
 
 impl Layer {
     /// Fetches the manifest and the layer's TOC with the public API, and registers the
     /// blob with a registry level.
-    async fn open(sample: &LazySample) -> Result<Self> {
-        let reference: Reference = sample.image.parse()?;
+    pub(crate) async fn open(image: &str) -> Result<Self> {
+        let reference: Reference = image.parse()?;
         let client = Arc::new(RegistryClient::new(RegistryConfig::default())?);
         let manifest = client.get_manifest(&reference).await?;
         let manifest: Value = serde_json::from_slice(&manifest.bytes)?;
@@ -550,7 +550,7 @@ impl Layer {
             .build()
     }
 
-    fn chunk(&self, k: usize) -> ChunkRef {
+    pub(crate) fn chunk(&self, k: usize) -> ChunkRef {
         ChunkRef::new(self.blob, &self.toc.chunks[k])
     }
 }
@@ -572,7 +572,7 @@ fn concurrent_readers_of_one_chunk_cause_one_fetch() -> Result<()> {
     }
     let sample = LazySample::start()?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let layer = Layer::open(&sample).await?;
+        let layer = Layer::open(&sample.image).await?;
         ensure!(
             layer.toc.chunks.len() >= 4,
             "{} chunks",
@@ -624,7 +624,7 @@ fn a_neighbouring_chunks_valid_frame_fails_verification() -> Result<()> {
     }
     let sample = LazySample::start()?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let layer = Layer::open(&sample).await?;
+        let layer = Layer::open(&sample.image).await?;
         // Two full chunks of the big file: same compressed and decoded sizes, so the
         // proxy's wrong bytes are a whole, valid frame that decodes to the wrong content.
         let chunks = &layer.toc.chunks;

@@ -754,3 +754,77 @@ fn a_home_waiting_on_a_slow_registry_is_waited_for_not_bypassed() -> Result<()> 
     );
     Ok(())
 }
+
+#[test]
+fn one_caller_cannot_hold_more_than_its_share_of_a_peer() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fx = Fixture::new(&rt)?;
+    let a = free_addr(ip(95))?;
+    let host = fx.host("a", a, &[a])?;
+    rt.block_on(async {
+        let layer = crate::cache::Layer::open(&fx.image.reference).await?;
+        let repository = {
+            let r: brisk_blobcache::reference::Reference = fx.image.reference.parse()?;
+            format!("{}/{}", r.registry, r.repository)
+        };
+        // As many chunks as one request may ask for: far more than the replies' queue and
+        // the connection's flow-control window hold while the caller reads nothing.
+        let mut locators = Vec::new();
+        let mut bytes = 0;
+        for k in 0..layer.toc.chunks.len() {
+            let c = layer.chunk(k);
+            if bytes + c.uncompressed_len > 8 << 20 {
+                break;
+            }
+            bytes += c.uncompressed_len;
+            locators.push(brisk_proto::brisk::v1::ChunkLocator {
+                digest: c.digest.to_string(),
+                blob: c.blob.to_string(),
+                repository: repository.clone(),
+                compressed_offset: c.compressed.start,
+                compressed_length: c.compressed.end - c.compressed.start,
+                uncompressed_length: c.uncompressed_len,
+            });
+        }
+        ensure!(
+            bytes > 2 << 20,
+            "the sample is too small to fill a reply queue"
+        );
+        let key = ZoneKey::from_file(&fx.token)?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
+            .connect()
+            .await?;
+        let mut held = Vec::new();
+        let mut refused = None;
+        for i in 0..40 {
+            let mut r = Request::new(FetchRequest {
+                chunks: locators.clone(),
+                prefetch: false,
+            });
+            r.metadata_mut()
+                .insert(STAMP_HEADER, key.stamp("Fetch").parse().expect("ascii"));
+            match PeerClient::new(channel.clone()).fetch(r).await {
+                // Held open and never read.
+                Ok(stream) => held.push(stream),
+                Err(status) => {
+                    refused = Some((i, status));
+                    break;
+                }
+            }
+        }
+        let (opened, status) = refused.context("40 unread requests were all taken")?;
+        eprintln!("one caller held {opened} unread requests; the next got {status}");
+        ensure!(status.code() == tonic::Code::ResourceExhausted, "{status}");
+        ensure!(
+            opened <= 16,
+            "{opened} unread requests were taken from one caller"
+        );
+        // The daemon is still fine, and another caller (this host itself) is served.
+        drop(held);
+        fx.read_all(&host, "view".into()).await?;
+        Ok(())
+    })
+}
