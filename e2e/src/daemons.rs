@@ -1,6 +1,7 @@
 //! The two daemons of the snapshotter tests, each private to one test: `brisk-snapshotter`
 //! with its own root and socket, and `containerd` with its own root, state and socket and a
-//! `[proxy_plugins.brisk]` entry pointing at that snapshotter.
+//! `[proxy_plugins.brisk]` entry pointing at that snapshotter. The benchmarks also run
+//! another proxy snapshotter (stargz-snapshotter's daemon) through the same two types.
 //!
 //! containerd still uses a few fixed paths under `/run/containerd` (shim sockets), so every
 //! test uses its own containerd namespace; containers and images get unique names.
@@ -71,9 +72,11 @@ fn stop(mut c: Child) {
     let _ = c.wait();
 }
 
-/// A running `brisk-snapshotter`.
+/// A running proxy snapshotter daemon: `brisk-snapshotter`, or another program taking the
+/// same `--root` and `--address` flags.
 pub struct Snapshotter {
     child: Option<Child>,
+    program: PathBuf,
     pub root: PathBuf,
     pub socket: PathBuf,
     log: PathBuf,
@@ -81,11 +84,17 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
-    /// Starts a snapshotter whose state lives under `dir`.
+    /// Starts a `brisk-snapshotter` whose state lives under `dir`.
     pub fn start(dir: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::start_program(&snapshotter_bin()?, dir, extra_args)
+    }
+
+    /// Starts `program --root DIR/root --address DIR/brisk.sock EXTRA_ARGS`.
+    pub fn start_program(program: &Path, dir: &Path, extra_args: &[&str]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut s = Self {
             child: None,
+            program: program.to_owned(),
             root: dir.join("root"),
             socket: dir.join("brisk.sock"),
             log: dir.join("snapshotter.log"),
@@ -100,7 +109,7 @@ impl Snapshotter {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = Command::new(snapshotter_bin()?)
+        let mut child = Command::new(&self.program)
             .arg("--root")
             .arg(&self.root)
             .arg("--address")
@@ -111,7 +120,7 @@ impl Snapshotter {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("Starting brisk-snapshotter")?;
+            .with_context(|| format!("Starting {}", self.program.display()))?;
         wait_for_socket(&self.socket, &mut child, &self.log)?;
         self.child = Some(child);
         Ok(())
@@ -119,6 +128,11 @@ impl Snapshotter {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no unmount, no flush, as in a crash.
@@ -144,7 +158,7 @@ impl Snapshotter {
         }
         signal(&c, "-KILL");
         let _ = c.wait();
-        bail!("brisk-snapshotter ignored SIGTERM for 20 s")
+        bail!("{} ignored SIGTERM for 20 s", self.program.display())
     }
 
     pub fn restart(&mut self) -> Result<()> {
@@ -192,7 +206,7 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A running private containerd with Brisk as a proxy snapshotter.
+/// A running private containerd with Brisk (and possibly others) as proxy snapshotters.
 pub struct Containerd {
     child: Option<Child>,
     pub socket: PathBuf,
@@ -201,23 +215,35 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// A containerd whose proxy snapshotter `brisk` is served on `brisk_socket`.
     pub fn start(dir: &Path, brisk_socket: &Path, namespace: &str) -> Result<Self> {
+        Self::start_with_snapshotters(dir, &[("brisk", brisk_socket)], namespace)
+    }
+
+    /// A containerd with one proxy snapshotter per `(name, socket)`.
+    pub fn start_with_snapshotters(
+        dir: &Path,
+        snapshotters: &[(&str, &Path)],
+        namespace: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{socket}\"\n\
-                 [proxy_plugins]\n  [proxy_plugins.brisk]\n    type = \"snapshot\"\n    address = \"{brisk}\"\n",
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                socket = socket.display(),
-                brisk = brisk_socket.display(),
-            ),
-        )?;
+        let mut text = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{socket}\"\n[proxy_plugins]\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+        );
+        for (name, address) in snapshotters {
+            text += &format!(
+                "  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+                address.display()
+            );
+        }
+        std::fs::write(&config, text)?;
         let log_path = dir.join("containerd.log");
         let log = std::fs::File::create(&log_path)?;
         let mut child = Command::new("containerd")

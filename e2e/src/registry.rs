@@ -80,17 +80,8 @@ impl Registry {
         }
     }
 
-    /// Whether `GET /v2/` gets a 200, asked with the smallest possible HTTP/1.0 request.
     fn answers_v2(&self) -> bool {
-        let ask = || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(stream, "GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr())?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        };
-        ask().is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+        answers_200(&self.addr(), "/v2/")
     }
 
     /// `127.0.0.1:PORT`, the registry part of an image reference.
@@ -133,6 +124,20 @@ impl Registry {
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
+}
+
+/// Whether `GET PATH` on `addr` (`127.0.0.1:PORT`) gets a 200, asked with the smallest
+/// possible HTTP/1.0 request. A refused connection is a plain `false`.
+pub fn answers_200(addr: &str, path: &str) -> bool {
+    let ask = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
+    ask().is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
 }
 
 impl Drop for Registry {

@@ -21,11 +21,12 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::images::PY_CMD;
 use super::stack::{
-    brisk_pull, brisk_status, ctr, drop_caches, scratch, unique, unused_socket, watch, STEP_TIMEOUT,
+    brisk_pull, brisk_status, ctr, drop_caches, memory_kib, scratch, unique, unused_socket, watch,
+    STEP_TIMEOUT,
 };
 use super::wan::{Traffic, Wan};
+use super::workload::Workload;
 use crate::daemons::{mounts_under, Containerd, Snapshotter};
 use crate::registry::Registry;
 
@@ -45,6 +46,16 @@ pub struct ColdStart {
     /// The `brisk trace ls --json` entry of the trace involved: the one (b) recorded, or the
     /// one (d) was given.
     pub trace: Option<Value>,
+    /// `VmRSS` of the snapshotter daemon right after the run, for the Brisk modes.
+    pub rss_kib: Option<u64>,
+}
+
+/// Whether a start begins with a dropped page cache (every cold and warm start) or with
+/// whatever the run before it left in memory (a hot start).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PageCache {
+    Drop,
+    Keep,
 }
 
 /// What the modes share in one benchmark run.
@@ -56,6 +67,8 @@ pub struct Setup<'a> {
     pub base: &'a Path,
     /// The config every Brisk snapshotter of this measurement starts with (`SNAPSHOTTER_CONFIG`).
     pub config: PathBuf,
+    /// What is started, from which repository.
+    pub workload: Workload,
 }
 
 /// A recording ends one second after the last read instead of five, so that (b) hands its
@@ -82,7 +95,12 @@ pub struct RecordedTrace {
 }
 
 impl<'a> Setup<'a> {
-    pub fn new(wan: &'a Wan, registry: &'a Registry, base: &'a Path) -> Result<Self> {
+    pub fn new(
+        wan: &'a Wan,
+        registry: &'a Registry,
+        base: &'a Path,
+        workload: Workload,
+    ) -> Result<Self> {
         let config = base.join("brisk.toml");
         std::fs::write(&config, SNAPSHOTTER_CONFIG)?;
         Ok(Self {
@@ -90,14 +108,16 @@ impl<'a> Setup<'a> {
             registry,
             base,
             config,
+            workload,
         })
     }
 
-    pub(super) fn reference(&self, tag: &str) -> String {
-        self.wan.image(&format!("py:{tag}"))
+    /// `NAME:TAG` of this workload's image, across the link.
+    pub fn reference(&self, tag: &str) -> String {
+        self.wan.image(&format!("{}:{tag}", self.workload.name))
     }
 
-    pub(super) fn namespace(&self) -> String {
+    pub fn namespace(&self) -> String {
         unique("brisk-bench")
     }
 
@@ -105,20 +125,6 @@ impl<'a> Setup<'a> {
     pub(super) fn snapshotter(&self, dir: &Path) -> Result<Snapshotter> {
         let config = self.config.to_str().context("Config path is not UTF-8")?;
         Snapshotter::start(dir, &["--config", config])
-    }
-
-    /// `ctr run --rm` of `image` on `snapshotter`, until it prints `ready`; the instant it did.
-    fn run_until_ready(
-        &self,
-        containerd: &Containerd,
-        snapshotter: &str,
-        image: &str,
-    ) -> Result<Instant> {
-        let id = unique("cold");
-        let mut args = vec!["run", "--rm", "--snapshotter", snapshotter, image, &id];
-        args.extend_from_slice(PY_CMD);
-        let out = watch(&mut ctr(containerd, &args), Some("ready"), STEP_TIMEOUT)?;
-        out.line_at.context("no ready line")
     }
 
     /// (a): a full pull into overlayfs, then a run.
@@ -149,7 +155,9 @@ impl<'a> Setup<'a> {
             STEP_TIMEOUT,
         )?;
         let pulled = started.elapsed();
-        let ready = self.run_until_ready(&containerd, "overlayfs", &image)?;
+        let ready = self
+            .workload
+            .start_until_ready(&containerd, "overlayfs", &image)?;
         Ok(ColdStart {
             seconds: (ready - started).as_secs_f64(),
             pull_seconds: pulled.as_secs_f64(),
@@ -157,6 +165,7 @@ impl<'a> Setup<'a> {
             pull: None,
             status: None,
             trace: None,
+            rss_kib: None,
         })
     }
 
@@ -178,7 +187,10 @@ impl<'a> Setup<'a> {
             &snapshotter.socket,
             &self.namespace(),
         );
-        let lazy = containerd.and_then(|c| Ok((self.brisk_start(&snapshotter, &c, "lazy")?, c)));
+        let lazy = containerd.and_then(|c| {
+            let cold = self.brisk_start(&snapshotter, &c, "lazy", PageCache::Drop)?;
+            Ok((cold, c))
+        });
         let (mut cold, containerd) = match lazy {
             Ok(pair) => pair,
             Err(err) => return (Err(err), None),
@@ -205,38 +217,71 @@ impl<'a> Setup<'a> {
 
     /// (c): after (b), the snapshotter started again on the root (b) left.
     pub fn warm(&self, first: Option<&FirstStart>) -> Result<ColdStart> {
-        let first = first.context("Not run: (b) failed")?;
-        if let Err(err) = &first.kept_cache {
-            bail!("Not run: the cache of (b) could not be kept: {err:#}");
-        }
-        let snapshotter = self.snapshotter(&first.brisk_dir)?;
-        let containerd = Containerd::start(
-            &first.brisk_dir.with_file_name("containerd-c"),
-            &snapshotter.socket,
-            &self.namespace(),
-        )?;
-        self.brisk_start(&snapshotter, &containerd, "lazy")
+        self.warm_then_hot(first, false).0
     }
 
-    /// Pulls `py:TAG` into `containerd` and runs it on `snapshotter`: the timed part of every
-    /// Brisk mode. The page cache is dropped and the link's counters reset first.
+    /// (c), and if `hot`, right after it a second start of the same image on the same
+    /// daemons with the page cache kept: everything a start needs is already on the host.
+    pub fn warm_then_hot(
+        &self,
+        first: Option<&FirstStart>,
+        hot: bool,
+    ) -> (Result<ColdStart>, Option<Result<ColdStart>>) {
+        let daemons = first.context("Not run: (b) failed").and_then(|first| {
+            if let Err(err) = &first.kept_cache {
+                bail!("Not run: the cache of (b) could not be kept: {err:#}");
+            }
+            let snapshotter = self.snapshotter(&first.brisk_dir)?;
+            let containerd = Containerd::start(
+                &first.brisk_dir.with_file_name("containerd-c"),
+                &snapshotter.socket,
+                &self.namespace(),
+            )?;
+            Ok((snapshotter, containerd))
+        });
+        let (snapshotter, containerd) = match daemons {
+            Ok(d) => d,
+            Err(err) => {
+                let hot = hot.then(|| Err(anyhow::anyhow!("Not run: {err:#}")));
+                return (Err(err), hot);
+            }
+        };
+        let warm = self.brisk_start(&snapshotter, &containerd, "lazy", PageCache::Drop);
+        let hot = hot.then(|| match &warm {
+            Ok(_) => self.brisk_start(&snapshotter, &containerd, "lazy", PageCache::Keep),
+            Err(_) => Err(anyhow::anyhow!("Not run: the warm start before it failed")),
+        });
+        (warm, hot)
+    }
+
+    /// Pulls `NAME:TAG` into `containerd` and runs it on `snapshotter`: the timed part of every
+    /// Brisk mode. The link's counters are reset first, and the page cache dropped unless
+    /// `page_cache` keeps it.
     pub(super) fn brisk_start(
         &self,
         snapshotter: &Snapshotter,
         containerd: &Containerd,
         tag: &str,
+        page_cache: PageCache,
     ) -> Result<ColdStart> {
         let image = self.reference(tag);
-        drop_caches()?;
+        if page_cache == PageCache::Drop {
+            drop_caches()?;
+        }
         self.wan.reset();
         let started = Instant::now();
         let pull = brisk_pull(containerd, &image)?;
         let pulled = started.elapsed();
         let ready = self
-            .run_until_ready(containerd, "brisk", &image)
+            .workload
+            .start_until_ready(containerd, "brisk", &image)
             .with_context(|| format!("snapshotter log:\n{}", tail(&snapshotter.log(), 20)))?;
         let traffic = self.wan.traffic();
         let status = brisk_status(&snapshotter.socket).ok();
+        let rss_kib = snapshotter
+            .pid()
+            .and_then(|pid| memory_kib(pid).ok())
+            .map(|(rss, _)| rss);
         Ok(ColdStart {
             seconds: (ready - started).as_secs_f64(),
             pull_seconds: pulled.as_secs_f64(),
@@ -244,6 +289,7 @@ impl<'a> Setup<'a> {
             pull: Some(pull),
             status,
             trace: None,
+            rss_kib,
         })
     }
 }

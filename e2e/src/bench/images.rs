@@ -6,6 +6,8 @@
 //! - `big`: `py` plus a layer holding one 200 MiB file of incompressible bytes.
 //! - `small-0` … `small-9`: one busybox layer each, made distinct by a file of their own, so
 //!   that ten pulls mount ten different lazy layers.
+//! - the comparison's workload images (`workload`): minbase with their Debian packages and
+//!   files, one layer, each in a layout of its own so that adding one rebuilds no other.
 //!
 //! Each run pushes them to its fresh registry (`NAME:v1`) and converts them there
 //! (`NAME:lazy`), talking to the registry directly: setup is not measured.
@@ -19,6 +21,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::workload::Workload;
 use crate::cmd::run;
 use crate::image::{push_image, raw_manifest, OciImage};
 use crate::registry::Registry;
@@ -53,10 +56,29 @@ pub struct ImageSizes {
 
 /// Builds the layout under `cache` unless a complete one is there; returns it.
 pub fn build_or_reuse(cache: &Path) -> Result<PathBuf> {
+    cached_layout(cache, RECIPE, |layout| {
+        build_python(cache, layout).context("Building the python image")?;
+        for i in 0..SMALL_IMAGES {
+            build_small(cache, layout, i).with_context(|| format!("Building small-{i}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// The layout `cache/layout`, made by `build` (given the new, empty layout) unless the marker
+/// file says a build of the same `recipe` completed there.
+fn cached_layout(
+    cache: &Path,
+    recipe: &str,
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let layout = cache.join("layout");
     let marker = cache.join("complete");
-    if fs::read_to_string(&marker).is_ok_and(|m| m == RECIPE) {
-        eprintln!("images: reusing the layout built earlier");
+    if fs::read_to_string(&marker).is_ok_and(|m| m == recipe) {
+        eprintln!(
+            "images: reusing the layout built earlier in {}",
+            cache.display()
+        );
         return Ok(layout);
     }
     if cache.exists() {
@@ -65,12 +87,36 @@ pub fn build_or_reuse(cache: &Path) -> Result<PathBuf> {
     fs::create_dir_all(cache)?;
     let layout_arg = layout.display().to_string();
     run(Command::new("umoci").args(["init", "--layout", &layout_arg]))?;
-    build_python(cache, &layout).context("Building the python image")?;
-    for i in 0..SMALL_IMAGES {
-        build_small(cache, &layout, i).with_context(|| format!("Building small-{i}"))?;
-    }
-    fs::write(&marker, RECIPE)?;
+    build(&layout)?;
+    fs::write(&marker, recipe)?;
     Ok(layout)
+}
+
+/// The layout holding `workload`'s image (tag `NAME`) under `cache/NAME`, built unless it is
+/// there. `py` is the cold-start benchmark's own image, from `build_or_reuse`.
+pub fn workload_layout(cache: &Path, workload: &Workload) -> Result<PathBuf> {
+    if workload.packages.is_empty() {
+        return build_or_reuse(cache);
+    }
+    let dir = cache.join(workload.name);
+    // Any change to what goes into the image makes a different recipe, hence a rebuild.
+    let recipe = format!(
+        "brisk-bench workload image v1\n{:?}\n{:?}\n{:?}\n",
+        workload.packages, workload.files, workload.cmd
+    );
+    cached_layout(&dir, &recipe, |layout| {
+        let bundle = build_debian(
+            &dir,
+            layout,
+            workload.name,
+            workload.packages,
+            workload.files,
+            workload.cmd,
+        )?;
+        fs::remove_dir_all(bundle)?;
+        Ok(())
+    })
+    .with_context(|| format!("Building the {} image", workload.name))
 }
 
 fn image(layout: &Path, tag: &str) -> OciImage {
@@ -86,36 +132,8 @@ fn umoci(args: &[&str], bundle: &Path) -> Result<()> {
 }
 
 fn build_python(cache: &Path, layout: &Path) -> Result<()> {
-    let tar = cache.join("rootfs.tar");
-    eprintln!("images: mmdebstrap bookworm minbase + python3 (about 30-60 s)");
-    run(Command::new("mmdebstrap")
-        .args([
-            "--quiet",
-            "--variant=minbase",
-            "--include=python3",
-            "bookworm",
-        ])
-        .arg(&tar))?;
-    let bundle = cache.join("py-bundle");
+    let bundle = build_debian(cache, layout, "py", &["python3"], &[], PY_CMD)?;
     let py = image(layout, "py").to_string();
-    run(Command::new("umoci").args(["new", "--image", &py]))?;
-    umoci(&["unpack", "--image", &py], &bundle)?;
-    // Device nodes stay out, as in images from registries: the runtime provides /dev.
-    run(Command::new("tar")
-        .args(["-xpf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(bundle.join("rootfs"))
-        .args(["--numeric-owner", "--exclude=./dev/*"]))?;
-    fs::remove_file(&tar)?;
-    eprintln!("images: packing py");
-    umoci(&["repack", "--refresh-bundle", "--image", &py], &bundle)?;
-    let mut config = Command::new("umoci");
-    config.args(["config", "--image", &py]);
-    for arg in PY_CMD {
-        config.arg("--config.cmd").arg(arg);
-    }
-    run(&mut config)?;
 
     // `big` is `py` plus one layer: tag the same manifest, then pack only the new file on top.
     let big = image(layout, "big").to_string();
@@ -130,6 +148,59 @@ fn build_python(cache: &Path, layout: &Path) -> Result<()> {
     umoci(&["repack", "--refresh-bundle", "--image", &big], &bundle)?;
     fs::remove_dir_all(&bundle)?;
     Ok(())
+}
+
+/// `tag` in `layout`: Debian bookworm minbase with `packages` (mmdebstrap) and `files` (path
+/// inside the image, content) in one layer, with `cmd` as its command. Returns the unpacked
+/// bundle, for layers on top.
+fn build_debian(
+    cache: &Path,
+    layout: &Path,
+    tag: &str,
+    packages: &[&str],
+    files: &[(&str, &str)],
+    cmd: &[&str],
+) -> Result<PathBuf> {
+    let tar = cache.join("rootfs.tar");
+    eprintln!(
+        "images: mmdebstrap bookworm minbase + {} (a minute or more)",
+        packages.join(" ")
+    );
+    run(Command::new("mmdebstrap")
+        .args(["--quiet", "--variant=minbase"])
+        .arg(format!("--include={}", packages.join(",")))
+        .arg("bookworm")
+        .arg(&tar))?;
+    let bundle = cache.join(format!("{tag}-bundle"));
+    let reference = image(layout, tag).to_string();
+    run(Command::new("umoci").args(["new", "--image", &reference]))?;
+    umoci(&["unpack", "--image", &reference], &bundle)?;
+    let root = bundle.join("rootfs");
+    // Device nodes stay out, as in images from registries: the runtime provides /dev.
+    run(Command::new("tar")
+        .args(["-xpf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&root)
+        .args(["--numeric-owner", "--exclude=./dev/*"]))?;
+    fs::remove_file(&tar)?;
+    for (path, content) in files {
+        let path = root.join(path);
+        fs::create_dir_all(path.parent().context("A file path has no parent")?)?;
+        fs::write(path, content)?;
+    }
+    eprintln!("images: packing {tag}");
+    umoci(
+        &["repack", "--refresh-bundle", "--image", &reference],
+        &bundle,
+    )?;
+    let mut config = Command::new("umoci");
+    config.args(["config", "--image", &reference]);
+    for arg in cmd {
+        config.arg("--config.cmd").arg(arg);
+    }
+    run(&mut config)?;
+    Ok(bundle)
 }
 
 fn build_small(cache: &Path, layout: &Path, i: usize) -> Result<()> {
@@ -191,4 +262,26 @@ pub(super) fn layer_bytes(reference: &str) -> Result<(usize, u64)> {
         layers.len(),
         layers.iter().filter_map(|l| l["size"].as_u64()).sum(),
     ))
+}
+
+/// The uncompressed size of `reference`'s layers (their tar streams), read from the gzip
+/// blobs of the same image in `layout`.
+pub fn uncompressed_bytes(layout: &Path, reference: &str) -> Result<u64> {
+    let manifest: Value = serde_json::from_str(&raw_manifest(reference)?)?;
+    let mut total = 0;
+    for layer in manifest["layers"].as_array().context("No layers")? {
+        let digest = layer["digest"].as_str().context("A layer has no digest")?;
+        let hex = digest.trim_start_matches("sha256:");
+        let blob = layout.join("blobs/sha256").join(hex);
+        let out = run(Command::new("sh")
+            .arg("-c")
+            .arg("gzip -dc < \"$1\" | wc -c")
+            .arg("sh")
+            .arg(&blob))?;
+        total += out
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("Sizing {digest}"))?;
+    }
+    Ok(total)
 }

@@ -9,8 +9,8 @@ use super::images::{BIG_FILE, BIG_FILE_BYTES, SMALL_IMAGES};
 use super::memory::Memory;
 use super::reads::mib_per_sec;
 use super::report::{
-    figures, origin_fetches, Attempt, Report, Spread, TARGET_GAP_CLOSED, TARGET_LAZY_RATIO,
-    TARGET_LOCAL_SHARE, TARGET_READ_RATIO, TARGET_RSS_MIB,
+    figures, origin_fetches, Attempt, Binaries, Machine, Report, Spread, TARGET_GAP_CLOSED,
+    TARGET_LAZY_RATIO, TARGET_LOCAL_SHARE, TARGET_READ_RATIO, TARGET_RSS_MIB,
 };
 use serde_json::Value;
 
@@ -28,17 +28,7 @@ pub fn render(r: &Report) -> String {
     );
 
     let _ = writeln!(md, "## Machine and setup\n");
-    let m = &r.machine;
-    let _ = writeln!(md, "| | |\n|---|---|");
-    let _ = writeln!(md, "| CPU | {} cores, {} |", m.cores, m.cpu);
-    let _ = writeln!(md, "| memory | {:.1} GiB |", m.memory_gib);
-    let _ = writeln!(md, "| kernel (`uname -r`) | {} |", m.kernel);
-    let _ = writeln!(md, "| containerd / runc | {} / {} |", m.containerd, m.runc);
-    let _ = writeln!(
-        md,
-        "| registry | docker-registry {} on loopback |",
-        m.registry
-    );
+    machine_rows(&mut md, &r.machine);
     if let Some(link) = &r.link {
         let _ = writeln!(
             md,
@@ -50,7 +40,50 @@ pub fn render(r: &Report) -> String {
             link.bits_per_sec / 1_000_000
         );
     }
-    let b = &r.binaries;
+    build_and_load_rows(&mut md, &r.binaries, &r.machine);
+
+    images_table(&mut md, r);
+    cold_section(&mut md, r);
+    reads_section(&mut md, r);
+
+    memory_section(&mut md, r);
+
+    failures_section(&mut md, &r.failures(), "cold-start.json");
+
+    method_section(&mut md);
+    md
+}
+
+/// Every failure, by the first lines of its error; the whole errors are in `json`.
+pub(super) fn failures_section(md: &mut String, failures: &[(String, String)], json: &str) {
+    let _ = writeln!(md, "## Failures\n");
+    if failures.is_empty() {
+        let _ = writeln!(md, "None: every mode succeeded in every repetition.\n");
+        return;
+    }
+    for (what, err) in failures {
+        let first: String = err.lines().take(3).collect::<Vec<_>>().join(" / ");
+        let _ = writeln!(md, "- {what}: {}", shorten(&first, 400));
+    }
+    let _ = writeln!(md, "\nThe full errors are in `{json}`.\n");
+}
+
+/// The head of a report's machine table: hardware, kernel, containerd, runc, registry.
+pub(super) fn machine_rows(md: &mut String, m: &Machine) {
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| CPU | {} cores, {} |", m.cores, m.cpu);
+    let _ = writeln!(md, "| memory | {:.1} GiB |", m.memory_gib);
+    let _ = writeln!(md, "| kernel (`uname -r`) | {} |", m.kernel);
+    let _ = writeln!(md, "| containerd / runc | {} / {} |", m.containerd, m.runc);
+    let _ = writeln!(
+        md,
+        "| registry | docker-registry {} on loopback |",
+        m.registry
+    );
+}
+
+/// The tail of a report's machine table: which Brisk binaries ran, and the load around the run.
+pub(super) fn build_and_load_rows(md: &mut String, b: &Binaries, m: &Machine) {
     let _ = writeln!(
         md,
         "| Brisk binaries | `{}`, `{}`, built {}; workspace at commit {}{} when the run started |",
@@ -69,28 +102,6 @@ pub fn render(r: &Report) -> String {
         "| load average (1/5/15 min) | {} at start, {} at end |\n",
         m.load_at_start, m.load_at_end
     );
-
-    images_table(&mut md, r);
-    cold_section(&mut md, r);
-    reads_section(&mut md, r);
-
-    memory_section(&mut md, r);
-
-    let failures = r.failures();
-    let _ = writeln!(md, "## Failures\n");
-    if failures.is_empty() {
-        let _ = writeln!(md, "None: every mode succeeded in every repetition.\n");
-    }
-    for (what, err) in &failures {
-        let first: String = err.lines().take(3).collect::<Vec<_>>().join(" / ");
-        let _ = writeln!(md, "- {what}: {}", shorten(&first, 400));
-    }
-    if !failures.is_empty() {
-        let _ = writeln!(md, "\nThe full errors are in `cold-start.json`.\n");
-    }
-
-    method_section(&mut md);
-    md
 }
 
 fn images_table(md: &mut String, r: &Report) {
@@ -563,7 +574,7 @@ fn chunk_hits(status: &Value) -> Option<String> {
     Some(format!("{} / {}", hits("registry")?, hits("disk")?))
 }
 
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
@@ -573,7 +584,7 @@ fn bytes(n: u64) -> String {
 
 /// A median with its range, e.g. `2.76 s (2.70–2.90)`, and how many of `of` attempts it
 /// covers when some failed.
-fn spread(s: Option<Spread>, of: usize, unit: &str, decimals: usize) -> String {
+pub(super) fn spread(s: Option<Spread>, of: usize, unit: &str, decimals: usize) -> String {
     let Some(s) = s else {
         return "failed".to_owned();
     };
@@ -588,7 +599,7 @@ fn spread(s: Option<Spread>, of: usize, unit: &str, decimals: usize) -> String {
     text
 }
 
-fn shorten(text: &str, max: usize) -> String {
+pub(super) fn shorten(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_owned(),

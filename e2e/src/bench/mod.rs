@@ -10,9 +10,13 @@
 //! result, and a mode that fails is reported as failed while the others go on.
 //!
 //! It is not a test and not a `cargo bench`: it needs root and takes minutes, and it writes
-//! `cold-start.json` plus the Markdown report (`markdown`).
+//! `cold-start.json` plus the Markdown report (`markdown`). `brisk-bench compare` (`compare`)
+//! and `brisk-bench zone` (`zone`) are built from the same pieces.
 
+pub mod chart;
 pub mod cold;
+pub mod compare;
+pub mod compare_md;
 pub mod images;
 pub mod markdown;
 pub mod memory;
@@ -20,7 +24,9 @@ pub mod prefetch;
 pub mod reads;
 pub mod report;
 pub mod stack;
+pub mod stargz;
 pub mod wan;
+pub mod workload;
 pub mod zone;
 
 use std::os::unix::fs::MetadataExt;
@@ -141,7 +147,7 @@ pub fn cold_start(opts: &Options) -> Result<Report> {
     let wan = Wan::start(&registry.addr(), opts.link)?;
     let base = tempfile::Builder::new().prefix("brisk-bench-").tempdir()?;
 
-    let setup = cold::Setup::new(&wan, &registry, base.path())?;
+    let setup = cold::Setup::new(&wan, &registry, base.path(), workload::PY)?;
     for rep in 1..=opts.repetitions {
         // Alternate the order, so that a drift during the run does not favour one mode. (b)
         // comes before (c) and (d), which need what it leaves.
@@ -267,7 +273,7 @@ pub fn write(report: &Report, out: &Path, markdown: &Path) -> Result<()> {
 
 /// `text` without the absolute paths of this machine: the output directory, the workspace and
 /// the temporary directory become `<out>`, `<workspace>` and `<tmp>`.
-fn scrub(text: &str, out: &Path) -> String {
+pub(crate) fn scrub(text: &str, out: &Path) -> String {
     let mut text = text.to_owned();
     let tmp = std::env::temp_dir();
     for (path, name) in [

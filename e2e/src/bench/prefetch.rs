@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::cold::{ColdStart, FirstStart, RecordedTrace, Setup};
+use super::cold::{ColdStart, FirstStart, PageCache, RecordedTrace, Setup};
 use super::images::layer_bytes;
 use super::report::Attempt;
 use super::stack::scratch;
@@ -79,7 +79,9 @@ pub fn export_trace(
     brisk(&[
         "trace",
         "export",
-        &setup.registry.image("py:lazy"),
+        &setup
+            .registry
+            .image(&format!("{}:lazy", setup.workload.name)),
         utf8(file)?,
         "--snapshotter",
         utf8(&snapshotter.socket)?,
@@ -126,7 +128,7 @@ impl Setup<'_> {
             "The daemon holds {} traces, not 1",
             held.len()
         );
-        let mut cold = self.brisk_start(&snapshotter, &containerd, "lazy")?;
+        let mut cold = self.brisk_start(&snapshotter, &containerd, "lazy", PageCache::Drop)?;
         cold.trace = held.into_iter().next();
         Ok(cold)
     }
@@ -141,7 +143,7 @@ impl Setup<'_> {
         let (_dir, snapshotter, containerd) = self.fresh("baked-")?;
         let held = traces(&snapshotter.socket)?;
         ensure!(held.is_empty(), "A fresh daemon holds a trace: {held:?}");
-        self.brisk_start(&snapshotter, &containerd, "baked")
+        self.brisk_start(&snapshotter, &containerd, "baked", PageCache::Drop)
     }
 
     /// Converts `py:v1` to `py:baked` with `trace` baked in, on the registry directly.

@@ -51,7 +51,12 @@ pub fn write_no_trace_config(path: &Path) -> Result<()> {
 
 /// `ctr -a SOCK -n NS ARGS` for `containerd`, not yet run.
 pub fn ctr(containerd: &Containerd, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ctr");
+    ctr_like("ctr", containerd, args)
+}
+
+/// `PROGRAM -a SOCK -n NS ARGS`, for `ctr` and the clients built on it (`ctr-remote`).
+pub fn ctr_like(program: &str, containerd: &Containerd, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
     cmd.arg("-a")
         .arg(&containerd.socket)
         .arg("-n")
@@ -89,6 +94,18 @@ pub struct Watched {
 /// the command fails, if the line never appears, or if it takes longer than `timeout` (the
 /// command is then killed, by its pid).
 pub fn watch(cmd: &mut Command, line: Option<&str>, timeout: Duration) -> Result<Watched> {
+    match line {
+        Some(line) => watch_for(cmd, Some(&|l: &str| l == line), timeout),
+        None => watch_for(cmd, None, timeout),
+    }
+}
+
+/// `watch`, awaiting the first stdout line (trailing blanks trimmed) that `awaited` accepts.
+pub fn watch_for(
+    cmd: &mut Command,
+    awaited: Option<&dyn Fn(&str) -> bool>,
+    timeout: Duration,
+) -> Result<Watched> {
     let what = command_line(cmd);
     let mut child = cmd
         .stdin(Stdio::null())
@@ -120,7 +137,7 @@ pub fn watch(cmd: &mut Command, line: Option<&str>, timeout: Duration) -> Result
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok((at, l)) => {
-                if line_at.is_none() && line == Some(l.trim_end()) {
+                if line_at.is_none() && awaited.is_some_and(|f| f(l.trim_end())) {
                     line_at = Some(at);
                 }
                 out.push_str(&l);
@@ -147,8 +164,8 @@ pub fn watch(cmd: &mut Command, line: Option<&str>, timeout: Duration) -> Result
     if !status.success() {
         bail!("`{what}` failed ({status}):\n{}", err.trim_end());
     }
-    if line.is_some() && line_at.is_none() {
-        bail!("`{what}` never printed {line:?}; stdout:\n{out}");
+    if awaited.is_some() && line_at.is_none() {
+        bail!("`{what}` never printed the line awaited; stdout:\n{out}");
     }
     Ok(Watched {
         line_at,

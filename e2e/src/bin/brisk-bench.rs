@@ -41,6 +41,23 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         mbit: u64,
     },
+    /// Brisk against a full pull on overlayfs and against stargz-snapshotter: Python hello
+    /// and Flask on the WAN profile, every mode, 2 repetitions (--full: also the data/ML job,
+    /// loopback and slow WAN, 3 repetitions). Writes DIR/compare.json, BENCHMARKS.md and
+    /// BENCHMARKS.svg at the workspace root.
+    Compare {
+        /// Every workload on every network profile, 3 repetitions.
+        #[arg(long)]
+        full: bool,
+        /// Repetitions of every mode (overrides the default of the size chosen).
+        #[arg(long)]
+        repetitions: Option<usize>,
+        /// Only these workloads (py, flask, ml), comma separated.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        #[arg(long, default_value = "target/brisk-bench")]
+        out: PathBuf,
+    },
     /// Zone peers: N hosts start the same image at once behind one shared WAN link. Writes
     /// DIR/zone.json and BENCHMARKS-zone.md at the workspace root.
     Zone {
@@ -88,6 +105,43 @@ fn main() -> anyhow::Result<()> {
             rtt_ms,
             mbit,
         } => (quick, repetitions, absolute(out), rtt_ms, mbit),
+        Cmd::Compare {
+            full,
+            repetitions,
+            workloads,
+            out,
+        } => {
+            let out = absolute(out);
+            let mut opts = bench::compare::CompareOptions::new(
+                full,
+                out.clone(),
+                invocation.trim_end().to_owned(),
+            );
+            if let Some(n) = repetitions {
+                opts.repetitions = n.max(1);
+            }
+            if !workloads.is_empty() {
+                opts.workloads = bench::workload::ALL
+                    .iter()
+                    .filter(|w| workloads.iter().any(|n| n == w.name))
+                    .copied()
+                    .collect();
+            }
+            let report = bench::compare::run_compare(&opts).context("Benchmark setup failed")?;
+            let markdown = workspace_root().join("BENCHMARKS.md");
+            let chart = workspace_root().join("BENCHMARKS.svg");
+            bench::compare::write(&report, &out, &markdown, &chart)?;
+            let failures = bench::compare::failures(&report);
+            eprintln!(
+                "wrote {}, {} and {} in {:.0} s ({} failure(s))",
+                out.join("compare.json").display(),
+                markdown.display(),
+                chart.display(),
+                report.wall_seconds,
+                failures.len()
+            );
+            return Ok(());
+        }
         Cmd::Zone {
             hosts,
             repetitions,
