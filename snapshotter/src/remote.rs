@@ -231,6 +231,7 @@ impl RemoteLayers {
                     .iter()
                     .map(|&i| (i as u32, chunks.chunks[i].digest))
                     .collect(),
+                range: ev.offset..ev.offset + ev.len as u64,
                 path: ev.path,
                 at: std::time::Instant::now(),
             });

@@ -209,14 +209,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             registry,
         } => {
             let (src_store, dst_store) = (open(&src, &registry)?, open(&dst, &registry)?);
-            let trace_files = match &trace {
-                Some(file) => brisk_tools::trace::read_file(file)
-                    .with_context(|| format!("Reading {}", file.display()))?
-                    .files()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-                None => Vec::new(),
+            let (trace_files, trace_ranges) = match &trace {
+                Some(file) => {
+                    let t = brisk_tools::trace::read_file(file)
+                        .with_context(|| format!("Reading {}", file.display()))?;
+                    let files = t.files().into_iter().map(str::to_owned).collect();
+                    (files, t.file_ranges())
+                }
+                None => Default::default(),
             };
             let defaults = ConvertConfig::default();
             let config = ConvertConfig {
@@ -227,6 +227,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !json && std::io::stderr().is_terminal(),
                 tmp_dir: None,
                 trace_files,
+                trace_ranges,
             };
             let summary = convert::convert(&src_store, &dst_store, &config)
                 .await

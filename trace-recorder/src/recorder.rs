@@ -22,6 +22,8 @@ pub struct ReadRecord {
     /// (chunk index in the layer's TOC, chunk digest).
     pub chunks: Vec<(u32, Digest)>,
     pub path: String,
+    /// The bytes of the file read.
+    pub range: std::ops::Range<u64>,
     pub at: Instant,
 }
 
@@ -36,7 +38,8 @@ pub struct Session {
     entries: Vec<TraceEntry>,
     seen: HashSet<(Digest, u32)>,
     files: Vec<FileTouch>,
-    seen_files: HashSet<String>,
+    /// Index in `files` by path.
+    seen_files: HashMap<String, usize>,
 }
 
 type OnFinish = Box<dyn Fn(Trace) + Send>;
@@ -147,7 +150,7 @@ fn run(
                     entries: Vec::new(),
                     seen: HashSet::new(),
                     files: Vec::new(),
-                    seen_files: HashSet::new(),
+                    seen_files: HashMap::new(),
                 });
             }
             Ok(Command::Read(read)) => {
@@ -188,12 +191,15 @@ impl Session {
         let first = *self.first_read.get_or_insert(read.at);
         self.last_read = Some(self.last_read.map_or(read.at, |l| l.max(read.at)));
         let at_ms = read.at.saturating_duration_since(first).as_millis() as u64;
-        if self.seen_files.insert(read.path.clone()) {
+        let i = *self.seen_files.entry(read.path.clone()).or_insert_with(|| {
             self.files.push(FileTouch {
                 path: read.path.clone(),
                 at_ms,
+                ranges: Vec::new(),
             });
-        }
+            self.files.len() - 1
+        });
+        self.files[i].add_range(read.range.clone());
         for &(chunk, digest) in &read.chunks {
             if self.seen.insert((read.layer, chunk)) {
                 self.entries.push(TraceEntry {
@@ -229,6 +235,7 @@ mod tests {
                 .map(|&c| (c, Digest::sha256(&c.to_le_bytes())))
                 .collect(),
             path: path.into(),
+            range: 0..4096,
             at: Instant::now(),
         }
     }

@@ -34,6 +34,36 @@ pub struct Trace {
 pub struct FileTouch {
     pub path: String,
     pub at_ms: u64,
+    /// The byte ranges of the file the start read (`[start, end)`, sorted, neighbours closer
+    /// than [`RANGE_GAP`] joined). Empty in traces from before ranges were recorded: then the
+    /// whole file counts as read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<[u64; 2]>,
+}
+
+/// Read ranges of one file closer than this are kept as one: finer detail would only cost
+/// chunks that are too small to be worth a request of their own.
+pub const RANGE_GAP: u64 = 64 * 1024;
+
+impl FileTouch {
+    /// Adds a read of `range` to the file's ranges.
+    pub fn add_range(&mut self, range: std::ops::Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        self.ranges.push([range.start, range.end]);
+        self.ranges.sort_unstable();
+        let mut joined: Vec<[u64; 2]> = Vec::with_capacity(self.ranges.len());
+        for r in self.ranges.drain(..) {
+            match joined.last_mut() {
+                Some(last) if r[0] <= last[1].saturating_add(RANGE_GAP) => {
+                    last[1] = last[1].max(r[1]);
+                }
+                _ => joined.push(r),
+            }
+        }
+        self.ranges = joined;
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,11 +148,25 @@ impl Trace {
             .chain(other.files.iter().cloned())
             .collect();
         files.sort_by_key(|f| f.at_ms);
-        let mut seen = HashSet::new();
-        self.files = files
-            .into_iter()
-            .filter(|f| seen.insert(f.path.clone()))
-            .collect();
+        let mut index: std::collections::HashMap<String, usize> = Default::default();
+        let mut merged: Vec<FileTouch> = Vec::new();
+        for f in files {
+            match index.get(&f.path) {
+                // A file one start read whole (no ranges) stays whole.
+                Some(&i) if merged[i].ranges.is_empty() => {}
+                Some(&i) if f.ranges.is_empty() => merged[i].ranges.clear(),
+                Some(&i) => {
+                    for r in &f.ranges {
+                        merged[i].add_range(r[0]..r[1]);
+                    }
+                }
+                None => {
+                    index.insert(f.path.clone(), merged.len());
+                    merged.push(f);
+                }
+            }
+        }
+        self.files = merged;
         self.starts += other.starts.max(1);
     }
 
@@ -137,6 +181,20 @@ impl Trace {
             .iter()
             .map(|e| e.path.as_str())
             .filter(|p| seen.insert(*p))
+            .collect()
+    }
+
+    /// The read ranges of every file that has them, by path.
+    pub fn file_ranges(&self) -> std::collections::HashMap<String, Vec<std::ops::Range<u64>>> {
+        self.files
+            .iter()
+            .filter(|f| !f.ranges.is_empty())
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.ranges.iter().map(|r| r[0]..r[1]).collect(),
+                )
+            })
             .collect()
     }
 
@@ -157,6 +215,56 @@ mod tests {
             at_ms,
             path: path.into(),
         }
+    }
+
+    #[test]
+    fn read_ranges_join_when_close_and_merge_across_starts() {
+        let touch = |ranges: &[(u64, u64)]| {
+            let mut f = FileTouch {
+                path: "/usr/bin/python3".into(),
+                at_ms: 0,
+                ranges: Vec::new(),
+            };
+            for &(a, b) in ranges {
+                f.add_range(a..b);
+            }
+            f
+        };
+        let f = touch(&[
+            (0, 4096),
+            (4096 + RANGE_GAP, 2 * RANGE_GAP),
+            (1 << 20, (1 << 20) + 10),
+        ]);
+        assert_eq!(
+            f.ranges,
+            vec![[0, 2 * RANGE_GAP], [1 << 20, (1 << 20) + 10]]
+        );
+        let image = Digest::sha256(b"image");
+        let mut a = Trace {
+            files: vec![touch(&[(0, 10)])],
+            ..Trace::new(image)
+        };
+        let b = Trace {
+            files: vec![touch(&[(1 << 30, (1 << 30) + 1)])],
+            ..Trace::new(image)
+        };
+        a.merge(&b);
+        assert_eq!(a.files[0].ranges, vec![[0, 10], [1 << 30, (1 << 30) + 1]]);
+        assert_eq!(
+            a.file_ranges()["/usr/bin/python3"],
+            vec![0..10, (1 << 30)..(1 << 30) + 1]
+        );
+        // A start that read the file without ranges (an older trace) means the whole file.
+        let whole = Trace {
+            files: vec![FileTouch {
+                ranges: Vec::new(),
+                ..touch(&[])
+            }],
+            ..Trace::new(image)
+        };
+        a.merge(&whole);
+        assert!(a.files[0].ranges.is_empty());
+        assert!(a.file_ranges().is_empty());
     }
 
     #[test]

@@ -524,3 +524,67 @@ proptest! {
         fuzz_read_blob(&blob[..cut.index(blob.len())]);
     }
 }
+
+#[test]
+fn read_parts_of_a_prefetch_file_become_chunks_of_their_own_and_only_they_are_listed() {
+    let tar = sample_tar();
+    let chunk_size = 256 * 1024;
+    let read = vec![100_000..120_000, 400_000..401_000];
+    let (layer, blob) = convert_layer(
+        tar.as_slice(),
+        Vec::new(),
+        &ConvertOptions {
+            chunk_size,
+            prefetch_files: vec!["usr/lib/big.bin".into(), "etc/hostname".into()],
+            prefetch_ranges: [("usr/lib/big.bin".to_owned(), read.clone())].into(),
+            ..ConvertOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        zstd_decode_all(&blob),
+        tar,
+        "the tar stream passes through unchanged"
+    );
+    let toc = read_toc(&blob, &layer);
+    let big = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "usr/lib/big.bin")
+        .unwrap()
+        .tar_range()
+        .unwrap();
+    let starts: Vec<u64> = toc.chunks.iter().map(|c| c.tar_offset).collect();
+    for r in &read {
+        assert!(
+            starts.contains(&(big.start + r.start)),
+            "a chunk starts at {r:?}"
+        );
+        assert!(
+            starts.contains(&(big.start + r.end)),
+            "a chunk starts after {r:?}"
+        );
+    }
+    let listed: Vec<std::ops::Range<u64>> = toc
+        .prefetch
+        .iter()
+        .map(|&i| {
+            let c = &toc.chunks[i as usize];
+            c.tar_offset..c.tar_offset + c.tar_size
+        })
+        .collect();
+    let hostname = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "etc/hostname")
+        .unwrap()
+        .tar_range()
+        .unwrap();
+    let expected = vec![
+        big.start + read[0].start..big.start + read[0].end,
+        big.start + read[1].start..big.start + read[1].end,
+    ];
+    assert_eq!(listed[..2], expected, "only the read parts of the big file");
+    assert_eq!(listed.len(), 3);
+    assert!(listed[2].start <= hostname.start && hostname.end <= listed[2].end);
+}

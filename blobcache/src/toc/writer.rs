@@ -27,6 +27,10 @@ pub struct ConvertOptions {
     pub level: i32,
     /// Files (layer paths) whose chunks the TOC lists for prefetch, in this order.
     pub prefetch_files: Vec<String>,
+    /// For prefetch files whose start read only parts: those byte ranges of the file. Chunks
+    /// are cut at their edges and only the chunks holding them are listed. A prefetch file
+    /// without an entry here is listed whole.
+    pub prefetch_ranges: HashMap<String, Vec<std::ops::Range<u64>>>,
 }
 
 impl Default for ConvertOptions {
@@ -35,6 +39,7 @@ impl Default for ConvertOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             level: 3,
             prefetch_files: Vec::new(),
+            prefetch_ranges: HashMap::new(),
         }
     }
 }
@@ -74,9 +79,14 @@ pub fn convert_layer<R: Read, W: Write>(
             continue;
         };
         if let Some(range) = toc_entry.tar_range() {
+            let read = opts
+                .prefetch_ranges
+                .get(&toc_entry.name)
+                .map(|r| within(&range, r))
+                .unwrap_or_default();
             frames
                 .borrow_mut()
-                .plan_content(entry.raw_header_position(), range, chunk_size)
+                .plan_content(entry.raw_header_position(), range, chunk_size, &read)
                 .map_err(Error::Write)?;
         }
         entries.insert(toc_entry)?;
@@ -91,7 +101,25 @@ pub fn convert_layer<R: Read, W: Write>(
         .ok()
         .expect("the tee is gone")
         .into_inner();
-    frames.finish(entries.into_vec(), &opts.prefetch_files)
+    frames.finish(
+        entries.into_vec(),
+        &opts.prefetch_files,
+        &opts.prefetch_ranges,
+    )
+}
+
+/// File-relative `ranges` as tar offsets inside `content`, clipped to it.
+fn within(
+    content: &std::ops::Range<u64>,
+    ranges: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    ranges
+        .iter()
+        .map(|r| {
+            (content.start + r.start).min(content.end)..(content.start + r.end).min(content.end)
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// Passes everything the tar parser reads on to the frame writer, so the output holds the
@@ -120,8 +148,9 @@ struct FrameWriter<W: Write> {
     compressed: Vec<u8>,
     /// Tar offset of `buf[0]`.
     frame_start: u64,
-    /// A boundary still ahead in the stream: the end of the current large file.
-    planned_cut: Option<u64>,
+    /// Boundaries still ahead in the stream, ascending: the end of the current large file,
+    /// and the edges of the parts of it a start-up trace read.
+    planned_cuts: std::collections::VecDeque<u64>,
     chunk_size: u64,
     chunks: Vec<Chunk>,
     diff_id: Hasher,
@@ -139,7 +168,7 @@ impl<W: Write> FrameWriter<W> {
             buf: Vec::with_capacity(chunk_size as usize),
             compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk_size as usize)),
             frame_start: 0,
-            planned_cut: None,
+            planned_cuts: std::collections::VecDeque::new(),
             chunk_size,
             chunks: Vec::new(),
             diff_id: Hasher::new(),
@@ -154,15 +183,15 @@ impl<W: Write> FrameWriter<W> {
         self.diff_id.update(data);
         while !data.is_empty() {
             let mut limit = self.frame_start + self.chunk_size;
-            if let Some(cut) = self.planned_cut.filter(|&c| c < limit) {
+            if let Some(&cut) = self.planned_cuts.front().filter(|&&c| c < limit) {
                 limit = cut;
             }
             let n = ((limit - self.pos()) as usize).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.pos() == limit {
-                if self.planned_cut == Some(limit) {
-                    self.planned_cut = None;
+                if self.planned_cuts.front() == Some(&limit) {
+                    self.planned_cuts.pop_front();
                 }
                 self.flush_frame(self.buf.len())?;
             }
@@ -189,11 +218,22 @@ impl<W: Write> FrameWriter<W> {
         header: u64,
         content: std::ops::Range<u64>,
         chunk_size: u64,
+        read: &[std::ops::Range<u64>],
     ) -> io::Result<()> {
         let len = content.end - content.start;
         if len >= chunk_size / 4 {
             self.cut_at(content.start)?;
-            self.planned_cut = Some(content.end);
+            // The parts a start reads become chunks of their own, so prefetch fetches them
+            // without the rest of the file.
+            let mut cuts: Vec<u64> = read
+                .iter()
+                .flat_map(|r| [r.start, r.end])
+                .filter(|&c| c > content.start && c < content.end)
+                .collect();
+            cuts.push(content.end);
+            cuts.sort_unstable();
+            cuts.dedup();
+            self.planned_cuts = cuts.into();
         } else if content.end - self.frame_start > chunk_size {
             self.cut_at(header)?;
         }
@@ -225,6 +265,7 @@ impl<W: Write> FrameWriter<W> {
         mut self,
         entries: Vec<Entry>,
         prefetch_files: &[String],
+        prefetch_ranges: &HashMap<String, Vec<std::ops::Range<u64>>>,
     ) -> Result<(ConvertedLayer, W)> {
         self.flush_frame(self.buf.len()).map_err(Error::Write)?;
         let toc = Toc {
@@ -235,7 +276,7 @@ impl<W: Write> FrameWriter<W> {
             prefetch: Vec::new(),
         };
         let mut toc = toc;
-        toc.prefetch = prefetch_chunks(&toc, prefetch_files);
+        toc.prefetch = prefetch_chunks(&toc, prefetch_files, prefetch_ranges);
         let (payload, uncompressed_size) = toc.encode()?;
         let out = &mut self.out;
         out.write_all(&skippable_header(TOC_FRAME_MAGIC, payload.len()).map_err(Error::Write)?)
@@ -271,19 +312,30 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// The chunks holding `files`' contents, in the files' order, each chunk once.
-fn prefetch_chunks(toc: &Toc, files: &[String]) -> Vec<u32> {
+/// The chunks holding `files`' contents (only their read parts where `ranges` has them), in
+/// the files' order, each chunk once.
+fn prefetch_chunks(
+    toc: &Toc,
+    files: &[String],
+    ranges: &HashMap<String, Vec<std::ops::Range<u64>>>,
+) -> Vec<u32> {
     let by_name: std::collections::HashMap<&str, &Entry> =
         toc.entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for f in files {
-        let Some(range) = by_name.get(f.as_str()).and_then(|e| e.tar_range()) else {
+        let Some(content) = by_name.get(f.as_str()).and_then(|e| e.tar_range()) else {
             continue;
         };
-        for i in toc.chunks_for(range) {
-            if seen.insert(i) {
-                out.push(i as u32);
+        let parts = match ranges.get(f) {
+            Some(r) => within(&content, r),
+            None => vec![content],
+        };
+        for part in parts {
+            for i in toc.chunks_for(part) {
+                if seen.insert(i) {
+                    out.push(i as u32);
+                }
             }
         }
     }

@@ -69,6 +69,14 @@ pub(super) async fn convert_layer(
         chunk_size: run.config.chunk_size,
         level: run.config.level,
         prefetch_files: Vec::new(),
+        prefetch_ranges: run
+            .config
+            .trace_ranges
+            .iter()
+            .filter_map(|(path, r)| {
+                Some((brisk_blobcache::toc::normalize_name(path).ok()?, r.clone()))
+            })
+            .collect(),
     };
     let (inp, outp, b) = (input.clone(), output.clone(), bar.clone());
     let trace_files = run.config.trace_files.clone();

@@ -41,6 +41,9 @@ pub struct ConvertConfig {
     /// Files of a start-up trace (layer paths, first-read order) to bake in: they move to the
     /// front of their layer and the TOC lists their chunks for prefetch.
     pub trace_files: Vec<String>,
+    /// The parts of those files the start read (file byte ranges), by layer path; a traced
+    /// file without an entry is prefetched whole.
+    pub trace_ranges: std::collections::HashMap<String, Vec<std::ops::Range<u64>>>,
 }
 
 impl Default for ConvertConfig {
@@ -52,6 +55,7 @@ impl Default for ConvertConfig {
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: false,
             trace_files: Vec::new(),
+            trace_ranges: Default::default(),
             tmp_dir: None,
         }
     }
