@@ -1,5 +1,6 @@
-//! Cold start: the time from the start of a pull to the first line the container prints,
-//! across the emulated WAN, for the ways of getting `py` running:
+//! Cold start: the time from the start of a pull until a workload's container is ready
+//! (`py`'s first line in `cold-start`; any `workload` in `compare`), across the emulated
+//! link, for the ways of getting it running:
 //!
 //! - (a) overlayfs: `ctr image pull` downloads and unpacks every layer, then `ctr run`;
 //! - (b) Brisk, first start: `brisk pull` of the converted image on a snapshotter with an
@@ -7,7 +8,8 @@
 //!   exported for (d) and for the bake of (e);
 //! - (c) Brisk with a warm L2: as (b), on a snapshotter that kept the chunk cache (`cache/`)
 //!   and the TOCs (`meta/`) of the (b) of the same repetition, but no images, snapshots or
-//!   start-up trace;
+//!   start-up trace; optionally followed by a hot start, the same image again on the same
+//!   daemons with the page cache kept;
 //! - (d) and (e), Brisk prefetching from a trace on an empty root, are in `prefetch`.
 //!
 //! Every run gets a fresh containerd root and a dropped page cache, so nothing is reused that

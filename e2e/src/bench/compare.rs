@@ -208,6 +208,23 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// A cell with a slot, still empty, for every mode.
+    pub fn empty(workload: &'static str, profile: &'static str) -> Self {
+        Self {
+            workload,
+            profile,
+            order: Vec::new(),
+            modes: Mode::ALL
+                .iter()
+                .map(|&mode| ModeResults {
+                    mode,
+                    attempts: Vec::new(),
+                    summary: ModeSummary::default(),
+                })
+                .collect(),
+        }
+    }
+
     pub fn mode(&self, mode: Mode) -> &ModeResults {
         self.modes
             .iter()
@@ -304,6 +321,27 @@ fn lazy_only(attempts: &[Attempt<Run>]) -> Vec<Attempt<Run>> {
         .collect()
 }
 
+/// Copies `brisk` and `brisk-snapshotter` (from `BRISK_BIN` and `BRISK_SNAPSHOTTER_BIN`) to
+/// `OUT/bin` and points those variables at the copies, so that a rebuild of the workspace
+/// during a long run cannot swap the binaries half-way. Call it before any thread starts: it
+/// sets environment variables.
+pub fn pin_binaries(out: &Path) -> Result<()> {
+    let dir = out.join("bin");
+    std::fs::create_dir_all(&dir)?;
+    for (var, bin) in [
+        ("BRISK_BIN", crate::brisk_bin()?),
+        ("BRISK_SNAPSHOTTER_BIN", crate::daemons::snapshotter_bin()?),
+    ] {
+        let copy = dir.join(bin.file_name().context("A binary path has no file name")?);
+        // A new file rather than an overwrite: a copy still running elsewhere is not touched.
+        let _ = std::fs::remove_file(&copy);
+        // `cp -p` keeps the build time, which the report shows.
+        run(Command::new("cp").arg("-p").arg(&bin).arg(&copy))?;
+        std::env::set_var(var, &copy);
+    }
+    Ok(())
+}
+
 /// Fails naming everything missing that the cold-start benchmark needs. `ctr-remote` is not
 /// among them: `e2e/stargz/build.sh` installs it, and without it only the stargz modes fail.
 fn check_prerequisites() -> Result<()> {
@@ -357,19 +395,7 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareReport> {
         for info in &report.workloads {
             let w = info.workload;
             let setup = Setup::new(&wan, &registry, base.path(), w)?;
-            let mut cell = Cell {
-                workload: w.name,
-                profile: profile.name,
-                order: Vec::new(),
-                modes: Mode::ALL
-                    .iter()
-                    .map(|&mode| ModeResults {
-                        mode,
-                        attempts: Vec::new(),
-                        summary: ModeSummary::default(),
-                    })
-                    .collect(),
-            };
+            let mut cell = Cell::empty(w.name, profile.name);
             for rep in 1..=opts.repetitions {
                 let order = ORDERS[(rep + 1) % 2];
                 cell.order.push(order.to_vec());
@@ -626,4 +652,55 @@ pub fn failures(report: &CompareReport) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::wan::Traffic;
+
+    fn start(seconds: f64, lazy: Option<(usize, usize)>) -> anyhow::Result<Run> {
+        Ok(Run {
+            start: ColdStart {
+                seconds,
+                pull_seconds: 0.0,
+                traffic: Traffic::default(),
+                pull: None,
+                status: None,
+                trace: None,
+                rss_kib: None,
+            },
+            laziness: lazy.map(|(lazy_layers, layers)| Laziness {
+                lazy_layers,
+                layers,
+            }),
+        })
+    }
+
+    #[test]
+    fn a_start_that_fell_back_is_counted_but_left_out_of_the_figures() {
+        let mut cell = Cell::empty("py", WAN.name);
+        let attempts = [
+            (Mode::Overlay, 1, start(10.0, None)),
+            (Mode::Overlay, 2, start(12.0, None)),
+            (Mode::StargzLazy, 1, start(2.0, Some((1, 1)))),
+            (Mode::StargzLazy, 2, start(9.0, Some((0, 1)))),
+            (Mode::BriskLazy, 1, Err(anyhow::anyhow!("no daemon"))),
+        ];
+        for (mode, rep, result) in attempts {
+            let slot = cell.modes.iter_mut().find(|m| m.mode == mode).unwrap();
+            slot.attempts.push(Attempt::new(rep, result));
+        }
+        summarize(&mut cell);
+
+        let s = &cell.mode(Mode::StargzLazy).summary;
+        assert_eq!((s.ok, s.fell_back), (2, 1));
+        assert_eq!(s.ready_seconds.map(|s| (s.median, s.n)), Some((2.0, 1)));
+        assert_eq!(s.ratio_to_overlay, Some(2.0 / 11.0));
+        assert_eq!(s.ratio_to_overlay_per_repetition, vec![0.2]);
+        let failed = &cell.mode(Mode::BriskLazy).summary;
+        assert!(failed.ready_seconds.is_none() && failed.ok == 0);
+        let (ratio, each) = TARGETS[0].ratio(&cell);
+        assert_eq!((ratio, each), (None, Vec::new()));
+    }
 }

@@ -150,9 +150,10 @@ fn targets_section(md: &mut String, r: &CompareReport) {
                 t.mode.title(),
                 t.at_most,
                 t.over.title(),
-                ratio.map_or("–".to_owned(), |x| format!("{x:.2}×")),
+                // Three decimals: a ratio just above the target must not print as equal to it.
+                ratio.map_or("–".to_owned(), |x| format!("{x:.3}×")),
                 each.iter()
-                    .map(|x| format!("{x:.2}"))
+                    .map(|x| format!("{x:.3}"))
                     .collect::<Vec<_>>()
                     .join(", "),
             );

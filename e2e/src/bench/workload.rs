@@ -150,9 +150,12 @@ impl Workload {
     ) -> Result<Instant> {
         let id = unique(self.name);
         let mut args = vec!["run", "--rm", "--snapshotter", snapshotter];
-        let port = free_port()?.to_string();
+        let port = match self.ready {
+            Ready::Http => free_port()?.to_string(),
+            Ready::Line(_) | Ready::FirstLine => String::new(),
+        };
         let env = format!("PORT={port}");
-        if let Ready::Http = self.ready {
+        if !port.is_empty() {
             args.extend(["--net-host", "--env", &env]);
         }
         args.extend([image, &id]);

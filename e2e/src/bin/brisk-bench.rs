@@ -112,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             out,
         } => {
             let out = absolute(out);
+            bench::compare::pin_binaries(&out)?;
             let mut opts = bench::compare::CompareOptions::new(
                 full,
                 out.clone(),
