@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use brisk_blobcache::zone::auth::{Verifier, ZoneKey, PROOF_HEADER, STAMP_HEADER};
+use brisk_blobcache::zone::auth::{Verifier, ZoneKey, PROOF_HEADER};
 use brisk_blobcache::zone::{gossip, Zone};
 use brisk_e2e::zone::{
     free_addr, image_info, mount_image, write_token, zone_certificates, Host, ImageInfo,
@@ -101,6 +101,32 @@ impl Fixture {
         Host::start(&self.tmp.path().join(name), addr, seeds, &self.token)
     }
 
+    /// A host at every address, each with all of them as seeds.
+    fn mesh(&self, addrs: &[SocketAddr]) -> Result<Vec<Host>> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| self.host(&format!("h{i}"), *a, addrs))
+            .collect()
+    }
+
+    /// Mounts the image on each host (TOCs fetched, no file read yet); the mount points.
+    async fn mount_on(&self, hosts: &[Host]) -> Result<Vec<PathBuf>> {
+        let mut targets = Vec::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let target = h.snapshotter.root.join("view");
+            mount_image(
+                &h.snapshotter.socket,
+                &self.image,
+                &target,
+                &format!("v{i}"),
+            )
+            .await?;
+            targets.push(target);
+        }
+        Ok(targets)
+    }
+
     /// Mounts the image on `host` and checks every file against the source tree.
     async fn read_all(&self, host: &Host, view: String) -> Result<()> {
         let target = host.snapshotter.root.join(&view);
@@ -152,6 +178,30 @@ fn ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, n)
 }
 
+/// Free peer addresses for `n` hosts on 127.0.0.`first` and up.
+fn addrs(first: u8, n: u8) -> Result<Vec<SocketAddr>> {
+    (0..n).map(|i| free_addr(ip(first + i))).collect()
+}
+
+/// A request for `method` stamped with `key`.
+fn stamped<T>(key: &ZoneKey, method: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    key.sign(&mut request, method);
+    request
+}
+
+/// A zone counter summed over `hosts`.
+async fn zone_total(
+    hosts: &[Host],
+    f: fn(&brisk_proto::brisk::v1::ZoneStatus) -> u64,
+) -> Result<u64> {
+    let mut n = 0;
+    for h in hosts {
+        n += zone_counter(h, f).await?;
+    }
+    Ok(n)
+}
+
 /// Waits until every host sees all the others; how long it took.
 async fn converge(hosts: &[&Host], within: Duration) -> Result<Duration> {
     let started = Instant::now();
@@ -196,14 +246,7 @@ fn four_hosts_fetch_each_chunk_from_the_registry_about_once() -> Result<()> {
     }
     let rt = runtime();
     let fx = Fixture::new(&rt)?;
-    let addrs: Vec<SocketAddr> = (0..4)
-        .map(|i| free_addr(ip(21 + i)))
-        .collect::<Result<_>>()?;
-    let hosts: Vec<Host> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
-        .collect::<Result<_>>()?;
+    let hosts = fx.mesh(&addrs(21, 4)?)?;
     rt.block_on(async {
         let took = converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
         eprintln!("4 hosts converged in {took:?}");
@@ -220,11 +263,8 @@ fn four_hosts_fetch_each_chunk_from_the_registry_about_once() -> Result<()> {
             r?;
         }
         let counts = fx.proxy.counts();
-        let (mut from_peers, mut failures) = (0, 0);
-        for h in &hosts {
-            from_peers += zone_counter(h, |z| z.chunks).await?;
-            failures += zone_counter(h, |z| z.failures).await?;
-        }
+        let from_peers = zone_total(&hosts, |z| z.chunks).await?;
+        let failures = zone_total(&hosts, |z| z.failures).await?;
         eprintln!("peer requests that failed: {failures}");
         eprintln!(
             "zone of 4: registry served {} blob bytes in {} requests for {} layer bytes ({} chunks); {} chunks came from peers",
@@ -249,24 +289,12 @@ fn a_peer_killed_mid_stream_costs_latency_not_bytes() -> Result<()> {
     }
     let rt = runtime();
     let fx = Fixture::new(&rt)?;
-    let addrs: Vec<SocketAddr> = (0..3)
-        .map(|i| free_addr(ip(31 + i)))
-        .collect::<Result<_>>()?;
-    let mut hosts: Vec<Host> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
-        .collect::<Result<_>>()?;
+    let mut hosts = fx.mesh(&addrs(31, 3)?)?;
     rt.block_on(async {
         converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
         // Mount first (TOCs fetched), then make every chunk fetch slow, so streams to the
         // victim are open when it dies.
-        let mut targets = Vec::new();
-        for (i, h) in hosts.iter().enumerate().take(2) {
-            let target = h.snapshotter.root.join("view");
-            mount_image(&h.snapshotter.socket, &fx.image, &target, &format!("v{i}")).await?;
-            targets.push(target);
-        }
+        let targets = fx.mount_on(&hosts[..2]).await?;
         fx.proxy
             .inject(Injection::blobs(Fault::Delay(Duration::from_millis(1500))));
         Ok::<_, anyhow::Error>(targets)
@@ -286,13 +314,7 @@ fn a_peer_killed_mid_stream_costs_latency_not_bytes() -> Result<()> {
         }
         Ok(())
     })?;
-    let failures = rt.block_on(async {
-        let mut n = 0;
-        for h in hosts.iter().take(2) {
-            n += zone_counter(h, |z| z.failures).await?;
-        }
-        Ok::<_, anyhow::Error>(n)
-    })?;
+    let failures = rt.block_on(zone_total(&hosts[..2], |z| z.failures))?;
     ensure!(
         failures > 0,
         "no reader saw the killed peer fail: the test did not exercise the failure"
@@ -311,15 +333,9 @@ type Replies = Pin<Box<dyn futures::Stream<Item = Result<FetchReply, Status>> + 
 
 impl Liar {
     fn proof<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
-        let stamp = request
-            .metadata()
-            .get(STAMP_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         self.verifier
-            .check(method, stamp.as_deref())
-            .map_err(|_| Status::unauthenticated("no"))?;
-        Ok(self.verifier.key().proof(&stamp.unwrap_or_default()))
+            .authorize(request, method)
+            .map_err(|_| Status::unauthenticated("no"))
     }
 }
 
@@ -456,14 +472,13 @@ fn callers_without_the_zone_token_get_nothing() -> Result<()> {
             .await?;
         let mut client = PeerClient::new(channel);
         let ask = |key: Option<&ZoneKey>| {
-            let mut r = Request::new(HasRequest {
+            let message = HasRequest {
                 digests: vec![format!("sha256:{}", "0".repeat(64))],
-            });
-            if let Some(k) = key {
-                r.metadata_mut()
-                    .insert(STAMP_HEADER, k.stamp("Has").parse().expect("ascii"));
+            };
+            match key {
+                Some(k) => stamped(k, "Has", message),
+                None => Request::new(message),
             }
-            r
         };
         let none = client.has(ask(None)).await;
         ensure!(
@@ -479,11 +494,9 @@ fn callers_without_the_zone_token_get_nothing() -> Result<()> {
         let key = ZoneKey::from_file(&token)?;
         let good = client.has(ask(Some(&key))).await?;
         ensure!(good.get_ref().present == vec![false]);
-        let mut fetch = Request::new(FetchRequest::default());
-        fetch
-            .metadata_mut()
-            .insert(STAMP_HEADER, other.stamp("Fetch").parse().expect("ascii"));
-        let refused = client.fetch(fetch).await;
+        let refused = client
+            .fetch(stamped(&other, "Fetch", FetchRequest::default()))
+            .await;
         ensure!(
             matches!(&refused, Err(s) if s.code() == tonic::Code::Unauthenticated),
             "fetch with the wrong token: {:?}",
@@ -527,9 +540,7 @@ fn members_join_and_leave_while_reads_keep_working() -> Result<()> {
     }
     let rt = runtime();
     let fx = Fixture::new(&rt)?;
-    let addrs: Vec<SocketAddr> = (0..4)
-        .map(|i| free_addr(ip(61 + i)))
-        .collect::<Result<_>>()?;
+    let addrs = addrs(61, 4)?;
     // Only the first host is a seed; a seed listed before it starts is not fatal.
     let mut hosts: Vec<Host> = Vec::new();
     for (i, a) in addrs.iter().take(3).enumerate() {
@@ -615,9 +626,7 @@ fn a_zone_with_mutual_tls_serves_members_and_refuses_strangers() -> Result<()> {
     }
     let rt = runtime();
     let fx = Fixture::new(&rt)?;
-    let addrs: Vec<SocketAddr> = (0..2)
-        .map(|i| free_addr(ip(81 + i)))
-        .collect::<Result<_>>()?;
+    let addrs = addrs(81, 2)?;
     let tls = zone_certificates(&fx.tmp.path().join("pki"), &addrs)?;
     let hosts: Vec<Host> = addrs
         .iter()
@@ -642,24 +651,16 @@ fn a_zone_with_mutual_tls_serves_members_and_refuses_strangers() -> Result<()> {
         for r in futures::future::join_all(reads).await {
             r?;
         }
-        let mut from_peers = 0;
-        for h in &hosts {
-            from_peers += zone_counter(h, |z| z.chunks).await?;
-            ensure!(
-                zone_counter(h, |z| z.failures).await? == 0,
-                "a TLS request failed"
-            );
-        }
+        let from_peers = zone_total(&hosts, |z| z.chunks).await?;
+        ensure!(
+            zone_total(&hosts, |z| z.failures).await? == 0,
+            "a TLS request failed"
+        );
         ensure!(from_peers > 0, "no chunk crossed the zone over TLS");
 
         // With the token but without a certificate, in the clear or over TLS, nothing.
         let key = ZoneKey::from_file(&fx.token)?;
-        let has = |k: &ZoneKey| {
-            let mut r = Request::new(HasRequest::default());
-            r.metadata_mut()
-                .insert(STAMP_HEADER, k.stamp("Has").parse().expect("ascii"));
-            r
-        };
+        let has = |k: &ZoneKey| stamped(k, "Has", HasRequest::default());
         let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))?
             .connect()
             .await;
@@ -694,23 +695,10 @@ fn a_home_waiting_on_a_slow_registry_is_waited_for_not_bypassed() -> Result<()> 
     }
     let rt = runtime();
     let fx = Fixture::new(&rt)?;
-    let addrs: Vec<SocketAddr> = (0..2)
-        .map(|i| free_addr(ip(91 + i)))
-        .collect::<Result<_>>()?;
-    let hosts: Vec<Host> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| fx.host(&format!("h{i}"), *a, &addrs))
-        .collect::<Result<_>>()?;
+    let hosts = fx.mesh(&addrs(91, 2)?)?;
     let targets = rt.block_on(async {
         converge(&hosts.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await?;
-        let mut targets = Vec::new();
-        for (i, h) in hosts.iter().enumerate() {
-            let target = h.snapshotter.root.join("view");
-            mount_image(&h.snapshotter.socket, &fx.image, &target, &format!("v{i}")).await?;
-            targets.push(target);
-        }
-        Ok::<_, anyhow::Error>(targets)
+        fx.mount_on(&hosts).await
     })?;
     // Longer than a silent peer is given (5 s): only the home's progress keeps the other
     // host waiting instead of going to the registry itself.
@@ -731,13 +719,7 @@ fn a_home_waiting_on_a_slow_registry_is_waited_for_not_bypassed() -> Result<()> 
     }
     let took = started.elapsed();
     let counts = fx.proxy.counts();
-    let failures = rt.block_on(async {
-        let mut n = 0;
-        for h in &hosts {
-            n += zone_counter(h, |z| z.failures).await?;
-        }
-        Ok::<_, anyhow::Error>(n)
-    })?;
+    let failures = rt.block_on(zone_total(&hosts, |z| z.failures))?;
     eprintln!(
         "both hosts read in {took:?}; registry blob requests: {}; peer failures: {failures}",
         counts.blob_requests
@@ -800,12 +782,14 @@ fn one_caller_cannot_hold_more_than_its_share_of_a_peer() -> Result<()> {
         let mut held = Vec::new();
         let mut refused = None;
         for i in 0..40 {
-            let mut r = Request::new(FetchRequest {
-                chunks: locators.clone(),
-                prefetch: false,
-            });
-            r.metadata_mut()
-                .insert(STAMP_HEADER, key.stamp("Fetch").parse().expect("ascii"));
+            let r = stamped(
+                &key,
+                "Fetch",
+                FetchRequest {
+                    chunks: locators.clone(),
+                    prefetch: false,
+                },
+            );
             match PeerClient::new(channel.clone()).fetch(r).await {
                 // Held open and never read.
                 Ok(stream) => held.push(stream),

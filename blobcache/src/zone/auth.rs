@@ -82,6 +82,25 @@ impl ZoneKey {
         )
     }
 
+    /// Puts a fresh stamp for `method` on `request`; returns it, to check the answer's proof.
+    pub fn sign<T>(&self, request: &mut tonic::Request<T>, method: &str) -> String {
+        let stamp = self.stamp(method);
+        request
+            .metadata_mut()
+            .insert(STAMP_HEADER, stamp.parse().expect("a stamp is ASCII"));
+        stamp
+    }
+
+    /// Whether `response` carries the proof for `stamp`: the peer holds the zone's token.
+    pub fn proven<T>(&self, response: &tonic::Response<T>, stamp: &str) -> bool {
+        let proof = response
+            .metadata()
+            .get(PROOF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        self.check_proof(stamp, proof)
+    }
+
     /// The proof a server returns for a stamp it accepted.
     pub fn proof(&self, stamp: &str) -> String {
         let nonce = stamp.split(':').nth(2).unwrap_or_default();
@@ -153,6 +172,20 @@ impl Verifier {
 
     pub fn key(&self) -> &ZoneKey {
         &self.key
+    }
+
+    /// Checks the stamp `request` carries for `method`; the proof to answer with.
+    pub fn authorize<T>(
+        &self,
+        request: &tonic::Request<T>,
+        method: &str,
+    ) -> std::result::Result<String, Refusal> {
+        let stamp = request
+            .metadata()
+            .get(STAMP_HEADER)
+            .and_then(|v| v.to_str().ok());
+        self.check(method, stamp)?;
+        Ok(self.key.proof(stamp.expect("a checked stamp is present")))
     }
 
     pub fn check(&self, method: &str, stamp: Option<&str>) -> std::result::Result<(), Refusal> {

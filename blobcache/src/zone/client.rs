@@ -17,7 +17,7 @@ use brisk_proto::brisk::v1::{ChunkLocator, FetchRequest, PeerTraceRequest};
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
-use super::auth::{ZoneKey, PROOF_HEADER, STAMP_HEADER};
+use super::auth::ZoneKey;
 use super::Zone;
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::layered::Priority;
@@ -189,22 +189,9 @@ impl PeerSource {
 
     /// A request for `method` carrying a fresh stamp; the stamp, to check the answer's proof.
     fn stamped<T>(&self, message: T, method: &str) -> (tonic::Request<T>, String) {
-        let stamp = self.key.stamp(method);
         let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert(STAMP_HEADER, stamp.parse().expect("a stamp is ASCII"));
+        let stamp = self.key.sign(&mut request, method);
         (request, stamp)
-    }
-
-    /// Whether the answer proves the peer holds the zone's token.
-    fn proven<T>(&self, response: &tonic::Response<T>, stamp: &str) -> bool {
-        let proof = response
-            .metadata()
-            .get(PROOF_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        self.key.check_proof(stamp, proof)
     }
 
     /// One request to one peer for `chunks`.
@@ -255,7 +242,7 @@ impl PeerSource {
             .await
             .map_err(|_| silent())?
             .map_err(call)?;
-        if !self.proven(&response, &stamp) {
+        if !self.key.proven(&response, &stamp) {
             return Err(PeerError::NoProof(peer));
         }
         let mut stream = response.into_inner();
@@ -344,7 +331,7 @@ impl PeerSource {
             let reply = tokio::time::timeout(self.config.idle_timeout, client.get_trace(request));
             match reply.await {
                 Ok(Ok(r)) => {
-                    if !self.proven(&r, &stamp) {
+                    if !self.key.proven(&r, &stamp) {
                         tracing::warn!(%peer, "trace from a peer without zone proof ignored");
                         continue;
                     }

@@ -21,7 +21,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
-use super::auth::{Verifier, ZoneKey, PROOF_HEADER, STAMP_HEADER};
+use super::auth::{Verifier, ZoneKey, PROOF_HEADER};
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::layered::{Layered, Priority};
 use crate::reference::Reference;
@@ -93,15 +93,8 @@ impl PeerService {
 
     /// Checks the caller's stamp; the proof for the reply on success.
     fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
-        let stamp = request
-            .metadata()
-            .get(STAMP_HEADER)
-            .and_then(|v| v.to_str().ok());
-        match self.verifier.check(method, stamp) {
-            Ok(()) => Ok(self
-                .verifier
-                .key()
-                .proof(stamp.expect("a checked stamp is present"))),
+        match self.verifier.authorize(request, method) {
+            Ok(proof) => Ok(proof),
             Err(why) => {
                 metrics::counter!("brisk_zone_unauthenticated_total", "kind" => "request")
                     .increment(1);
