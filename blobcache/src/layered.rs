@@ -6,18 +6,18 @@
 //! same chunk (single flight), and let on-demand reads go ahead of prefetch.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::{ChunkSource, Found};
+use crate::source::{Answer, ChunkSource, Found};
 use crate::{Digest, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,10 +96,57 @@ impl Urgency {
 struct InFlight {
     flight: Flight,
     urgency: Arc<Urgency>,
+    /// An on-demand reader asked for this chunk before it arrived: it counts as fetched on
+    /// demand even when prefetch started the fetch.
+    wanted: Arc<AtomicBool>,
     /// This host fetches the chunk through a zone peer. A peer's request for such a chunk
     /// is declined rather than joined: two hosts with different views of the zone could
     /// otherwise each wait for the other.
     forwarded: bool,
+}
+
+/// Chunks fetched together by one spawned task, and what their readers are waiting on.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    chunks: &'a [ChunkRef],
+    priority: Priority,
+    urgency: &'a Urgency,
+    /// Per chunk: an on-demand reader joined before it arrived.
+    wanted: &'a [Arc<AtomicBool>],
+    reader: Reader,
+    handoff: &'a Handoff,
+}
+
+/// Hands each chunk of a group to its waiting readers once, and takes it out of the
+/// in-flight table so later readers find it in the cache. A group that ends without
+/// handing a chunk over (a panic) fails its readers instead of leaving them waiting.
+struct Handoff {
+    layered: Arc<Layered>,
+    digests: Vec<Digest>,
+    senders: Mutex<Vec<Option<oneshot::Sender<Outcome>>>>,
+}
+
+impl Handoff {
+    fn deliver(&self, i: usize, outcome: Outcome) {
+        let sender = self.senders.lock().expect("not poisoned")[i].take();
+        if let Some(sender) = sender {
+            tracing::debug!(digest = %self.digests[i], ok = outcome.is_ok(), "chunk fetch done");
+            self.layered
+                .inflight
+                .lock()
+                .expect("not poisoned")
+                .remove(&self.digests[i]);
+            let _ = sender.send(outcome);
+        }
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        for i in 0..self.digests.len() {
+            self.deliver(i, Err(Arc::from("the fetch ended without an answer")));
+        }
+    }
 }
 
 /// Who a read is for.
@@ -109,6 +156,14 @@ enum Reader {
     /// A zone peer: the peer level is skipped (the asking host already chose this one).
     Peer,
 }
+
+/// Compressed bytes prefetch keeps on the way before it starts another batch: several round
+/// trips' worth on a WAN link, little enough that chunks arrive about in trace order.
+const PREFETCH_WINDOW: u64 = 1 << 20;
+
+/// Prefetch keeps chunks this close in one range request (the gap is read and dropped): the
+/// registry level's own limit.
+const PREFETCH_MAX_GAP: u64 = 64 * 1024;
 
 /// The name zone peer levels go by; see `ChunkSource::name`.
 const PEER_LEVEL: &str = "peer";
@@ -121,7 +176,6 @@ pub struct Layered {
     ondemand: AtomicUsize,
     ondemand_idle: Notify,
     prefetch_slots: Semaphore,
-    prefetch_concurrency: usize,
     /// Chunks the slowest level served while a reader waited, and ahead of any reader: how
     /// much of a start prefetch covered.
     origin_on_demand: AtomicU64,
@@ -147,7 +201,8 @@ impl LayeredBuilder {
         self
     }
 
-    /// Prefetch batches fetched at once (default 2).
+    /// Prefetch batches fetched from the slowest level at once (default 4), across every
+    /// prefetch running.
     pub fn prefetch_concurrency(mut self, n: usize) -> Self {
         self.prefetch_concurrency = n.max(1);
         self
@@ -165,7 +220,6 @@ impl LayeredBuilder {
             ondemand: AtomicUsize::new(0),
             ondemand_idle: Notify::new(),
             prefetch_slots: Semaphore::new(self.prefetch_concurrency),
-            prefetch_concurrency: self.prefetch_concurrency,
             origin_on_demand: AtomicU64::new(0),
             origin_prefetch: AtomicU64::new(0),
             passes: self.passes,
@@ -197,7 +251,7 @@ impl Layered {
     pub fn builder() -> LayeredBuilder {
         LayeredBuilder {
             levels: Vec::new(),
-            prefetch_concurrency: 2,
+            prefetch_concurrency: 4,
             passes: 2,
         }
     }
@@ -288,6 +342,8 @@ impl Layered {
                 Some(f) if reader == Reader::Peer && f.forwarded => Slot::Declined,
                 Some(f) => {
                     if priority == Priority::OnDemand {
+                        tracing::debug!(digest = %c.digest, "on-demand read joins a fetch in flight");
+                        f.wanted.store(true, Ordering::SeqCst);
                         f.urgency.raise();
                     }
                     Slot::Joined(f.flight.clone())
@@ -319,33 +375,56 @@ impl Layered {
             if members.is_empty() {
                 continue;
             }
-            let this = self.clone();
             let batch: Vec<ChunkRef> = members.iter().map(|&j| mine[j].clone()).collect();
             let urgency = Arc::new(Urgency::default());
-            let urgent = urgency.clone();
-            let group = async move {
-                let out = this.read_through(&batch, priority, &urgent, reader).await;
-                let mut inflight = this.inflight.lock().expect("not poisoned");
-                for c in &batch {
-                    inflight.remove(&c.digest);
-                }
-                Arc::new(out)
-            }
-            .boxed()
-            .shared();
+            let wanted: Vec<Arc<AtomicBool>> = batch
+                .iter()
+                .map(|_| Arc::new(AtomicBool::new(false)))
+                .collect();
+            let mut senders = Vec::with_capacity(batch.len());
             for (k, &j) in members.iter().enumerate() {
-                let g = group.clone();
-                let flight: Flight = async move { g.await[k].clone() }.boxed().shared();
+                let (tx, rx) = oneshot::channel::<Outcome>();
+                senders.push(Some(tx));
+                let flight: Flight = rx
+                    .map(|r| r.unwrap_or_else(|_| Err(Arc::from("the fetch was abandoned"))))
+                    .boxed()
+                    .shared();
                 inflight.insert(
                     mine[j].digest,
                     InFlight {
                         flight: flight.clone(),
                         urgency: urgency.clone(),
+                        wanted: wanted[k].clone(),
                         forwarded: group_forwarded,
                     },
                 );
                 started[j] = Some(flight);
             }
+            let handoff = Handoff {
+                layered: self.clone(),
+                digests: batch.iter().map(|c| c.digest).collect(),
+                senders: Mutex::new(senders),
+            };
+            tracing::debug!(
+                chunks = batch.len(),
+                ?priority,
+                first = %batch[0].digest,
+                "fetch started"
+            );
+            let this = self.clone();
+            // Spawned, not polled by its readers: the group hands each chunk over as soon as
+            // it is verified, and runs to the end (filling the cache) even if they go away.
+            tokio::spawn(async move {
+                let group = Group {
+                    chunks: &batch,
+                    priority,
+                    urgency: &urgency,
+                    wanted: &wanted,
+                    reader,
+                    handoff: &handoff,
+                };
+                this.read_through(&group).await;
+            });
         }
         slots
             .into_iter()
@@ -357,20 +436,24 @@ impl Layered {
             .collect()
     }
 
-    async fn read_through(
-        &self,
-        chunks: &[ChunkRef],
-        priority: Priority,
-        urgency: &Urgency,
-        reader: Reader,
-    ) -> Vec<Outcome> {
-        let mut out: Vec<Outcome> = vec![Err(Arc::from("no cache level has it")); chunks.len()];
+    /// Tries the levels, fastest first, for a group's chunks; hands each chunk to its readers
+    /// as soon as one level's verified answer arrives, and the failures once every pass is done.
+    async fn read_through(&self, group: &Group<'_>) {
+        let Group {
+            chunks,
+            priority,
+            urgency,
+            reader,
+            handoff,
+            ..
+        } = *group;
+        let mut failures: Vec<Arc<str>> = vec![Arc::from("no cache level has it"); chunks.len()];
         let mut remaining: Vec<usize> = (0..chunks.len()).collect();
         let last = self.levels.len().saturating_sub(1);
-        for _ in 0..self.passes {
+        'passes: for _ in 0..self.passes {
             for (li, level) in self.levels.iter().enumerate() {
                 if remaining.is_empty() {
-                    return out;
+                    break 'passes;
                 }
                 let peer_level = level.source.name() == PEER_LEVEL;
                 if peer_level && reader == Reader::Peer {
@@ -392,109 +475,173 @@ impl Layered {
                     self.ondemand.fetch_add(1, Ordering::SeqCst);
                     _guard = OnDemandGuard(self);
                 }
-                let asked = remaining.len();
                 let effective = if urgency.is_raised() {
                     Priority::OnDemand
                 } else {
                     priority
                 };
                 remaining = self
-                    .ask(li, level, chunks, remaining, &mut out, effective)
+                    .ask(
+                        li,
+                        li == last,
+                        level,
+                        group,
+                        remaining,
+                        &mut failures,
+                        effective,
+                    )
                     .await;
-                if li == last {
-                    let served = (asked - remaining.len()) as u64;
-                    let counter = if priority == Priority::OnDemand || urgency.is_raised() {
-                        &self.origin_on_demand
-                    } else {
-                        &self.origin_prefetch
-                    };
-                    counter.fetch_add(served, Ordering::Relaxed);
-                }
             }
         }
-        out
+        for i in remaining {
+            handoff.deliver(i, Err(failures[i].clone()));
+        }
     }
 
-    /// Asks one level for the `remaining` chunks; returns those it did not serve.
+    /// Asks one level for the `remaining` chunks of `group`, handing over each verified answer
+    /// as it arrives; returns the chunks it did not serve, with why in `failures`.
+    #[allow(clippy::too_many_arguments)]
     async fn ask(
         &self,
         li: usize,
+        origin: bool,
         level: &Level,
-        chunks: &[ChunkRef],
+        group: &Group<'_>,
         remaining: Vec<usize>,
-        out: &mut [Outcome],
+        failures: &mut [Arc<str>],
         priority: Priority,
     ) -> Vec<usize> {
         let name = level.source.name();
-        let refs: Vec<ChunkRef> = remaining.iter().map(|&i| chunks[i].clone()).collect();
+        let refs: Vec<ChunkRef> = remaining.iter().map(|&i| group.chunks[i].clone()).collect();
         let started = Instant::now();
-        let answers =
-            match tokio::time::timeout(level.deadline, level.source.get_many_for(&refs, priority))
-                .await
-            {
-                Ok(answers) => answers,
-                Err(_) => {
-                    level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
-                    tracing::warn!(level = name, "level too slow, skipping");
-                    let reason: Arc<str> = Arc::from(format!(
-                        "the {name} level did not answer in {:?}",
-                        level.deadline
-                    ));
-                    for &i in &remaining {
-                        out[i] = Err(reason.clone());
-                    }
-                    return remaining;
-                }
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Answer)>();
+        let fetch = tokio::time::timeout(level.deadline, async {
+            // Owned by this future, so the channel closes when the level is done.
+            let tx = tx;
+            let each = move |k: usize, answer: Answer| {
+                let _ = tx.send((k, answer));
             };
-        metrics::histogram!("brisk_cache_latency_seconds", "level" => name)
-            .record(started.elapsed().as_secs_f64());
+            level.source.get_many_each(&refs, priority, &each).await;
+        });
+        tokio::pin!(fetch);
+        let mut answered = vec![false; refs.len()];
         let mut missed = Vec::new();
-        for (i, answer) in remaining.into_iter().zip(answers) {
-            let chunk = &chunks[i];
-            match answer {
-                Ok(Some(found)) => match accept(chunk, found) {
-                    Some(verified) => {
-                        let len = verified.data().len() as u64;
-                        level.stats.hits.fetch_add(1, Ordering::Relaxed);
-                        level.stats.bytes.fetch_add(len, Ordering::Relaxed);
-                        metrics::counter!("brisk_cache_hits_total", "level" => name).increment(1);
-                        metrics::counter!("brisk_cache_bytes_total", "level" => name)
-                            .increment(len);
-                        // Only the faster levels need it; this one already has it.
-                        for faster in &self.levels[..li] {
-                            faster.source.put(&verified).await;
+        let timed_out = loop {
+            tokio::select! {
+                Some((k, answer)) = rx.recv() => {
+                    if let Some(done) = answered.get_mut(k).filter(|done| !**done) {
+                        *done = true;
+                        let i = remaining[k];
+                        if let Err(why) = self.take(li, origin, level, group, i, answer).await {
+                            if let Some(why) = why { failures[i] = why; }
+                            missed.push(i);
                         }
-                        out[i] = Ok(verified);
                     }
-                    None => {
-                        level.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("brisk_cache_corrupt_total", "level" => name)
-                            .increment(1);
-                        tracing::warn!(level = name, digest = %chunk.digest, "chunk failed verification, skipping level");
-                        level.source.discard(&chunk.digest).await;
-                        out[i] = Err(Arc::from(format!(
-                            "bytes from the {name} level failed verification"
-                        )));
-                        missed.push(i);
-                    }
-                },
-                Ok(None) => {
-                    level.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("brisk_cache_misses_total", "level" => name).increment(1);
-                    missed.push(i);
                 }
-                Err(err) => {
-                    level.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("brisk_cache_errors_total", "level" => name).increment(1);
-                    let err = crate::error::chain(&err);
-                    tracing::warn!(level = name, digest = %chunk.digest, %err, "level failed, skipping");
-                    out[i] = Err(Arc::from(format!("the {name} level failed: {err}")));
-                    missed.push(i);
+                result = &mut fetch => {
+                    while let Ok((k, answer)) = rx.try_recv() {
+                        if let Some(done) = answered.get_mut(k).filter(|done| !**done) {
+                            *done = true;
+                            let i = remaining[k];
+                            if let Err(why) = self.take(li, origin, level, group, i, answer).await {
+                                if let Some(why) = why { failures[i] = why; }
+                                missed.push(i);
+                            }
+                        }
+                    }
+                    break result.is_err();
                 }
             }
+        };
+        metrics::histogram!("brisk_cache_latency_seconds", "level" => name)
+            .record(started.elapsed().as_secs_f64());
+        let unanswered: Vec<usize> = (0..refs.len()).filter(|&k| !answered[k]).collect();
+        if timed_out && !unanswered.is_empty() {
+            level.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("brisk_cache_timeouts_total", "level" => name).increment(1);
+            tracing::warn!(level = name, "level too slow, skipping");
+            let reason: Arc<str> = Arc::from(format!(
+                "the {name} level did not answer in {:?}",
+                level.deadline
+            ));
+            for &k in &unanswered {
+                failures[remaining[k]] = reason.clone();
+            }
+        } else if !unanswered.is_empty() {
+            // A level that says nothing about a chunk does not have it.
+            level
+                .stats
+                .misses
+                .fetch_add(unanswered.len() as u64, Ordering::Relaxed);
+            metrics::counter!("brisk_cache_misses_total", "level" => name)
+                .increment(unanswered.len() as u64);
         }
+        missed.extend(unanswered.into_iter().map(|k| remaining[k]));
         missed
+    }
+
+    /// One level's answer for chunk `i` of `group`: a verified chunk is kept by the faster
+    /// levels and handed over at once; otherwise why it was not, if there is more to say
+    /// than a clean miss.
+    async fn take(
+        &self,
+        li: usize,
+        origin: bool,
+        level: &Level,
+        group: &Group<'_>,
+        i: usize,
+        answer: Answer,
+    ) -> std::result::Result<(), Option<Arc<str>>> {
+        let name = level.source.name();
+        let chunk = &group.chunks[i];
+        match answer {
+            Ok(Some(found)) => match accept(chunk, found) {
+                Some(verified) => {
+                    let len = verified.data().len() as u64;
+                    level.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    level.stats.bytes.fetch_add(len, Ordering::Relaxed);
+                    metrics::counter!("brisk_cache_hits_total", "level" => name).increment(1);
+                    metrics::counter!("brisk_cache_bytes_total", "level" => name).increment(len);
+                    // Only the faster levels need it; this one already has it.
+                    for faster in &self.levels[..li] {
+                        faster.source.put(&verified).await;
+                    }
+                    if origin {
+                        let on_demand = group.priority == Priority::OnDemand
+                            || group.wanted[i].load(Ordering::SeqCst);
+                        let counter = if on_demand {
+                            &self.origin_on_demand
+                        } else {
+                            &self.origin_prefetch
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    group.handoff.deliver(i, Ok(verified));
+                    Ok(())
+                }
+                None => {
+                    level.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("brisk_cache_corrupt_total", "level" => name).increment(1);
+                    tracing::warn!(level = name, digest = %chunk.digest, "chunk failed verification, skipping level");
+                    level.source.discard(&chunk.digest).await;
+                    Err(Some(Arc::from(format!(
+                        "bytes from the {name} level failed verification"
+                    ))))
+                }
+            },
+            Ok(None) => {
+                level.stats.misses.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("brisk_cache_misses_total", "level" => name).increment(1);
+                Err(None)
+            }
+            Err(err) => {
+                level.stats.errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("brisk_cache_errors_total", "level" => name).increment(1);
+                let err = crate::error::chain(&err);
+                tracing::warn!(level = name, digest = %chunk.digest, %err, "level failed, skipping");
+                Err(Some(Arc::from(format!("the {name} level failed: {err}"))))
+            }
+        }
     }
 
     async fn wait_for_ondemand(&self) {
@@ -507,9 +654,11 @@ impl Layered {
         }
     }
 
-    /// Fetches `chunks` in the background, in order, in batches of about `batch_bytes` of
-    /// compressed neighbours, a few batches at once and always behind on-demand reads. Stops
-    /// early when `cancel` fires. Returns how many chunks it made local.
+    /// Fetches `chunks` in the background, in the order given, always behind on-demand reads.
+    /// A batch is a run of consecutive chunks that lie next to each other in one blob (one
+    /// range request, up to about `batch_bytes` compressed); a few batches run at once, so
+    /// the chunks needed first arrive first instead of sharing the link with later ones.
+    /// Stops early when `cancel` fires. Returns how many chunks it made local.
     pub fn prefetch(
         self: &Arc<Self>,
         chunks: Vec<ChunkRef>,
@@ -519,33 +668,55 @@ impl Layered {
         let this = self.clone();
         tokio::spawn(async move {
             let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
-            let mut size = u64::MAX;
+            let mut size = 0;
             for c in chunks {
-                if size >= batch_bytes {
+                let follows = batches.last().and_then(|b| b.last()).is_some_and(|last| {
+                    last.blob == c.blob
+                        && c.compressed.start >= last.compressed.end
+                        && c.compressed.start - last.compressed.end <= PREFETCH_MAX_GAP
+                });
+                if !follows || size >= batch_bytes {
                     batches.push(Vec::new());
                     size = 0;
                 }
                 size += c.compressed.end - c.compressed.start;
                 batches.last_mut().expect("a batch was just pushed").push(c);
             }
-            let concurrency = this.prefetch_concurrency;
-            futures::stream::iter(batches)
-                .map(|batch| {
-                    let this = this.clone();
-                    async move {
-                        match this.read_many(&batch, Priority::Prefetch).await {
-                            Ok(_) => batch.len(),
-                            Err(err) => {
-                                tracing::debug!(%err, "prefetch batch failed");
-                                0
+            // The next batch starts once what is still to arrive fits the window: the link
+            // stays busy across round trips, and chunks keep arriving about in the order given.
+            let mut pending = futures::stream::FuturesUnordered::new();
+            let mut outstanding = 0u64;
+            let mut made_local = 0;
+            let mut batches = batches.into_iter();
+            loop {
+                while pending.is_empty() || outstanding < PREFETCH_WINDOW {
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    let Some(batch) = batches.next() else { break };
+                    let flights = this.join_or_start(&batch, Priority::Prefetch, Reader::Local);
+                    for (c, flight) in batch.iter().zip(flights) {
+                        let size = c.compressed.end - c.compressed.start;
+                        outstanding += size;
+                        let flight = flight.expect("local reads are never declined");
+                        pending.push(async move { (size, flight.await) });
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = pending.next() => match next {
+                        Some((size, outcome)) => {
+                            outstanding -= size;
+                            match outcome {
+                                Ok(_) => made_local += 1,
+                                Err(err) => tracing::debug!(%err, "prefetch of a chunk failed"),
                             }
                         }
-                    }
-                })
-                .buffered(concurrency)
-                .take_until(cancel.cancelled())
-                .fold(0, |total, n| async move { total + n })
-                .await
+                        None => break,
+                    },
+                }
+            }
+            made_local
         })
     }
 
@@ -894,19 +1065,207 @@ mod tests {
         assert_eq!(total, 12);
     }
 
+    /// An origin that answers the first `at_once` chunks of every request at once and holds
+    /// the rest back until `release` gets a permit, like a large range read still arriving.
+    struct Trickle {
+        data: HashMap<Digest, Bytes>,
+        at_once: usize,
+        release: tokio::sync::Semaphore,
+        calls: AtomicU32,
+    }
+
+    impl Trickle {
+        fn new(chunks: &[(ChunkRef, Bytes)], at_once: usize) -> Self {
+            Self {
+                data: chunks.iter().map(|(r, b)| (r.digest, b.clone())).collect(),
+                at_once,
+                release: tokio::sync::Semaphore::new(0),
+                calls: AtomicU32::new(0),
+            }
+        }
+
+        fn answer(&self, chunk: &ChunkRef) -> Answer {
+            Ok(self.data.get(&chunk.digest).cloned().map(Found::Bytes))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ChunkSource for Trickle {
+        fn name(&self) -> &'static str {
+            "trickle"
+        }
+
+        async fn get(&self, chunk: &ChunkRef) -> Answer {
+            crate::source::get_one(self, chunk).await
+        }
+
+        async fn get_many_each(
+            &self,
+            chunks: &[ChunkRef],
+            _priority: Priority,
+            each: &(dyn Fn(usize, Answer) + Send + Sync),
+        ) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            for (i, c) in chunks.iter().enumerate().take(self.at_once) {
+                each(i, self.answer(c));
+            }
+            if chunks.len() > self.at_once {
+                self.release.acquire().await.unwrap().forget();
+            }
+            for (i, c) in chunks.iter().enumerate().skip(self.at_once) {
+                each(i, self.answer(c));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_of_a_batch_is_handed_over_before_the_rest_of_the_batch_arrives() {
+        let cs = chunks(3);
+        let origin = Arc::new(Trickle::new(&cs, 1));
+        let memory = Arc::new(MemoryCache::new(1 << 20));
+        let layered = Layered::builder()
+            .level(memory, Duration::from_secs(5))
+            .level(origin.clone(), Duration::from_secs(5))
+            .build();
+        let all: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
+        let handle = layered.prefetch(all, u64::MAX, CancellationToken::new());
+        while origin.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let first = tokio::time::timeout(
+            Duration::from_secs(5),
+            layered.read(&cs[0].0, Priority::OnDemand),
+        )
+        .await
+        .expect("the first chunk must not wait for the rest of its batch")
+        .unwrap();
+        assert_eq!(first.data(), &cs[0].1);
+        assert!(!handle.is_finished(), "the rest of the batch is held back");
+        assert_eq!(
+            origin.calls.load(Ordering::SeqCst),
+            1,
+            "the reader made no fetch"
+        );
+        origin.release.add_permits(1);
+        assert_eq!(handle.await.unwrap(), 3);
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reader_joining_one_chunk_of_a_prefetch_batch_makes_only_that_chunk_on_demand() {
+        let cs = chunks(3);
+        let origin = Arc::new(Trickle::new(&cs, 0));
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .build();
+        let all: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
+        let handle = layered.prefetch(all, u64::MAX, CancellationToken::new());
+        while origin.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let l = layered.clone();
+        let wanted = cs[1].0.clone();
+        let reader = tokio::spawn(async move { l.read(&wanted, Priority::OnDemand).await });
+        while !layered.inflight.lock().unwrap()[&cs[1].0.digest]
+            .wanted
+            .load(Ordering::SeqCst)
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        origin.release.add_permits(1);
+        assert_eq!(reader.await.unwrap().unwrap().data(), &cs[1].1);
+        assert_eq!(handle.await.unwrap(), 3);
+        assert_eq!(layered.origin_fetches(), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn prefetch_batches_are_runs_of_neighbours_in_the_order_given() {
+        // Chunks of 100 kB that touch: 2 and 7 are 500 kB apart, far more than the gap kept.
+        let mut cs = chunks(9);
+        for (i, (r, _)) in cs.iter_mut().enumerate() {
+            r.compressed = (i as u64 * 100_000)..((i as u64 + 1) * 100_000);
+        }
+        let origin = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .prefetch_concurrency(1)
+            .build();
+        let order = [0, 1, 2, 7, 8, 3, 5];
+        let refs = order.iter().map(|&i| cs[i].0.clone()).collect();
+        assert_eq!(
+            layered
+                .prefetch(refs, u64::MAX, CancellationToken::new())
+                .await
+                .unwrap(),
+            order.len()
+        );
+        let digests = |is: &[usize]| is.iter().map(|&i| cs[i].0.digest).collect::<Vec<_>>();
+        assert_eq!(
+            *origin.calls.lock().unwrap(),
+            vec![
+                digests(&[0, 1, 2]),
+                digests(&[7, 8]),
+                digests(&[3]),
+                digests(&[5])
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn prefetch_stops_when_cancelled() {
-        let cs = chunks(10);
+        // 600 kB apart: each its own batch, and two fill the window.
+        let mut cs = chunks(10);
+        for (i, (r, _)) in cs.iter_mut().enumerate() {
+            r.compressed = (i as u64 * 1_200_000)..(i as u64 * 1_200_000 + 600_000);
+        }
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(30);
+        let origin = Arc::new(origin);
         let layered = Layered::builder()
-            .level(Arc::new(origin), Duration::from_secs(5))
+            .level(origin.clone(), Duration::from_secs(5))
             .build();
         let cancel = CancellationToken::new();
-        let handle = layered.prefetch(cs.iter().map(|c| c.0.clone()).collect(), 1, cancel.clone());
+        let handle = layered.prefetch(
+            cs.iter().map(|c| c.0.clone()).collect(),
+            u64::MAX,
+            cancel.clone(),
+        );
         tokio::time::sleep(Duration::from_millis(70)).await;
         cancel.cancel();
         let done = handle.await.unwrap();
         assert!(done < 10, "prefetched {done} of 10 after cancel");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let fetched = origin.gets.load(Ordering::SeqCst);
+        assert!(fetched < 10, "{fetched} of 10 fetched after cancel");
+    }
+
+    #[tokio::test]
+    async fn prefetch_keeps_about_a_window_of_bytes_on_the_way() {
+        // 10 chunks of 400 kB, each its own batch: the window holds three at a time.
+        let mut cs = chunks(10);
+        for (i, (r, _)) in cs.iter_mut().enumerate() {
+            r.compressed = (i as u64 * 1_000_000)..(i as u64 * 1_000_000 + 400_000);
+        }
+        let origin = Arc::new(Trickle::new(&cs, 0));
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .prefetch_concurrency(10)
+            .build();
+        let handle = layered.prefetch(
+            cs.iter().map(|c| c.0.clone()).collect(),
+            u64::MAX,
+            CancellationToken::new(),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 3, "three on the way");
+        origin.release.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            origin.calls.load(Ordering::SeqCst),
+            4,
+            "one more after one arrived"
+        );
+        origin.release.add_permits(100);
+        assert_eq!(handle.await.unwrap(), 10);
     }
 }

@@ -5,13 +5,14 @@
 //! decompressed here; the read path verifies them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::chunk::ChunkRef;
+use crate::layered::Priority;
 use crate::reference::Reference;
 use crate::registry::RegistryClient;
 use crate::source::{Answer, ChunkSource, Found, SourceError};
@@ -96,45 +97,54 @@ impl RegistrySource {
             .clone()
     }
 
-    /// Fetches one coalesced span and cuts it into the chunks it holds.
+    /// Fetches one coalesced span and cuts it into the chunks it holds, handing each chunk
+    /// (by its index in `chunks`) to `each` as soon as its last byte has arrived.
     async fn fetch_span(
         &self,
         reference: &Reference,
         blob: &Digest,
         chunks: &[&ChunkRef],
-    ) -> Vec<Answer> {
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
         let start = chunks.first().map_or(0, |c| c.compressed.start);
         let end = chunks.last().map_or(0, |c| c.compressed.end);
         let limit = self.limit(&reference.registry);
         let _permit = limit.acquire().await.expect("semaphore is never closed");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let span = match self
+        // Chunks handed over so far; a retry restarts the prefix but not the count.
+        let next = AtomicUsize::new(0);
+        let cut = |prefix: &[u8]| loop {
+            let k = next.load(Ordering::SeqCst);
+            let Some(c) = chunks.get(k) else { break };
+            let hi = (c.compressed.end - start) as usize;
+            if hi > prefix.len() {
+                break;
+            }
+            let lo = (c.compressed.start - start) as usize;
+            let answer = zstd::bulk::decompress(&prefix[lo..hi], c.uncompressed_len as usize)
+                .map(|d| Some(Found::Bytes(Bytes::from(d))))
+                .map_err(SourceError::unavailable);
+            next.store(k + 1, Ordering::SeqCst);
+            each(k, answer);
+        };
+        match self
             .client
-            .get_blob_range(reference, blob, start..end)
+            .get_blob_range_streamed(reference, blob, start..end, &cut)
             .await
         {
-            Ok(span) => span,
+            Ok(span) => {
+                self.stats
+                    .bytes
+                    .fetch_add(span.len() as u64, Ordering::Relaxed);
+                cut(&span);
+            }
             Err(err) => {
                 let err = Arc::new(err);
-                return chunks
-                    .iter()
-                    .map(|_| Err(SourceError::unavailable(SharedError(err.clone()))))
-                    .collect();
+                for k in next.load(Ordering::SeqCst)..chunks.len() {
+                    each(k, Err(SourceError::unavailable(SharedError(err.clone()))));
+                }
             }
-        };
-        self.stats
-            .bytes
-            .fetch_add(span.len() as u64, Ordering::Relaxed);
-        chunks
-            .iter()
-            .map(|c| {
-                let lo = (c.compressed.start - start) as usize;
-                let hi = (c.compressed.end - start) as usize;
-                zstd::bulk::decompress(&span[lo..hi], c.uncompressed_len as usize)
-                    .map(|d| Some(Found::Bytes(Bytes::from(d))))
-                    .map_err(SourceError::unavailable)
-            })
-            .collect()
+        }
     }
 }
 
@@ -188,7 +198,20 @@ impl ChunkSource for RegistrySource {
     }
 
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
-        let mut answers: Vec<Answer> = chunks.iter().map(|_| Ok(None)).collect();
+        let answers: Mutex<Vec<Answer>> = Mutex::new(chunks.iter().map(|_| Ok(None)).collect());
+        self.get_many_each(chunks, Priority::OnDemand, &|i, answer| {
+            answers.lock().expect("not poisoned")[i] = answer;
+        })
+        .await;
+        answers.into_inner().expect("not poisoned")
+    }
+
+    async fn get_many_each(
+        &self,
+        chunks: &[ChunkRef],
+        _priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
         let spans = plan_spans(chunks, &self.config);
         let fetches = spans.iter().filter_map(|span| {
             let blob = chunks[span[0]].blob;
@@ -199,14 +222,20 @@ impl ChunkSource for RegistrySource {
                 .get(&blob)
                 .cloned()?;
             let refs: Vec<&ChunkRef> = span.iter().map(|&i| &chunks[i]).collect();
-            Some(async move { (span, self.fetch_span(&reference, &blob, &refs).await) })
+            Some(async move {
+                self.fetch_span(&reference, &blob, &refs, &|k, answer| each(span[k], answer))
+                    .await
+            })
         });
-        for (span, results) in futures::future::join_all(fetches).await {
-            for (&i, answer) in span.iter().zip(results) {
-                answers[i] = answer;
+        futures::future::join_all(fetches).await;
+        // A chunk of a blob no repository was registered for is a clean miss.
+        for span in &spans {
+            if self.repository_of(&chunks[span[0]].blob).is_none() {
+                for &i in span {
+                    each(i, Ok(None));
+                }
             }
         }
-        answers
     }
 }
 

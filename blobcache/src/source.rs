@@ -63,6 +63,25 @@ pub trait ChunkSource: Send + Sync {
         self.get_many(chunks).await
     }
 
+    /// `get_many_for` that hands each answer to `each` (with the chunk's index) as soon as it
+    /// is known, so a reader waiting on one chunk of a large batch need not wait for the rest.
+    /// Levels that receive a batch piece by piece (the registry) override it.
+    async fn get_many_each(
+        &self,
+        chunks: &[ChunkRef],
+        priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        for (i, answer) in self
+            .get_many_for(chunks, priority)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            each(i, answer);
+        }
+    }
+
     /// Whether asking this level for `chunk` means asking another host (zone peers).
     fn forwards(&self, _chunk: &ChunkRef) -> bool {
         false

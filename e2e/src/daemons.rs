@@ -115,7 +115,11 @@ impl Snapshotter {
             .arg("--address")
             .arg(&self.socket)
             .args(&self.extra)
-            .env("RUST_LOG", "info")
+            // BRISK_E2E_LOG sets the daemon's log filter, e.g. `brisk_blobcache=debug,info`.
+            .env(
+                "RUST_LOG",
+                std::env::var("BRISK_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -172,10 +176,24 @@ impl Drop for Snapshotter {
         if let Some(c) = self.child.take() {
             stop(c);
         }
+        // BRISK_E2E_KEEP_LOGS=DIR keeps every daemon's log after its scratch directory goes.
+        if let Some(keep) = std::env::var_os("BRISK_E2E_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let name = format!(
+                "snapshotter-{}-{}.log",
+                std::process::id(),
+                KEPT_LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(&self.log, keep.join(name));
+        }
         // Whatever the daemon left mounted under its root must not outlive the test.
         crate::daemons::detach_under(&self.root);
     }
 }
+
+/// How many daemon logs `BRISK_E2E_KEEP_LOGS` has kept, to name the next one.
+static KEPT_LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Lazily unmounts every mount below `dir`, deepest first.
 pub fn detach_under(dir: &Path) {

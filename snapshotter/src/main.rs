@@ -56,9 +56,15 @@ async fn main() -> anyhow::Result<()> {
         config.peer.token_file = Some(file);
     }
     config.peer.peer_only |= args.peer_only;
+    // RUST_LOG, when set, wins over the config's `log_level`, as for most Rust daemons.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| config.log_level.clone());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log_level).context("Bad log_level")?,
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .context("Bad log filter (RUST_LOG or log_level)")?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -45,8 +45,9 @@ pub struct TracePolicy {
     pub skip: Vec<String>,
 }
 
-/// Compressed bytes per prefetch batch: large range requests, several in flight.
-const PREFETCH_BATCH: u64 = 4 << 20;
+/// Largest prefetch batch (one range request of neighbouring chunks, compressed bytes): the
+/// registry level's coalescing limit, so a baked start-up set arrives as one ordered stream.
+const PREFETCH_BATCH: u64 = 16 << 20;
 
 pub struct RemoteLayers {
     client: Arc<RegistryClient>,
@@ -292,7 +293,30 @@ impl RemoteLayers {
     async fn replay_or_record(&self, reference: &Reference, manifest: Digest) -> Result<()> {
         let layers = self.image_layers(reference, manifest).await?;
         let repo = format!("{}/{}", reference.registry, reference.repository);
+        let prefetch = self.policy.prefetch && !self.policy.skip.contains(&repo);
         let mut trace = self.traces.get(&manifest)?;
+        if trace.is_none() && prefetch {
+            // A trace baked in at conversion needs no lookup: it starts before the zone and the
+            // registry are asked for a recorded one (round trips the start cannot spare).
+            let baked: Vec<brisk_blobcache::chunk::ChunkRef> = layers
+                .iter()
+                .flat_map(|(blob, toc)| {
+                    toc.prefetch
+                        .iter()
+                        .filter_map(|&i| toc.chunks.get(i as usize))
+                        .map(|c| brisk_blobcache::chunk::ChunkRef::new(*blob, c))
+                })
+                .collect();
+            if !baked.is_empty() {
+                tracing::info!(image = %reference, chunks = baked.len(), "prefetching the trace baked into the image");
+                self.traces.note_prefetch();
+                self.cache.prefetch(
+                    baked,
+                    PREFETCH_BATCH,
+                    tokio_util::sync::CancellationToken::new(),
+                );
+            }
+        }
         if let (None, Some(zone)) = (&trace, &self.zone) {
             if let Some(bytes) = zone.trace(&manifest).await {
                 match brisk_trace_recorder::Trace::decode(&bytes, Some(&manifest)) {
@@ -319,7 +343,7 @@ impl RemoteLayers {
             }
         }
         match trace {
-            Some(trace) if self.policy.prefetch && !self.policy.skip.contains(&repo) => {
+            Some(trace) if prefetch => {
                 let by_blob: HashMap<Digest, &Arc<Toc>> =
                     layers.iter().map(|(b, t)| (*b, t)).collect();
                 let mut stale = 0;
@@ -348,26 +372,7 @@ impl RemoteLayers {
             }
             Some(_) => {}
             None if self.policy.record => {
-                // A trace baked in at conversion prefetches even on a host that never saw one;
-                // the start is still recorded, to learn this host's own order.
-                let baked: Vec<brisk_blobcache::chunk::ChunkRef> = layers
-                    .iter()
-                    .flat_map(|(blob, toc)| {
-                        toc.prefetch
-                            .iter()
-                            .filter_map(|&i| toc.chunks.get(i as usize))
-                            .map(|c| brisk_blobcache::chunk::ChunkRef::new(*blob, c))
-                    })
-                    .collect();
-                if !baked.is_empty() && self.policy.prefetch && !self.policy.skip.contains(&repo) {
-                    tracing::info!(image = %reference, chunks = baked.len(), "prefetching the trace baked into the image");
-                    self.traces.note_prefetch();
-                    self.cache.prefetch(
-                        baked,
-                        PREFETCH_BATCH,
-                        tokio_util::sync::CancellationToken::new(),
-                    );
-                }
+                // Even behind a baked trace the start is recorded, to learn this host's order.
                 tracing::info!(image = %reference, "recording a start-up trace");
                 self.traces.record(
                     manifest,

@@ -57,6 +57,10 @@ enum Command {
         /// zstd compression level.
         #[arg(long, default_value_t = 3)]
         level: i32,
+        /// zstd level for the chunks a baked trace (--trace) lists for prefetch: every cold
+        /// start fetches them first, so they are compressed harder, once.
+        #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_PREFETCH_LEVEL)]
+        prefetch_level: i32,
         /// Layers converted in parallel (default: number of cores).
         #[arg(long)]
         jobs: Option<usize>,
@@ -203,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             platform,
             chunk_size,
             level,
+            prefetch_level,
             jobs,
             json,
             trace,
@@ -222,6 +227,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = ConvertConfig {
                 chunk_size,
                 level,
+                prefetch_level,
                 platform,
                 jobs: jobs.unwrap_or(defaults.jobs),
                 progress: !json && std::io::stderr().is_terminal(),

@@ -2,7 +2,7 @@
 //! retry can help), and nothing is written at the destination.
 //!
 //! The faults come from a minimal HTTP responder on a loopback port: no real registry can be
-//! told to answer 500 or to hang, and these tests only need its status line.
+//! told to answer 500, to hang or to hold back part of a body, and these tests need no more.
 
 mod common;
 
@@ -179,5 +179,89 @@ async fn a_configured_http_proxy_carries_every_registry_request() {
     assert!(
         direct.get_manifest(&reference).await.is_err(),
         "without the proxy the made-up host cannot answer"
+    );
+}
+
+/// Answers every request with a 206 holding `body`, of which only the first `first` bytes are
+/// sent until `release` fires: a large range read still on its way.
+async fn trickling_registry(
+    body: Vec<u8>,
+    first: usize,
+    release: tokio::sync::oneshot::Receiver<()>,
+) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\ncontent-length: {len}\r\ncontent-range: bytes 0-{}/{len}\r\n\r\n",
+            body.len() - 1,
+            len = body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(&body[..first]).await.unwrap();
+        sock.flush().await.unwrap();
+        let _ = release.await;
+        let _ = sock.write_all(&body[first..]).await;
+        // Held open until the client has read it all.
+        let _ = sock.read(&mut buf).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_chunk_at_the_front_of_a_range_is_handed_over_before_the_rest_arrives() {
+    use brisk_blobcache::chunk::ChunkRef;
+    use brisk_blobcache::layered::Priority;
+    use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
+    use brisk_blobcache::source::ChunkSource;
+    use brisk_blobcache::Digest;
+
+    let (a, b) = (vec![1u8; 50_000], vec![2u8; 50_000]);
+    let (za, zb) = (zstd(&a), zstd(&b));
+    let body = [za.clone(), zb.clone()].concat();
+    let blob = Digest::sha256(&body);
+    let (release, held) = tokio::sync::oneshot::channel();
+    let addr = trickling_registry(body.clone(), za.len(), held).await;
+    let source = RegistrySource::new(client(Duration::from_secs(5), 0), RemoteConfig::default());
+    source.register_blob(blob, &format!("{addr}/test/app").parse().unwrap());
+    let chunk = |data: &[u8], at: usize, len: usize| ChunkRef {
+        digest: Digest::sha256(data),
+        blob,
+        compressed: at as u64..(at + len) as u64,
+        uncompressed_len: data.len() as u64,
+    };
+    let chunks = vec![chunk(&a, 0, za.len()), chunk(&b, za.len(), zb.len())];
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let each = move |i: usize, answer: brisk_blobcache::source::Answer| {
+        let bytes = answer.ok().flatten().map(|f| f.bytes().to_vec());
+        seen_tx.send((i, bytes)).unwrap();
+    };
+    let fetch = source.get_many_each(&chunks, Priority::Prefetch, &each);
+    tokio::pin!(fetch);
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            first = seen.recv() => first,
+            _ = &mut fetch => panic!("the range cannot be complete yet"),
+        }
+    })
+    .await
+    .expect("the first chunk must come before the rest of the range");
+    assert_eq!(first, Some((0, Some(a))));
+    release.send(()).unwrap();
+    fetch.await;
+    assert_eq!(seen.recv().await, Some((1, Some(b))));
+    assert_eq!(
+        source.stats().requests.load(Ordering::SeqCst),
+        1,
+        "one range request"
     );
 }

@@ -269,6 +269,7 @@ impl RegistryClient {
         r: &Reference,
         digest: &Digest,
         range: Range<u64>,
+        progress: &(dyn Fn(&[u8]) + Send + Sync),
     ) -> Result<Bytes> {
         let len = range.end.saturating_sub(range.start);
         if len == 0 {
@@ -291,7 +292,7 @@ impl RegistryClient {
             } else {
                 range.start
             };
-            match read_window(resp, skip, len).await {
+            match read_window(resp, skip, len, progress).await {
                 Ok(b) if b.len() as u64 == len => Ok(Attempt::Done(b)),
                 Ok(b) => Ok(Attempt::Retry(Error::SizeMismatch {
                     what: format!("range {}..{} of blob {digest}", range.start, range.end),
@@ -436,9 +437,26 @@ impl RegistryClient {
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<Bytes> {
+        self.get_blob_range_streamed(r, digest, range, &|_| {})
+            .await
+    }
+
+    /// `get_blob_range` that shows `progress` the bytes received so far after every piece
+    /// of the body, so a caller can use the front of a large range before the rest arrives.
+    /// A retried attempt starts again from an empty prefix; the bytes are the same range.
+    pub async fn get_blob_range_streamed(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        range: Range<u64>,
+        progress: &(dyn Fn(&[u8]) + Send + Sync),
+    ) -> Result<Bytes> {
         self.via_mirrors(r, |r| {
             let range = range.clone();
-            async move { self.get_blob_range_direct(&r, digest, range).await }
+            async move {
+                self.get_blob_range_direct(&r, digest, range, progress)
+                    .await
+            }
         })
         .await
     }
@@ -722,6 +740,7 @@ async fn read_window(
     resp: Response,
     mut skip: u64,
     len: u64,
+    progress: &(dyn Fn(&[u8]) + Send + Sync),
 ) -> std::result::Result<Bytes, reqwest::Error> {
     let mut out = Vec::with_capacity(len as usize);
     let mut stream = resp.bytes_stream();
@@ -734,6 +753,9 @@ async fn read_window(
         }
         let want = (len - out.len() as u64).min(piece.len() as u64) as usize;
         out.extend_from_slice(&piece[..want]);
+        if want > 0 {
+            progress(&out);
+        }
         if out.len() as u64 == len {
             break;
         }

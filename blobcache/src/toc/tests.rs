@@ -588,3 +588,52 @@ fn read_parts_of_a_prefetch_file_become_chunks_of_their_own_and_only_they_are_li
     assert_eq!(listed.len(), 3);
     assert!(listed[2].start <= hostname.start && hostname.end <= listed[2].end);
 }
+
+#[test]
+fn start_up_chunks_are_compressed_at_the_prefetch_level_and_the_rest_is_not() {
+    // Text that compresses, but better with more effort.
+    let text: Vec<u8> = (0..120_000u64)
+        .flat_map(|i| format!("{i} {}\n", i.wrapping_mul(7919) % 100_003).into_bytes())
+        .collect();
+    let tar = TarBuilder::new()
+        .file("app/hot.txt", &text)
+        .file("app/cold.txt", &text)
+        .finish();
+    let convert_at = |prefetch_level| {
+        let (layer, blob) = convert_layer(
+            tar.as_slice(),
+            Vec::new(),
+            &ConvertOptions {
+                chunk_size: 256 * 1024,
+                level: 1,
+                prefetch_level,
+                prefetch_files: vec!["app/hot.txt".into()],
+                ..ConvertOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(zstd_decode_all(&blob), tar, "the tar stream is unchanged");
+        let toc = read_toc(&blob, &layer);
+        let size = |listed: bool| -> u64 {
+            toc.chunks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| toc.prefetch.contains(&(*i as u32)) == listed)
+                .map(|(_, c)| c.size)
+                .sum()
+        };
+        (toc.chunks.clone(), size(true), size(false))
+    };
+    let (plain_chunks, plain_hot, plain_cold) = convert_at(1);
+    let (chunks, hot, cold) = convert_at(15);
+    assert_eq!(
+        chunks.iter().map(|c| c.digest).collect::<Vec<_>>(),
+        plain_chunks.iter().map(|c| c.digest).collect::<Vec<_>>(),
+        "the same chunks"
+    );
+    assert!(
+        hot * 100 < plain_hot * 97,
+        "start-up chunks at level 15: {hot} bytes, at level 1: {plain_hot}"
+    );
+    assert_eq!(cold, plain_cold, "other chunks keep the layer's level");
+}

@@ -19,12 +19,19 @@ use super::{normalize_name, Chunk, Entry, EntryKind, Toc, DEFAULT_CHUNK_SIZE, FO
 use crate::digest::{Hasher, HashingWriter};
 use crate::{Digest, Error, Result};
 
+/// zstd level for start-up chunks: past it, smaller frames cost far more time (about 14% smaller
+/// than level 3 on binaries and bytecode in 256 KiB frames; level 19 gains under 1% more).
+pub const DEFAULT_PREFETCH_LEVEL: i32 = 15;
+
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     /// Largest decoded chunk, and the size large files are cut into.
     pub chunk_size: u32,
     /// zstd level for chunk frames.
     pub level: i32,
+    /// zstd level for the frames holding what the prefetch list names: every cold start
+    /// fetches them before it can run, so they are worth compressing harder, once.
+    pub prefetch_level: i32,
     /// Files (layer paths) whose chunks the TOC lists for prefetch, in this order.
     pub prefetch_files: Vec<String>,
     /// For prefetch files whose start read only parts: those byte ranges of the file. Chunks
@@ -38,6 +45,7 @@ impl Default for ConvertOptions {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             level: 3,
+            prefetch_level: DEFAULT_PREFETCH_LEVEL,
             prefetch_files: Vec::new(),
             prefetch_ranges: HashMap::new(),
         }
@@ -66,7 +74,13 @@ pub fn convert_layer<R: Read, W: Write>(
     opts: &ConvertOptions,
 ) -> Result<(ConvertedLayer, W)> {
     let chunk_size = opts.chunk_size.clamp(4096, super::MAX_CHUNK_SIZE as u32) as u64;
-    let frames = Rc::new(RefCell::new(FrameWriter::new(out, chunk_size, opts.level)?));
+    let mut frames = FrameWriter::new(out, chunk_size, opts.level)?;
+    if !opts.prefetch_files.is_empty() && opts.prefetch_level != opts.level {
+        frames.hot_compressor = Some(compressor(opts.prefetch_level).map_err(Error::Write)?);
+    }
+    let frames = Rc::new(RefCell::new(frames));
+    let prefetch: std::collections::HashSet<&str> =
+        opts.prefetch_files.iter().map(String::as_str).collect();
     let tee = Tee {
         inner: tar,
         frames: frames.clone(),
@@ -84,8 +98,15 @@ pub fn convert_layer<R: Read, W: Write>(
                 .get(&toc_entry.name)
                 .map(|r| within(&range, r))
                 .unwrap_or_default();
+            let mut frames = frames.borrow_mut();
+            if prefetch.contains(toc_entry.name.as_str()) {
+                if read.is_empty() {
+                    frames.hot.push(range.clone());
+                } else {
+                    frames.hot.extend(read.iter().cloned());
+                }
+            }
             frames
-                .borrow_mut()
                 .plan_content(entry.raw_header_position(), range, chunk_size, &read)
                 .map_err(Error::Write)?;
         }
@@ -140,9 +161,22 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
 /// Cuts the tar stream into frames. Bytes wait in `buf` until their frame is complete, so a
 /// boundary can still be placed before bytes that were already seen (a tar header read before
 /// the parser knew which file follows it).
+/// A frame compressor at `level`: content size in every frame header, no zstd checksum (chunks
+/// are verified by sha256; the checksum would only cost time).
+fn compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
+    let mut c = zstd::bulk::Compressor::new(level)?;
+    c.include_checksum(false)?;
+    c.include_contentsize(true)?;
+    Ok(c)
+}
+
 struct FrameWriter<W: Write> {
     out: HashingWriter<W>,
     compressor: zstd::bulk::Compressor<'static>,
+    /// For frames that hold start-up bytes (`hot`), when their level differs.
+    hot_compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Tar ranges of start-up bytes not yet behind the current frame, ascending.
+    hot: Vec<std::ops::Range<u64>>,
     /// Decoded bytes of the frame being built; never longer than `chunk_size`.
     buf: Vec<u8>,
     compressed: Vec<u8>,
@@ -158,13 +192,11 @@ struct FrameWriter<W: Write> {
 
 impl<W: Write> FrameWriter<W> {
     fn new(out: W, chunk_size: u64, level: i32) -> Result<Self> {
-        let mut compressor = zstd::bulk::Compressor::new(level).map_err(Error::Write)?;
-        // Chunks are verified by sha256; zstd's own checksum would only cost time.
-        compressor.include_checksum(false).map_err(Error::Write)?;
-        compressor.include_contentsize(true).map_err(Error::Write)?;
         Ok(Self {
             out: HashingWriter::new(out),
-            compressor,
+            compressor: compressor(level).map_err(Error::Write)?,
+            hot_compressor: None,
+            hot: Vec::new(),
             buf: Vec::with_capacity(chunk_size as usize),
             compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk_size as usize)),
             frame_start: 0,
@@ -246,8 +278,14 @@ impl<W: Write> FrameWriter<W> {
         }
         let data = &self.buf[..len];
         self.compressed.clear();
-        self.compressor
-            .compress_to_buffer(data, &mut self.compressed)?;
+        let (start, end) = (self.frame_start, self.frame_start + len as u64);
+        self.hot.retain(|r| r.end > start);
+        let hot = self.hot.iter().any(|r| r.start < end && r.end > start);
+        let compressor = match &mut self.hot_compressor {
+            Some(c) if hot => c,
+            _ => &mut self.compressor,
+        };
+        compressor.compress_to_buffer(data, &mut self.compressed)?;
         self.out.write_all(&self.compressed)?;
         self.chunks.push(Chunk {
             offset: self.out.written() - self.compressed.len() as u64,

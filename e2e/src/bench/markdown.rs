@@ -306,6 +306,13 @@ fn cold_section(md: &mut String, r: &Report) {
     let _ = writeln!(md);
 }
 
+/// The prefetch table alone, for a partial run (`--cold-only`) to print.
+pub fn prefetch_summary(r: &Report) -> String {
+    let mut md = String::new();
+    prefetch_table(&mut md, r);
+    md
+}
+
 /// What prefetch from a trace achieved: the share of the cold-to-warm gap it closes, and the
 /// share of first-touch chunk reads it served without a wait on the registry.
 fn prefetch_table(md: &mut String, r: &Report) {

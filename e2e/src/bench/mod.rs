@@ -52,6 +52,8 @@ pub struct Options {
     pub link: Link,
     /// The command line to print in the report.
     pub command: String,
+    /// Only the cold starts: the reads and memory phases are skipped.
+    pub cold_only: bool,
 }
 
 const TOOLS: &[&str] = &[
@@ -200,6 +202,12 @@ pub fn cold_start(opts: &Options) -> Result<Report> {
         ));
     }
 
+    if opts.cold_only {
+        report.machine.load_at_end = report::load();
+        report.wall_seconds = started.elapsed().as_secs_f64();
+        report.summarize();
+        return Ok(report);
+    }
     progress("reads: pulling big both ways (the overlayfs pull moves the whole image)");
     report.reads.file_bytes = images::BIG_FILE_BYTES;
     match reads::Phase::start(&wan, base.path()) {
@@ -263,12 +271,17 @@ pub(crate) fn binaries() -> Result<Binaries> {
 /// Writes `DIR/cold-start.json` and the Markdown report at `markdown`, with this machine's
 /// directories replaced by neutral names.
 pub fn write(report: &Report, out: &Path, markdown: &Path) -> Result<()> {
-    let json = serde_json::to_string_pretty(report)?;
-    std::fs::write(out.join("cold-start.json"), scrub(&json, out))
-        .context("Writing cold-start.json")?;
+    write_json(report, out)?;
     std::fs::write(markdown, scrub(&markdown::render(report), out))
         .with_context(|| format!("Writing {}", markdown.display()))?;
     Ok(())
+}
+
+/// Writes `DIR/cold-start.json` alone, with this machine's directories replaced.
+pub fn write_json(report: &Report, out: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(out.join("cold-start.json"), scrub(&json, out))
+        .context("Writing cold-start.json")
 }
 
 /// `text` without the absolute paths of this machine: the output directory, the workspace and

@@ -31,6 +31,10 @@ enum Cmd {
         /// Repetitions of every mode (overrides --quick).
         #[arg(long)]
         repetitions: Option<usize>,
+        /// Only the cold starts, (a) to (e): no reads, no memory; writes the JSON but leaves
+        /// the Markdown report as it is (a partial run does not replace it).
+        #[arg(long)]
+        cold_only: bool,
         /// Output directory: the JSON, and the image cache reused by later runs.
         #[arg(long, default_value = "target/brisk-bench")]
         out: PathBuf,
@@ -97,14 +101,15 @@ fn main() -> anyhow::Result<()> {
             out
         }
     };
-    let (quick, repetitions, out, rtt_ms, mbit) = match command {
+    let (quick, repetitions, cold_only, out, rtt_ms, mbit) = match command {
         Cmd::ColdStart {
             quick,
             repetitions,
+            cold_only,
             out,
             rtt_ms,
             mbit,
-        } => (quick, repetitions, absolute(out), rtt_ms, mbit),
+        } => (quick, repetitions, cold_only, absolute(out), rtt_ms, mbit),
         Cmd::Compare {
             full,
             repetitions,
@@ -181,9 +186,16 @@ fn main() -> anyhow::Result<()> {
             bits_per_sec: mbit * 1_000_000,
         },
         command: invocation.trim_end().to_owned(),
+        cold_only,
     };
     let report = bench::cold_start(&opts).context("Benchmark setup failed")?;
     let markdown = workspace_root().join("BENCHMARKS-snapshotter.md");
+    if cold_only {
+        bench::write_json(&report, &out)?;
+        eprintln!("{}", bench::markdown::prefetch_summary(&report));
+        eprintln!("wrote {}", out.join("cold-start.json").display());
+        return Ok(());
+    }
     bench::write(&report, &out, &markdown)?;
     let failures = report.failures();
     eprintln!(

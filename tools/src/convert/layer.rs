@@ -68,6 +68,7 @@ pub(super) async fn convert_layer(
     let opts = ConvertOptions {
         chunk_size: run.config.chunk_size,
         level: run.config.level,
+        prefetch_level: run.config.prefetch_level,
         prefetch_files: Vec::new(),
         prefetch_ranges: run
             .config

@@ -30,6 +30,8 @@ pub use layer::LayerSummary;
 pub struct ConvertConfig {
     pub chunk_size: u32,
     pub level: i32,
+    /// zstd level for the chunks listed for prefetch (with `trace_files`).
+    pub prefetch_level: i32,
     /// `os/arch[/variant]`; `None` converts every platform of an index.
     pub platform: Option<String>,
     /// Layers converted at once; each takes one core while it compresses.
@@ -51,6 +53,7 @@ impl Default for ConvertConfig {
         Self {
             chunk_size: toc::DEFAULT_CHUNK_SIZE,
             level: 3,
+            prefetch_level: toc::DEFAULT_PREFETCH_LEVEL,
             platform: None,
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: false,
