@@ -60,6 +60,9 @@ pub struct RemoteLayers {
     /// Live FUSE sessions by snapshot id; dropping one unmounts it. A std mutex: held only
     /// to insert or remove.
     sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
+    /// TOCs Prepare decoded, by blob, while a mount holds them: prefetch on first sight of
+    /// the image starts from them instead of reading and verifying each TOC again.
+    tocs: Mutex<HashMap<Digest, std::sync::Weak<Toc>>>,
     /// Zone peers, asked for traces before the registry.
     zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
 }
@@ -83,6 +86,7 @@ impl RemoteLayers {
             cache,
             rt,
             sessions: Mutex::default(),
+            tocs: Mutex::default(),
             zone: None,
         }
     }
@@ -182,8 +186,13 @@ impl RemoteLayers {
             .toc_position(|r| self.client.get_blob_range(&reference, &blob, r))
             .await?;
         reference.digest = None;
-        let toc = self.toc(&reference, &lazy, &position).await?;
+        let toc = Arc::new(self.toc(&reference, &lazy, &position).await?);
         self.source.register_blob(blob, &reference);
+        {
+            let mut tocs = self.tocs.lock().expect("not poisoned");
+            tocs.retain(|_, t| t.strong_count() > 0);
+            tocs.insert(blob, Arc::downgrade(&toc));
+        }
         let remote = RemoteLayer {
             image: reference.to_string(),
             manifest: manifest.to_string(),
@@ -192,7 +201,7 @@ impl RemoteLayers {
             toc_digest: lazy.toc_digest.to_string(),
             toc_position: position.to_string(),
         };
-        Ok(Some((remote, Arc::new(toc))))
+        Ok(Some((remote, toc)))
     }
 
     /// The TOC from the local store, or from the registry (then kept), authenticated.
@@ -417,6 +426,17 @@ impl RemoteLayers {
             else {
                 continue;
             };
+            let decoded = self
+                .tocs
+                .lock()
+                .expect("not poisoned")
+                .get(&blob)
+                .and_then(std::sync::Weak::upgrade);
+            if let Some(toc) = decoded {
+                self.source.register_blob(blob, reference);
+                out.push((blob, toc));
+                continue;
+            }
             let annotations: Option<HashMap<String, String>> =
                 serde_json::from_value(desc["annotations"].clone()).ok();
             let size = desc["size"].as_u64().unwrap_or(0);
