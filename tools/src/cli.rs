@@ -61,6 +61,10 @@ enum Command {
         /// start fetches them first, so they are compressed harder, once.
         #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_PREFETCH_LEVEL)]
         prefetch_level: i32,
+        /// Chunk size inside the parts of large files a baked trace (--trace) lists: a start
+        /// waits for whole chunks, so smaller ones let it begin while the rest streams in.
+        #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_PREFETCH_CHUNK_SIZE)]
+        prefetch_chunk_size: u32,
         /// Layers converted in parallel (default: number of cores).
         #[arg(long)]
         jobs: Option<usize>,
@@ -208,6 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             level,
             prefetch_level,
+            prefetch_chunk_size,
             jobs,
             json,
             trace,
@@ -228,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 chunk_size,
                 level,
                 prefetch_level,
+                prefetch_chunk_size,
                 platform,
                 jobs: jobs.unwrap_or(defaults.jobs),
                 progress: !json && std::io::stderr().is_terminal(),

@@ -18,7 +18,10 @@ use crate::{Digest, Error, Result};
 
 pub use footer::{Footer, TocPosition, FOOTER_SIZE};
 pub use path::normalize_name;
-pub use writer::{convert_layer, ConvertOptions, ConvertedLayer, DEFAULT_PREFETCH_LEVEL};
+pub use writer::{
+    convert_layer, ConvertOptions, ConvertedLayer, DEFAULT_PREFETCH_CHUNK_SIZE,
+    DEFAULT_PREFETCH_LEVEL,
+};
 
 /// The TOC format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

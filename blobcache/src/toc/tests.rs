@@ -637,3 +637,62 @@ fn start_up_chunks_are_compressed_at_the_prefetch_level_and_the_rest_is_not() {
     );
     assert_eq!(cold, plain_cold, "other chunks keep the layer's level");
 }
+
+#[test]
+fn start_up_parts_of_large_files_are_cut_into_smaller_chunks_and_nothing_else_is() {
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let tar = TarBuilder::new()
+        .file("app/ranged.bin", &data)
+        .file("app/whole.bin", &data)
+        .file("app/cold.bin", &data)
+        .finish();
+    let read = 500_000..1_500_000u64;
+    let (layer, blob) = convert_layer(
+        tar.as_slice(),
+        Vec::new(),
+        &ConvertOptions {
+            prefetch_files: vec!["app/ranged.bin".into(), "app/whole.bin".into()],
+            prefetch_ranges: [("app/ranged.bin".to_owned(), vec![read.clone()])].into(),
+            ..ConvertOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(zstd_decode_all(&blob), tar, "the tar stream is unchanged");
+    let toc = read_toc(&blob, &layer);
+    let content = |name: &str| {
+        toc.entries
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap()
+            .tar_range()
+            .unwrap()
+    };
+    let inside = |r: &std::ops::Range<u64>| -> Vec<&Chunk> {
+        toc.chunks
+            .iter()
+            .filter(|c| c.tar_offset >= r.start && c.tar_offset + c.tar_size <= r.end)
+            .collect()
+    };
+    let small = u64::from(DEFAULT_PREFETCH_CHUNK_SIZE);
+    let ranged = content("app/ranged.bin");
+    let hot = ranged.start + read.start..ranged.start + read.end;
+    let hot_chunks = inside(&hot);
+    assert_eq!(
+        hot_chunks.iter().map(|c| c.tar_size).sum::<u64>(),
+        read.end - read.start,
+        "chunks tile the read part"
+    );
+    assert!(hot_chunks.iter().all(|c| c.tar_size <= small));
+    assert!(inside(&content("app/whole.bin"))
+        .iter()
+        .all(|c| c.tar_size <= small));
+    let mib = u64::from(DEFAULT_CHUNK_SIZE);
+    assert_eq!(
+        inside(&content("app/cold.bin"))
+            .iter()
+            .map(|c| c.tar_size)
+            .collect::<Vec<_>>(),
+        vec![mib, mib, 3_000_000 - 2 * mib],
+        "a file outside the list keeps 1 MiB chunks"
+    );
+}

@@ -23,6 +23,20 @@ use crate::{Digest, Error, Result};
 /// than level 3 on binaries and bytecode in 256 KiB frames; level 19 gains under 1% more).
 pub const DEFAULT_PREFETCH_LEVEL: i32 = 15;
 
+/// Chunk size inside the start-up parts of large files (see `prefetch_chunk_size`): the
+/// kernel's default readahead window, what one FUSE read of a mapped binary asks for.
+pub const DEFAULT_PREFETCH_CHUNK_SIZE: u32 = 128 * 1024;
+
+/// Where one large file's content is cut besides every `chunk_size` from its start.
+struct Cuts<'a> {
+    chunk_size: u64,
+    /// Tar ranges a start-up trace read: cut at their edges.
+    read: &'a [std::ops::Range<u64>],
+    /// Tar ranges listed for prefetch: cut every `hot_chunk_size` inside them.
+    hot: &'a [std::ops::Range<u64>],
+    hot_chunk_size: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
     /// Largest decoded chunk, and the size large files are cut into.
@@ -32,6 +46,10 @@ pub struct ConvertOptions {
     /// zstd level for the frames holding what the prefetch list names: every cold start
     /// fetches them before it can run, so they are worth compressing harder, once.
     pub prefetch_level: i32,
+    /// Largest chunk holding what the prefetch list names in a large file: a reader waits for
+    /// a whole chunk, so smaller ones let a start use the front of its set while the rest is
+    /// still streaming in.
+    pub prefetch_chunk_size: u32,
     /// Files (layer paths) whose chunks the TOC lists for prefetch, in this order.
     pub prefetch_files: Vec<String>,
     /// For prefetch files whose start read only parts: those byte ranges of the file. Chunks
@@ -46,6 +64,7 @@ impl Default for ConvertOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             level: 3,
             prefetch_level: DEFAULT_PREFETCH_LEVEL,
+            prefetch_chunk_size: DEFAULT_PREFETCH_CHUNK_SIZE,
             prefetch_files: Vec::new(),
             prefetch_ranges: HashMap::new(),
         }
@@ -98,16 +117,21 @@ pub fn convert_layer<R: Read, W: Write>(
                 .get(&toc_entry.name)
                 .map(|r| within(&range, r))
                 .unwrap_or_default();
+            let hot = match prefetch.contains(toc_entry.name.as_str()) {
+                false => Vec::new(),
+                true if read.is_empty() => vec![range.clone()],
+                true => read.clone(),
+            };
             let mut frames = frames.borrow_mut();
-            if prefetch.contains(toc_entry.name.as_str()) {
-                if read.is_empty() {
-                    frames.hot.push(range.clone());
-                } else {
-                    frames.hot.extend(read.iter().cloned());
-                }
-            }
+            frames.hot.extend(hot.iter().cloned());
+            let cuts = Cuts {
+                chunk_size,
+                read: &read,
+                hot: &hot,
+                hot_chunk_size: (opts.prefetch_chunk_size as u64).clamp(4096, chunk_size),
+            };
             frames
-                .plan_content(entry.raw_header_position(), range, chunk_size, &read)
+                .plan_content(entry.raw_header_position(), range, &cuts)
                 .map_err(Error::Write)?;
         }
         entries.insert(toc_entry)?;
@@ -249,19 +273,19 @@ impl<W: Write> FrameWriter<W> {
         &mut self,
         header: u64,
         content: std::ops::Range<u64>,
-        chunk_size: u64,
-        read: &[std::ops::Range<u64>],
+        plan: &Cuts<'_>,
     ) -> io::Result<()> {
+        let chunk_size = plan.chunk_size;
         let len = content.end - content.start;
         if len >= chunk_size / 4 {
             self.cut_at(content.start)?;
             // The parts a start reads become chunks of their own, so prefetch fetches them
-            // without the rest of the file.
-            let mut cuts: Vec<u64> = read
-                .iter()
-                .flat_map(|r| [r.start, r.end])
-                .filter(|&c| c > content.start && c < content.end)
-                .collect();
+            // without the rest of the file; inside them chunks are smaller.
+            let mut cuts: Vec<u64> = plan.read.iter().flat_map(|r| [r.start, r.end]).collect();
+            for hot in plan.hot {
+                cuts.extend((hot.start..hot.end).step_by(plan.hot_chunk_size as usize));
+            }
+            cuts.retain(|&c| c > content.start && c < content.end);
             cuts.push(content.end);
             cuts.sort_unstable();
             cuts.dedup();

@@ -87,6 +87,12 @@ pub fn export_trace(
         utf8(&snapshotter.socket)?,
     ])
     .context("Exporting the trace")?;
+    // Kept with the daemons' logs when asked (see `daemons::Snapshotter`).
+    if let Some(keep) = std::env::var_os("BRISK_E2E_KEEP_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(file, keep.join("trace.json"));
+    }
     Ok(RecordedTrace {
         file: file.to_owned(),
         listing,

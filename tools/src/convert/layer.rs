@@ -69,6 +69,7 @@ pub(super) async fn convert_layer(
         chunk_size: run.config.chunk_size,
         level: run.config.level,
         prefetch_level: run.config.prefetch_level,
+        prefetch_chunk_size: run.config.prefetch_chunk_size,
         prefetch_files: Vec::new(),
         prefetch_ranges: run
             .config

@@ -32,6 +32,8 @@ pub struct ConvertConfig {
     pub level: i32,
     /// zstd level for the chunks listed for prefetch (with `trace_files`).
     pub prefetch_level: i32,
+    /// Chunk size inside the listed parts of large files.
+    pub prefetch_chunk_size: u32,
     /// `os/arch[/variant]`; `None` converts every platform of an index.
     pub platform: Option<String>,
     /// Layers converted at once; each takes one core while it compresses.
@@ -54,6 +56,7 @@ impl Default for ConvertConfig {
             chunk_size: toc::DEFAULT_CHUNK_SIZE,
             level: 3,
             prefetch_level: toc::DEFAULT_PREFETCH_LEVEL,
+            prefetch_chunk_size: toc::DEFAULT_PREFETCH_CHUNK_SIZE,
             platform: None,
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: false,
