@@ -21,6 +21,9 @@ pub struct LazyLayer {
     pub toc_digest: Digest,
     /// From the position annotation when present; otherwise the footer is read.
     pub position: Option<TocPosition>,
+    /// Where the chunks listed for prefetch lie (the spans annotation), unverified: worth
+    /// fetching before the TOC arrives, usable only once its digests check them.
+    pub prefetch_spans: Vec<Range<u64>>,
 }
 
 impl LazyLayer {
@@ -39,11 +42,16 @@ impl LazyLayer {
         let position = annotations
             .get(toc::ANNOTATION_TOC_POSITION)
             .and_then(|p| p.parse().ok());
+        let prefetch_spans = annotations
+            .get(toc::ANNOTATION_PREFETCH_SPANS)
+            .map(|v| toc::parse_spans(v, size))
+            .unwrap_or_default();
         Ok(Some(Self {
             blob,
             size,
             toc_digest: toc_digest.parse()?,
             position,
+            prefetch_spans,
         }))
     }
 

@@ -5,11 +5,13 @@
 //! decompressed here; the read path verifies them.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use futures::StreamExt;
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::chunk::ChunkRef;
 use crate::layered::Priority;
@@ -53,8 +55,58 @@ pub struct RegistrySource {
     blobs: RwLock<HashMap<Digest, Reference>>,
     /// One semaphore per registry host, created on first use.
     limits: RwLock<HashMap<String, Arc<Semaphore>>>,
+    /// Blob ranges fetched ahead of their TOC (see `preload`), by blob. A std lock: held only
+    /// to look up, insert or remove.
+    preloads: Mutex<HashMap<Digest, Vec<Arc<Preload>>>>,
+    /// Chunks handed out from a preload, with their blob: if one fails verification, every
+    /// preload of that blob is dropped and its chunks are fetched afresh.
+    preload_served: Mutex<HashMap<Digest, Digest>>,
     stats: RemoteStats,
 }
+
+/// A blob range fetched before anyone asked for its chunks; chunk fetches inside it wait for
+/// its bytes instead of making a request of their own.
+struct Preload {
+    range: Range<u64>,
+    /// The bytes received so far, from `range.start`.
+    bytes: Mutex<Vec<u8>>,
+    /// How many bytes have arrived; `None` once the fetch has failed.
+    arrived: watch::Sender<Option<u64>>,
+}
+
+impl Preload {
+    /// Bytes still to arrive (none once the fetch failed).
+    fn remaining(&self) -> u64 {
+        let len = self.range.end - self.range.start;
+        self.arrived.borrow().map_or(0, |n| len.saturating_sub(n))
+    }
+
+    /// The compressed bytes of `chunk` once they are in, or `None` if the fetch failed.
+    async fn take(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        let lo = (chunk.compressed.start - self.range.start) as usize;
+        let hi = (chunk.compressed.end - self.range.start) as usize;
+        let mut arrived = self.arrived.subscribe();
+        loop {
+            match *arrived.borrow_and_update() {
+                None => return None,
+                Some(n) if n as usize >= hi => {
+                    return Some(self.bytes.lock().expect("not poisoned")[lo..hi].to_vec())
+                }
+                Some(_) => {}
+            }
+            arrived.changed().await.ok()?;
+        }
+    }
+}
+
+/// How long preloaded bytes are kept after their fetch ends, for the chunk fetches to come.
+const PRELOAD_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Bytes of preloads still on their way before the next span starts (as for prefetch).
+const PRELOAD_WINDOW: u64 = 1 << 20;
+
+/// Bytes one blob's preloads may span at most.
+const PRELOAD_MAX_BYTES: u64 = 64 << 20;
 
 impl RegistrySource {
     pub fn new(client: Arc<RegistryClient>, config: RemoteConfig) -> Self {
@@ -63,6 +115,8 @@ impl RegistrySource {
             config,
             blobs: RwLock::default(),
             limits: RwLock::default(),
+            preloads: Mutex::default(),
+            preload_served: Mutex::default(),
             stats: RemoteStats::default(),
         }
     }
@@ -84,6 +138,185 @@ impl RegistrySource {
 
     pub fn stats(&self) -> &RemoteStats {
         &self.stats
+    }
+
+    /// Starts fetching `spans` of `blob` now, in order, two at a time, before any chunk in them
+    /// is asked for: a layer's start-up chunks can be on the way while its TOC is still being
+    /// fetched. Nothing is verified here; chunk fetches that fall inside a span take their bytes
+    /// from it, and the read path checks them like any other. Kept for a minute after arriving.
+    pub fn preload(self: &Arc<Self>, blob: Digest, reference: &Reference, spans: Vec<Range<u64>>) {
+        let mut total = 0;
+        let spans: Vec<Arc<Preload>> = spans
+            .into_iter()
+            .filter(|r| r.end > r.start)
+            .take_while(|r| {
+                total += r.end - r.start;
+                total <= PRELOAD_MAX_BYTES
+            })
+            .map(|range| {
+                Arc::new(Preload {
+                    range,
+                    bytes: Mutex::default(),
+                    arrived: watch::channel(Some(0)).0,
+                })
+            })
+            .collect();
+        if spans.is_empty() {
+            return;
+        }
+        self.register_blob(blob, reference);
+        self.preloads
+            .lock()
+            .expect("not poisoned")
+            .entry(blob)
+            .or_default()
+            .extend(spans.iter().cloned());
+        let this = self.clone();
+        let reference = reference.clone();
+        tokio::spawn(async move {
+            // Like prefetch: the next span starts once less than a window of the ones on the
+            // way is still to arrive, so the link stays busy and the front arrives first.
+            let progressed = Notify::new();
+            let mut pending = futures::stream::FuturesUnordered::new();
+            let mut queue = spans.iter().cloned();
+            let mut started: Vec<Arc<Preload>> = Vec::new();
+            loop {
+                let remaining: u64 = started.iter().map(|p| p.remaining()).sum();
+                if pending.is_empty() || remaining < PRELOAD_WINDOW {
+                    if let Some(p) = queue.next() {
+                        started.push(p.clone());
+                        pending.push(this.fill(&reference, &blob, p, &progressed));
+                        continue;
+                    }
+                }
+                if pending.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    _ = pending.next() => {}
+                    _ = progressed.notified() => {}
+                }
+            }
+            tokio::time::sleep(PRELOAD_KEEP).await;
+            let mut preloads = this.preloads.lock().expect("not poisoned");
+            if let Some(held) = preloads.get_mut(&blob) {
+                held.retain(|p| !spans.iter().any(|s| Arc::ptr_eq(s, p)));
+                if held.is_empty() {
+                    preloads.remove(&blob);
+                    this.preload_served
+                        .lock()
+                        .expect("not poisoned")
+                        .retain(|_, b| *b != blob);
+                }
+            }
+        });
+    }
+
+    async fn fill(
+        &self,
+        reference: &Reference,
+        blob: &Digest,
+        p: Arc<Preload>,
+        progressed: &Notify,
+    ) {
+        let progress = |prefix: &[u8]| {
+            let mut bytes = p.bytes.lock().expect("not poisoned");
+            // A retried attempt starts again from its first byte: only what is new counts.
+            if prefix.len() > bytes.len() {
+                let have = bytes.len();
+                bytes.extend_from_slice(&prefix[have..]);
+                p.arrived.send_replace(Some(bytes.len() as u64));
+                progressed.notify_one();
+            }
+        };
+        match self
+            .range(reference, blob, p.range.clone(), &progress)
+            .await
+        {
+            Ok(span) => progress(&span),
+            Err(err) => {
+                tracing::debug!(%blob, err = %crate::error::chain(&err), "preload failed; chunks will be fetched on their own");
+                p.arrived.send_replace(None);
+                progressed.notify_one();
+            }
+        }
+    }
+
+    /// One range read of `blob`, within the registry's request limit and counted.
+    async fn range(
+        &self,
+        reference: &Reference,
+        blob: &Digest,
+        range: Range<u64>,
+        progress: &(dyn Fn(&[u8]) + Send + Sync),
+    ) -> crate::Result<Bytes> {
+        let limit = self.limit(&reference.registry);
+        let _permit = limit.acquire().await.expect("semaphore is never closed");
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let span = self
+            .client
+            .get_blob_range_streamed(reference, blob, range, progress)
+            .await?;
+        self.stats
+            .bytes
+            .fetch_add(span.len() as u64, Ordering::Relaxed);
+        Ok(span)
+    }
+
+    /// Drops every preload of `blob` (its bytes proved wrong once).
+    fn drop_preloads(&self, blob: &Digest) {
+        if self
+            .preloads
+            .lock()
+            .expect("not poisoned")
+            .remove(blob)
+            .is_some()
+        {
+            tracing::warn!(%blob, "bytes fetched ahead of the TOC were wrong; dropped");
+        }
+    }
+
+    /// The preload that holds all of `chunk`, if any.
+    fn preload_for(&self, chunk: &ChunkRef) -> Option<Arc<Preload>> {
+        let preloads = self.preloads.lock().expect("not poisoned");
+        preloads
+            .get(&chunk.blob)?
+            .iter()
+            .find(|p| {
+                p.range.start <= chunk.compressed.start && chunk.compressed.end <= p.range.end
+            })
+            .cloned()
+    }
+
+    /// Fetches the chunks at `indexes` of `chunks` with coalesced range requests.
+    async fn fetch_indexes(
+        &self,
+        chunks: &[ChunkRef],
+        indexes: &[usize],
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        let picked: Vec<ChunkRef> = indexes.iter().map(|&i| chunks[i].clone()).collect();
+        let spans = plan_spans(&picked, &self.config);
+        let fetches = spans.iter().filter_map(|span| {
+            let blob = picked[span[0]].blob;
+            let reference = self.repository_of(&blob)?;
+            let refs: Vec<&ChunkRef> = span.iter().map(|&k| &picked[k]).collect();
+            Some(async move {
+                self.fetch_span(&reference, &blob, &refs, &|k, answer| {
+                    each(indexes[span[k]], answer)
+                })
+                .await
+            })
+        });
+        futures::future::join_all(fetches).await;
+        // A chunk of a blob no repository was registered for is a clean miss.
+        for span in &spans {
+            if self.repository_of(&picked[span[0]].blob).is_none() {
+                for &k in span {
+                    each(indexes[k], Ok(None));
+                }
+            }
+        }
     }
 
     fn limit(&self, registry: &str) -> Arc<Semaphore> {
@@ -108,9 +341,6 @@ impl RegistrySource {
     ) {
         let start = chunks.first().map_or(0, |c| c.compressed.start);
         let end = chunks.last().map_or(0, |c| c.compressed.end);
-        let limit = self.limit(&reference.registry);
-        let _permit = limit.acquire().await.expect("semaphore is never closed");
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Chunks handed over so far; a retry restarts the prefix but not the count.
         let next = AtomicUsize::new(0);
         let cut = |prefix: &[u8]| loop {
@@ -127,17 +357,8 @@ impl RegistrySource {
             next.store(k + 1, Ordering::SeqCst);
             each(k, answer);
         };
-        match self
-            .client
-            .get_blob_range_streamed(reference, blob, start..end, &cut)
-            .await
-        {
-            Ok(span) => {
-                self.stats
-                    .bytes
-                    .fetch_add(span.len() as u64, Ordering::Relaxed);
-                cut(&span);
-            }
+        match self.range(reference, blob, start..end, &cut).await {
+            Ok(span) => cut(&span),
             Err(err) => {
                 let err = Arc::new(err);
                 for k in next.load(Ordering::SeqCst)..chunks.len() {
@@ -197,6 +418,17 @@ impl ChunkSource for RegistrySource {
         crate::source::get_one(self, chunk).await
     }
 
+    async fn discard(&self, digest: &Digest) {
+        let blob = self
+            .preload_served
+            .lock()
+            .expect("not poisoned")
+            .remove(digest);
+        if let Some(blob) = blob {
+            self.drop_preloads(&blob);
+        }
+    }
+
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
         let answers: Mutex<Vec<Answer>> = Mutex::new(chunks.iter().map(|_| Ok(None)).collect());
         self.get_many_each(chunks, Priority::OnDemand, &|i, answer| {
@@ -212,30 +444,41 @@ impl ChunkSource for RegistrySource {
         _priority: Priority,
         each: &(dyn Fn(usize, Answer) + Send + Sync),
     ) {
-        let spans = plan_spans(chunks, &self.config);
-        let fetches = spans.iter().filter_map(|span| {
-            let blob = chunks[span[0]].blob;
-            let reference = self
-                .blobs
-                .read()
-                .expect("not poisoned")
-                .get(&blob)
-                .cloned()?;
-            let refs: Vec<&ChunkRef> = span.iter().map(|&i| &chunks[i]).collect();
-            Some(async move {
-                self.fetch_span(&reference, &blob, &refs, &|k, answer| each(span[k], answer))
-                    .await
-            })
-        });
-        futures::future::join_all(fetches).await;
-        // A chunk of a blob no repository was registered for is a clean miss.
-        for span in &spans {
-            if self.repository_of(&chunks[span[0]].blob).is_none() {
-                for &i in span {
-                    each(i, Ok(None));
+        let (preloaded, rest): (Vec<_>, Vec<_>) = (0..chunks.len())
+            .map(|i| (i, self.preload_for(&chunks[i])))
+            .partition(|(_, p)| p.is_some());
+        let rest: Vec<usize> = rest.into_iter().map(|(i, _)| i).collect();
+        let from_preloads = async {
+            let taken = preloaded.into_iter().map(|(i, p)| async move {
+                let p = p.expect("partitioned on it");
+                let c = &chunks[i];
+                let decoded = p.take(c).await.and_then(|bytes| {
+                    zstd::bulk::decompress(&bytes, c.uncompressed_len as usize).ok()
+                });
+                match decoded {
+                    Some(data) => {
+                        self.preload_served
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(c.digest, c.blob);
+                        each(i, Ok(Some(Found::Bytes(Bytes::from(data)))));
+                        None
+                    }
+                    None => {
+                        self.drop_preloads(&c.blob);
+                        Some(i)
+                    }
                 }
-            }
-        }
+            });
+            let failed: Vec<usize> = futures::future::join_all(taken)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            // A preload that failed leaves its chunks to ordinary requests.
+            self.fetch_indexes(chunks, &failed, each).await;
+        };
+        futures::join!(from_preloads, self.fetch_indexes(chunks, &rest, each));
     }
 }
 

@@ -182,6 +182,18 @@ impl RemoteLayers {
         let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
             return Ok(None);
         };
+        // A layer never seen here (its TOC is not held) that names where its start-up chunks
+        // lie: they start on their way now, while the TOC is fetched and checked.
+        let repo = format!("{}/{}", reference.registry, reference.repository);
+        if !lazy.prefetch_spans.is_empty()
+            && self.policy.prefetch
+            && !self.policy.skip.contains(&repo)
+            && self.manifests.get(&lazy.toc_digest).is_none()
+        {
+            tracing::debug!(%blob, spans = lazy.prefetch_spans.len(), "fetching the start-up chunks ahead of the TOC");
+            self.source
+                .preload(blob, &reference, lazy.prefetch_spans.clone());
+        }
         let position = lazy
             .toc_position(|r| self.client.get_blob_range(&reference, &blob, r))
             .await?;
@@ -272,6 +284,7 @@ impl RemoteLayers {
             size: layer.blob_size,
             toc_digest: layer.toc_digest.parse()?,
             position: Some(position),
+            prefetch_spans: Vec::new(),
         };
         let toc = self.toc(&reference, &lazy, &position).await?;
         self.source.register_blob(blob, &reference);

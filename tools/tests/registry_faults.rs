@@ -10,6 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use brisk_blobcache::chunk::ChunkRef;
+use brisk_blobcache::layered::Priority;
+use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
+use brisk_blobcache::source::ChunkSource;
+use brisk_blobcache::Digest;
 use brisk_tools::convert::{convert, ConvertConfig};
 use brisk_tools::store::Store;
 use common::*;
@@ -217,35 +222,67 @@ async fn trickling_registry(
     addr
 }
 
-#[tokio::test]
-async fn a_chunk_at_the_front_of_a_range_is_handed_over_before_the_rest_arrives() {
-    use brisk_blobcache::chunk::ChunkRef;
-    use brisk_blobcache::layered::Priority;
-    use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
-    use brisk_blobcache::source::ChunkSource;
-    use brisk_blobcache::Digest;
+/// Two zstd chunks of one blob behind `trickling_registry`, which holds the second back until
+/// `release` fires; `source` knows the blob's repository.
+struct Trickled {
+    plain: [Vec<u8>; 2],
+    chunks: Vec<ChunkRef>,
+    blob: Digest,
+    blob_len: u64,
+    reference: brisk_blobcache::reference::Reference,
+    source: Arc<RegistrySource>,
+    release: tokio::sync::oneshot::Sender<()>,
+}
 
-    let (a, b) = (vec![1u8; 50_000], vec![2u8; 50_000]);
-    let (za, zb) = (zstd(&a), zstd(&b));
-    let body = [za.clone(), zb.clone()].concat();
+async fn trickled(fill: [u8; 2]) -> Trickled {
+    let plain = fill.map(|b| vec![b; 50_000]);
+    let frames = [zstd(&plain[0]), zstd(&plain[1])];
+    let body = frames.concat();
     let blob = Digest::sha256(&body);
     let (release, held) = tokio::sync::oneshot::channel();
-    let addr = trickling_registry(body.clone(), za.len(), held).await;
-    let source = RegistrySource::new(client(Duration::from_secs(5), 0), RemoteConfig::default());
-    source.register_blob(blob, &format!("{addr}/test/app").parse().unwrap());
-    let chunk = |data: &[u8], at: usize, len: usize| ChunkRef {
-        digest: Digest::sha256(data),
+    let addr = trickling_registry(body.clone(), frames[0].len(), held).await;
+    let reference: brisk_blobcache::reference::Reference =
+        format!("{addr}/test/app").parse().unwrap();
+    let source = Arc::new(RegistrySource::new(
+        client(Duration::from_secs(5), 0),
+        RemoteConfig::default(),
+    ));
+    source.register_blob(blob, &reference);
+    let (l0, l1) = (frames[0].len() as u64, frames[1].len() as u64);
+    let chunks = vec![
+        ChunkRef {
+            digest: Digest::sha256(&plain[0]),
+            blob,
+            compressed: 0..l0,
+            uncompressed_len: plain[0].len() as u64,
+        },
+        ChunkRef {
+            digest: Digest::sha256(&plain[1]),
+            blob,
+            compressed: l0..l0 + l1,
+            uncompressed_len: plain[1].len() as u64,
+        },
+    ];
+    Trickled {
+        plain,
+        chunks,
         blob,
-        compressed: at as u64..(at + len) as u64,
-        uncompressed_len: data.len() as u64,
-    };
-    let chunks = vec![chunk(&a, 0, za.len()), chunk(&b, za.len(), zb.len())];
+        blob_len: body.len() as u64,
+        reference,
+        source,
+        release,
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_at_the_front_of_a_range_is_handed_over_before_the_rest_arrives() {
+    let t = trickled([1, 2]).await;
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let each = move |i: usize, answer: brisk_blobcache::source::Answer| {
         let bytes = answer.ok().flatten().map(|f| f.bytes().to_vec());
         seen_tx.send((i, bytes)).unwrap();
     };
-    let fetch = source.get_many_each(&chunks, Priority::Prefetch, &each);
+    let fetch = t.source.get_many_each(&t.chunks, Priority::Prefetch, &each);
     tokio::pin!(fetch);
     let first = tokio::time::timeout(Duration::from_secs(5), async {
         tokio::select! {
@@ -255,13 +292,134 @@ async fn a_chunk_at_the_front_of_a_range_is_handed_over_before_the_rest_arrives(
     })
     .await
     .expect("the first chunk must come before the rest of the range");
-    assert_eq!(first, Some((0, Some(a))));
-    release.send(()).unwrap();
+    assert_eq!(first, Some((0, Some(t.plain[0].clone()))));
+    t.release.send(()).unwrap();
     fetch.await;
-    assert_eq!(seen.recv().await, Some((1, Some(b))));
+    assert_eq!(seen.recv().await, Some((1, Some(t.plain[1].clone()))));
     assert_eq!(
-        source.stats().requests.load(Ordering::SeqCst),
+        t.source.stats().requests.load(Ordering::SeqCst),
         1,
         "one range request"
+    );
+}
+
+#[tokio::test]
+async fn preloaded_spans_serve_their_chunks_without_another_request() {
+    // The responder takes one connection and answers one request: a second one would hang.
+    let t = trickled([3, 4]).await;
+    t.source.preload(
+        t.blob,
+        &t.reference,
+        std::iter::once(0..t.blob_len).collect(),
+    );
+    let get = |i: usize| t.source.get_many(std::slice::from_ref(&t.chunks[i]));
+    let got = tokio::time::timeout(Duration::from_secs(5), get(0))
+        .await
+        .expect("the front of the preload is in");
+    assert_eq!(
+        got[0].as_ref().unwrap().as_ref().unwrap().bytes(),
+        &t.plain[0][..]
+    );
+    t.release.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), get(1))
+        .await
+        .expect("the rest of the preload arrives");
+    assert_eq!(
+        got[0].as_ref().unwrap().as_ref().unwrap().bytes(),
+        &t.plain[1][..]
+    );
+    assert_eq!(
+        t.source.stats().requests.load(Ordering::SeqCst),
+        1,
+        "the preload's request only"
+    );
+}
+
+/// Serves byte ranges of `good`, except that the first request gets the same range of `bad`;
+/// returns the address and a request counter.
+async fn two_faced_registry(bad: Vec<u8>, good: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (bad, good, counter) = (bad.clone(), good.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&seen).to_lowercase();
+                let (a, b): (usize, usize) = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().split_once('-'))
+                    .map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()))
+                    .unwrap_or((0, good.len() - 1));
+                let body = if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    &bad
+                } else {
+                    &good
+                };
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {a}-{b}/{}\r\nconnection: close\r\n\r\n",
+                    b + 1 - a,
+                    good.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body[a..=b]).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh() {
+    let plain: Vec<u8> = (0..60_000u32).map(|i| (i % 97) as u8).collect();
+    let good = zstd(&plain);
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x5a;
+    let blob = Digest::sha256(&good);
+    let (addr, requests) = two_faced_registry(bad, good.clone()).await;
+    let reference: brisk_blobcache::reference::Reference =
+        format!("{addr}/test/app").parse().unwrap();
+    let source = Arc::new(RegistrySource::new(
+        client(Duration::from_secs(5), 0),
+        RemoteConfig::default(),
+    ));
+    source.preload(
+        blob,
+        &reference,
+        std::iter::once(0..good.len() as u64).collect(),
+    );
+    while requests.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let layered = brisk_blobcache::layered::Layered::builder()
+        .level(source.clone(), Duration::from_secs(5))
+        .build();
+    let chunk = ChunkRef {
+        digest: Digest::sha256(&plain),
+        blob,
+        compressed: 0..good.len() as u64,
+        uncompressed_len: plain.len() as u64,
+    };
+    let read = layered.read(&chunk, Priority::OnDemand).await.unwrap();
+    assert_eq!(
+        read.data(),
+        &plain[..],
+        "the right bytes, from a fresh request"
+    );
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        2,
+        "the preload, then one more"
     );
 }

@@ -34,6 +34,43 @@ pub const ANNOTATION_TOC_DIGEST: &str = "dev.brisk.toc.digest";
 /// so a reader that has the manifest can fetch the TOC with one range read, without the footer.
 pub const ANNOTATION_TOC_POSITION: &str = "dev.brisk.toc.position";
 
+/// Layer annotation: the compressed byte ranges holding the chunks the TOC lists for prefetch,
+/// as `start-end` pairs (end exclusive, neighbours closer than 64 KiB joined), comma separated.
+/// A reader may start fetching them as soon as it has the manifest, before the TOC arrives; the
+/// bytes are only used once the TOC's chunk digests have checked them.
+pub const ANNOTATION_PREFETCH_SPANS: &str = "dev.brisk.prefetch.spans";
+
+/// Spans kept in the prefetch annotation at most; the rest of the list is still prefetched,
+/// after the TOC.
+pub const MAX_PREFETCH_SPANS: usize = 256;
+
+/// The prefetch annotation's value for `spans`.
+pub fn format_spans(spans: &[std::ops::Range<u64>]) -> String {
+    spans
+        .iter()
+        .map(|r| format!("{}-{}", r.start, r.end))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads a prefetch annotation, keeping only well-formed spans inside a blob of `size` bytes,
+/// at most `MAX_PREFETCH_SPANS` of them. A malformed value yields nothing: the annotation is
+/// an optimization, never a reason to refuse a layer.
+pub fn parse_spans(value: &str, size: u64) -> Vec<std::ops::Range<u64>> {
+    let parsed: Option<Vec<std::ops::Range<u64>>> = value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (a, b) = s.split_once('-')?;
+            let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            (a < b && b <= size).then_some(a..b)
+        })
+        .collect();
+    let mut spans = parsed.unwrap_or_default();
+    spans.truncate(MAX_PREFETCH_SPANS);
+    spans
+}
+
 /// Chunk size the converter aims for; see `docs/format.md` for how it was chosen.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 

@@ -696,3 +696,61 @@ fn start_up_parts_of_large_files_are_cut_into_smaller_chunks_and_nothing_else_is
         "a file outside the list keeps 1 MiB chunks"
     );
 }
+
+#[test]
+fn the_prefetch_spans_cover_exactly_the_listed_chunks_and_read_back() {
+    let tar = sample_tar();
+    let (layer, blob) = convert_layer(
+        tar.as_slice(),
+        Vec::new(),
+        &ConvertOptions {
+            chunk_size: 256 * 1024,
+            prefetch_files: vec!["usr/lib/big.bin".into(), "etc/hostname".into()],
+            prefetch_ranges: [(
+                "usr/lib/big.bin".to_owned(),
+                vec![100_000..120_000, 300_000..310_000],
+            )]
+            .into(),
+            ..ConvertOptions::default()
+        },
+    )
+    .unwrap();
+    let toc = read_toc(&blob, &layer);
+    assert!(!layer.prefetch_spans.is_empty());
+    for &i in &toc.prefetch {
+        let c = &toc.chunks[i as usize];
+        assert!(
+            layer
+                .prefetch_spans
+                .iter()
+                .any(|s| s.start <= c.offset && c.offset + c.size <= s.end),
+            "listed chunk {i} lies in a span"
+        );
+    }
+    for s in &layer.prefetch_spans {
+        assert!(
+            toc.prefetch
+                .iter()
+                .any(|&i| toc.chunks[i as usize].offset == s.start),
+            "a span starts at a listed chunk"
+        );
+    }
+    let value = format_spans(&layer.prefetch_spans);
+    assert_eq!(parse_spans(&value, layer.size), layer.prefetch_spans);
+    // Nothing is listed without a trace, so nothing is annotated.
+    assert!(convert(&tar, 256 * 1024).0.prefetch_spans.is_empty());
+}
+
+#[test]
+fn a_malformed_or_oversized_spans_annotation_yields_nothing_usable() {
+    assert_eq!(parse_spans("0-10,20-30", 100), vec![0..10, 20..30]);
+    assert!(parse_spans("0-10,banana", 100).is_empty());
+    assert!(parse_spans("10-5", 100).is_empty(), "empty or reversed");
+    assert!(parse_spans("0-101", 100).is_empty(), "past the blob's end");
+    assert!(parse_spans("", 100).is_empty());
+    let many = (0..1000u64)
+        .map(|i| format!("{}-{}", i * 2, i * 2 + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert_eq!(parse_spans(&many, 10_000).len(), MAX_PREFETCH_SPANS);
+}

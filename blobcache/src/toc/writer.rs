@@ -84,6 +84,9 @@ pub struct ConvertedLayer {
     pub toc: TocPosition,
     pub chunks: usize,
     pub entries: usize,
+    /// Compressed byte ranges of the chunks listed for prefetch, in list order, neighbours
+    /// closer than 64 KiB joined (the value of `ANNOTATION_PREFETCH_SPANS`).
+    pub prefetch_spans: Vec<std::ops::Range<u64>>,
 }
 
 /// Converts the uncompressed tar stream `tar` into a lazy layer written to `out`.
@@ -369,9 +372,33 @@ impl<W: Write> FrameWriter<W> {
             toc: position,
             chunks: toc.chunks.len(),
             entries: toc.entries.len(),
+            prefetch_spans: prefetch_spans(&toc),
         };
         Ok((layer, inner))
     }
+}
+
+/// The compressed ranges of `toc`'s prefetch list: runs of listed chunks that follow each
+/// other in the blob (gaps under 64 KiB are taken along), at most `MAX_PREFETCH_SPANS`.
+fn prefetch_spans(toc: &Toc) -> Vec<std::ops::Range<u64>> {
+    const GAP: u64 = 64 * 1024;
+    let mut spans: Vec<std::ops::Range<u64>> = Vec::new();
+    for chunk in toc
+        .prefetch
+        .iter()
+        .filter_map(|&i| toc.chunks.get(i as usize))
+    {
+        let range = chunk.offset..chunk.offset + chunk.size;
+        let full = spans.len() == super::MAX_PREFETCH_SPANS;
+        match spans.last_mut() {
+            Some(last) if range.start >= last.end && range.start - last.end <= GAP => {
+                last.end = range.end
+            }
+            _ if full => break,
+            _ => spans.push(range),
+        }
+    }
+    spans
 }
 
 /// The chunks holding `files`' contents (only their read parts where `ranges` has them), in

@@ -28,6 +28,7 @@ fn colour(mode: Mode) -> &'static str {
         Mode::StargzOptimized => "#e07b39",
         Mode::BriskLazy => "#a6cbe6",
         Mode::BriskTrace => "#2f78b7",
+        Mode::BriskBaked => "#1f5f99",
         Mode::BriskWarm => "#5aa0d4",
         Mode::BriskHot => "#0b3c6b",
     }

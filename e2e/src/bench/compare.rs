@@ -80,17 +80,21 @@ pub enum Mode {
     StargzOptimized,
     BriskLazy,
     BriskTrace,
+    /// A trace baked into the image (`brisk convert --trace`), no trace held: Brisk's
+    /// counterpart of `ctr-remote image optimize`.
+    BriskBaked,
     BriskWarm,
     BriskHot,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Overlay,
         Mode::StargzLazy,
         Mode::StargzOptimized,
         Mode::BriskLazy,
         Mode::BriskTrace,
+        Mode::BriskBaked,
         Mode::BriskWarm,
         Mode::BriskHot,
     ];
@@ -102,6 +106,7 @@ impl Mode {
             Mode::StargzOptimized => "stargz, eStargz optimized",
             Mode::BriskLazy => "Brisk lazy (no trace)",
             Mode::BriskTrace => "Brisk with trace",
+            Mode::BriskBaked => "Brisk baked trace",
             Mode::BriskWarm => "Brisk warm (L2)",
             Mode::BriskHot => "Brisk hot",
         }
@@ -115,13 +120,14 @@ impl Mode {
 /// The two orders the modes run in, alternating between repetitions. Brisk lazy comes before
 /// the modes that use what it leaves (its trace, its chunk cache), and hot right after warm,
 /// on the same daemons.
-const ORDERS: [[Mode; 7]; 2] = [
+const ORDERS: [[Mode; 8]; 2] = [
     Mode::ALL,
     [
         Mode::BriskLazy,
         Mode::BriskWarm,
         Mode::BriskHot,
         Mode::BriskTrace,
+        Mode::BriskBaked,
         Mode::StargzOptimized,
         Mode::StargzLazy,
         Mode::Overlay,
@@ -396,10 +402,12 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareReport> {
             let w = info.workload;
             let setup = Setup::new(&wan, &registry, base.path(), w)?;
             let mut cell = Cell::empty(w.name, profile.name);
+            // Baked once per workload and link, from the first trace a Brisk lazy start leaves.
+            let mut bake = None;
             for rep in 1..=opts.repetitions {
                 let order = ORDERS[(rep + 1) % 2];
                 cell.order.push(order.to_vec());
-                let runs = repetition(&setup, &report, info, &order);
+                let runs = repetition(&setup, &report, info, &order, rep, &mut bake);
                 for (mode, result) in runs {
                     let m = cell.modes.iter_mut().find(|m| m.mode == mode);
                     m.expect("every mode has a slot")
@@ -483,6 +491,8 @@ fn repetition(
     report: &CompareReport,
     info: &WorkloadInfo,
     order: &[Mode],
+    rep: usize,
+    bake: &mut Option<Attempt<super::prefetch::Bake>>,
 ) -> Vec<(Mode, Result<Run>)> {
     let mut runs = Vec::new();
     if let Some(err) = &info.setup_error {
@@ -505,6 +515,13 @@ fn repetition(
                 lazy.map(brisk_run)
             }
             Mode::BriskTrace => setup.recorded(first.as_ref()).map(brisk_run),
+            Mode::BriskBaked => {
+                let trace = first.as_ref().and_then(|f| f.trace.as_ref().ok());
+                if let (None, Some(trace)) = (&bake, trace) {
+                    *bake = Some(Attempt::new(rep, setup.bake(trace, rep)));
+                }
+                setup.baked(bake.as_ref()).map(brisk_run)
+            }
             Mode::BriskWarm => {
                 let (warm, hot) = setup.warm_then_hot(first.as_ref(), true);
                 runs.push((mode, warm.map(brisk_run)));

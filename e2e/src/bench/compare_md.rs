@@ -256,6 +256,7 @@ fn letter(mode: Mode) -> &'static str {
         Mode::StargzOptimized => "SO",
         Mode::BriskLazy => "BL",
         Mode::BriskTrace => "BT",
+        Mode::BriskBaked => "BB",
         Mode::BriskWarm => "BW",
         Mode::BriskHot => "BH",
     }
@@ -345,7 +346,11 @@ fn method_section(md: &mut String) {
          - Brisk lazy: a snapshotter on an empty root (no trace, empty L1 and L2), `brisk pull` \
          then `ctr run --snapshotter brisk`; the daemon records a start-up trace. Brisk with \
          trace: an empty root that holds that trace (`brisk trace export`, then `brisk trace \
-         import`, before the timed part); the daemon prefetches from it. Brisk warm: the \
+         import`, before the timed part); the daemon prefetches from it. Brisk baked trace: \
+         `NAME:baked`, converted once per workload and link from `NAME:v1` with `brisk convert \
+         --trace` and the first trace a Brisk lazy start recorded (not timed, on the registry \
+         directly; Brisk's counterpart of `ctr-remote image optimize`), started on an empty \
+         root that holds no trace: the daemon prefetches what the TOC lists. Brisk warm: the \
          snapshotter of Brisk lazy, restarted with only its chunk cache (L2) and TOCs kept, \
          and a new containerd. Brisk hot: right after warm, the same image again on the same \
          daemons, page cache kept: everything is on the host. Every Brisk snapshotter runs \

@@ -29,7 +29,8 @@ use crate::daemons::{Containerd, Snapshotter};
 /// this measurement, and at most `max_secs` (60 s by default) after the first read.
 const TRACE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The one conversion of `py:v1` to `py:baked` in a run.
+/// The one conversion of `NAME:v1` to `NAME:baked` in a run (per workload and link in the
+/// comparison).
 #[derive(Clone, Debug, Serialize)]
 pub struct Bake {
     /// The repetition whose (b) recorded the trace baked in.
@@ -39,7 +40,7 @@ pub struct Bake {
     /// `brisk convert --trace`, registry to registry on loopback.
     pub seconds: f64,
     pub layers: usize,
-    /// Sum of the compressed layer sizes of `py:baked`.
+    /// Sum of the compressed layer sizes of `NAME:baked`.
     pub bytes: u64,
 }
 
@@ -152,18 +153,22 @@ impl Setup<'_> {
         self.brisk_start(&snapshotter, &containerd, "baked", PageCache::Drop)
     }
 
-    /// Converts `py:v1` to `py:baked` with `trace` baked in, on the registry directly.
+    /// Converts `NAME:v1` to `NAME:baked` with `trace` baked in, on the registry directly.
     pub fn bake(&self, trace: &RecordedTrace, from_repetition: usize) -> Result<Bake> {
-        let baked = self.registry.image("py:baked");
+        let direct = |tag: &str| {
+            self.registry
+                .image(&format!("{}:{tag}", self.workload.name))
+        };
+        let baked = direct("baked");
         let started = Instant::now();
         brisk(&[
             "convert",
             "--trace",
             utf8(&trace.file)?,
-            &self.registry.image("py:v1"),
+            &direct("v1"),
             &baked,
         ])
-        .context("Converting py:v1 with the trace baked in")?;
+        .with_context(|| format!("Converting {} with the trace baked in", direct("v1")))?;
         let seconds = started.elapsed().as_secs_f64();
         let (layers, bytes) = layer_bytes(&baked)?;
         Ok(Bake {

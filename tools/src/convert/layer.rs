@@ -28,6 +28,8 @@ pub struct LayerSummary {
     pub entries: usize,
     pub toc_digest: Digest,
     pub toc_position: String,
+    /// Where the chunks listed for prefetch lie (`toc::ANNOTATION_PREFETCH_SPANS`).
+    pub prefetch_spans: Vec<std::ops::Range<u64>>,
     /// False when the destination already had the converted blob.
     pub uploaded: bool,
 }
@@ -103,6 +105,7 @@ pub(super) async fn convert_layer(
         entries: converted.entries,
         toc_digest: converted.toc_digest,
         toc_position: converted.toc.to_string(),
+        prefetch_spans: converted.prefetch_spans.clone(),
         uploaded,
     })
 }
