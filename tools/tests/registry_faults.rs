@@ -29,6 +29,19 @@ enum Fault {
     Body(&'static str),
 }
 
+/// Reads a request up to the end of its head; `None` if the client went away first.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 8192];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(seen)
+}
+
 /// Serves `fault` to every request; returns the address and a request counter.
 async fn faulty_registry(fault: Fault) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -42,13 +55,8 @@ async fn faulty_registry(fault: Fault) -> (String, Arc<AtomicUsize>) {
             };
             let counter = counter.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut sock).await.is_none() {
+                    return;
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 let response = match fault {
@@ -198,13 +206,8 @@ async fn trickling_registry(
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         let (mut sock, _) = listener.accept().await.unwrap();
-        let mut buf = vec![0u8; 8192];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match sock.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
+        if read_head(&mut sock).await.is_none() {
+            return;
         }
         let head = format!(
             "HTTP/1.1 206 Partial Content\r\ncontent-length: {len}\r\ncontent-range: bytes 0-{}/{len}\r\n\r\n",
@@ -217,7 +220,7 @@ async fn trickling_registry(
         let _ = release.await;
         let _ = sock.write_all(&body[first..]).await;
         // Held open until the client has read it all.
-        let _ = sock.read(&mut buf).await;
+        let _ = sock.read(&mut [0u8; 64]).await;
     });
     addr
 }
@@ -346,14 +349,9 @@ async fn two_faced_registry(bad: Vec<u8>, good: Vec<u8>) -> (String, Arc<AtomicU
         while let Ok((mut sock, _)) = listener.accept().await {
             let (bad, good, counter) = (bad.clone(), good.clone(), counter.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(seen) = read_head(&mut sock).await else {
+                    return;
+                };
                 let request = String::from_utf8_lossy(&seen).to_lowercase();
                 let (a, b): (usize, usize) = request
                     .lines()
