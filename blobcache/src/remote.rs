@@ -87,7 +87,10 @@ impl Preload {
         let hi = (chunk.compressed.end - self.range.start) as usize;
         let mut arrived = self.arrived.subscribe();
         loop {
-            match *arrived.borrow_and_update() {
+            // Copied out, so the watch's lock is not held while `bytes` is locked: `fill`
+            // takes them the other way round.
+            let now = *arrived.borrow_and_update();
+            match now {
                 None => return None,
                 Some(n) if n as usize >= hi => {
                     return Some(self.bytes.lock().expect("not poisoned")[lo..hi].to_vec())
@@ -220,14 +223,19 @@ impl RegistrySource {
         progressed: &Notify,
     ) {
         let progress = |prefix: &[u8]| {
-            let mut bytes = p.bytes.lock().expect("not poisoned");
-            // A retried attempt starts again from its first byte: only what is new counts.
-            if prefix.len() > bytes.len() {
+            let len = {
+                let mut bytes = p.bytes.lock().expect("not poisoned");
+                // A retried attempt starts again from its first byte: only what is new counts.
+                if prefix.len() <= bytes.len() {
+                    return;
+                }
                 let have = bytes.len();
                 bytes.extend_from_slice(&prefix[have..]);
-                p.arrived.send_replace(Some(bytes.len() as u64));
-                progressed.notify_one();
-            }
+                bytes.len()
+            };
+            // Announced after `bytes` is unlocked: a reader holds the watch while it locks it.
+            p.arrived.send_replace(Some(len as u64));
+            progressed.notify_one();
         };
         match self
             .range(reference, blob, p.range.clone(), &progress)

@@ -421,3 +421,85 @@ async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh(
         "the preload, then one more"
     );
 }
+
+/// Answers one request with a 206 of `body`, sent in 512-byte pieces with pauses: many small
+/// arrivals for whoever waits on the range.
+async fn dribbling_registry(body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        sock.set_nodelay(true).unwrap();
+        if read_head(&mut sock).await.is_none() {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\ncontent-length: {len}\r\ncontent-range: bytes 0-{}/{len}\r\n\r\n",
+            body.len() - 1,
+            len = body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        for (n, piece) in body.chunks(512).enumerate() {
+            if sock.write_all(piece).await.is_err() {
+                return;
+            }
+            if n % 8 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let _ = sock.read(&mut [0u8; 64]).await;
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_readers_of_a_preload_that_arrives_in_small_pieces_all_get_their_chunks() {
+    // Readers on several threads wait on the preload's progress while it grows piece by piece.
+    let plain: Vec<Vec<u8>> = (0..120u32)
+        .map(|i| (0..3000u32).map(|j| ((i * 31 + j) % 251) as u8).collect())
+        .collect();
+    let frames: Vec<Vec<u8>> = plain.iter().map(|p| zstd(p)).collect();
+    let body = frames.concat();
+    let blob = Digest::sha256(&body);
+    let addr = dribbling_registry(body.clone()).await;
+    let reference: brisk_blobcache::reference::Reference =
+        format!("{addr}/test/app").parse().unwrap();
+    let source = Arc::new(RegistrySource::new(
+        client(Duration::from_secs(5), 0),
+        RemoteConfig::default(),
+    ));
+    source.preload(
+        blob,
+        &reference,
+        std::iter::once(0..body.len() as u64).collect(),
+    );
+    let mut at = 0u64;
+    let mut readers = Vec::new();
+    for (p, f) in plain.iter().zip(&frames) {
+        let chunk = ChunkRef {
+            digest: Digest::sha256(p),
+            blob,
+            compressed: at..at + f.len() as u64,
+            uncompressed_len: p.len() as u64,
+        };
+        at += f.len() as u64;
+        let (source, expected) = (source.clone(), p.clone());
+        readers.push(tokio::spawn(async move {
+            let got = source.get_many(std::slice::from_ref(&chunk)).await;
+            assert_eq!(
+                got[0].as_ref().unwrap().as_ref().unwrap().bytes(),
+                &expected[..]
+            );
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(readers))
+        .await
+        .expect("every reader gets its chunk")
+        .into_iter()
+        .for_each(|r| r.unwrap());
+    assert_eq!(
+        source.stats().requests.load(Ordering::SeqCst),
+        1,
+        "all from the preload"
+    );
+}
