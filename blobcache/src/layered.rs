@@ -1118,6 +1118,20 @@ mod tests {
         }
     }
 
+    /// Prefetches all of `cs` as one batch and returns once `origin` has been asked for it.
+    async fn prefetch_in_one_batch(
+        layered: &Arc<Layered>,
+        cs: &[(ChunkRef, Bytes)],
+        origin: &Trickle,
+    ) -> tokio::task::JoinHandle<usize> {
+        let all: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
+        let handle = layered.prefetch(all, u64::MAX, CancellationToken::new());
+        while origin.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        handle
+    }
+
     #[tokio::test]
     async fn a_chunk_of_a_batch_is_handed_over_before_the_rest_of_the_batch_arrives() {
         let cs = chunks(3);
@@ -1127,11 +1141,7 @@ mod tests {
             .level(memory, Duration::from_secs(5))
             .level(origin.clone(), Duration::from_secs(5))
             .build();
-        let all: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
-        let handle = layered.prefetch(all, u64::MAX, CancellationToken::new());
-        while origin.calls.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let handle = prefetch_in_one_batch(&layered, &cs, &origin).await;
         let first = tokio::time::timeout(
             Duration::from_secs(5),
             layered.read(&cs[0].0, Priority::OnDemand),
@@ -1158,11 +1168,7 @@ mod tests {
         let layered = Layered::builder()
             .level(origin.clone(), Duration::from_secs(5))
             .build();
-        let all: Vec<ChunkRef> = cs.iter().map(|c| c.0.clone()).collect();
-        let handle = layered.prefetch(all, u64::MAX, CancellationToken::new());
-        while origin.calls.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let handle = prefetch_in_one_batch(&layered, &cs, &origin).await;
         let l = layered.clone();
         let wanted = cs[1].0.clone();
         let reader = tokio::spawn(async move { l.read(&wanted, Priority::OnDemand).await });

@@ -225,6 +225,15 @@ async fn trickling_registry(
     addr
 }
 
+/// A registry level for the responder at `addr`, and the reference of its test repository.
+fn registry_source(addr: &str) -> (brisk_blobcache::reference::Reference, Arc<RegistrySource>) {
+    let source = RegistrySource::new(client(Duration::from_secs(5), 0), RemoteConfig::default());
+    (
+        format!("{addr}/test/app").parse().unwrap(),
+        Arc::new(source),
+    )
+}
+
 /// Two zstd chunks of one blob behind `trickling_registry`, which holds the second back until
 /// `release` fires; `source` knows the blob's repository.
 struct Trickled {
@@ -244,12 +253,7 @@ async fn trickled(fill: [u8; 2]) -> Trickled {
     let blob = Digest::sha256(&body);
     let (release, held) = tokio::sync::oneshot::channel();
     let addr = trickling_registry(body.clone(), frames[0].len(), held).await;
-    let reference: brisk_blobcache::reference::Reference =
-        format!("{addr}/test/app").parse().unwrap();
-    let source = Arc::new(RegistrySource::new(
-        client(Duration::from_secs(5), 0),
-        RemoteConfig::default(),
-    ));
+    let (reference, source) = registry_source(&addr);
     source.register_blob(blob, &reference);
     let (l0, l1) = (frames[0].len() as u64, frames[1].len() as u64);
     let chunks = vec![
@@ -386,12 +390,7 @@ async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh(
     bad[middle] ^= 0x5a;
     let blob = Digest::sha256(&good);
     let (addr, requests) = two_faced_registry(bad, good.clone()).await;
-    let reference: brisk_blobcache::reference::Reference =
-        format!("{addr}/test/app").parse().unwrap();
-    let source = Arc::new(RegistrySource::new(
-        client(Duration::from_secs(5), 0),
-        RemoteConfig::default(),
-    ));
+    let (reference, source) = registry_source(&addr);
     source.preload(
         blob,
         &reference,
@@ -462,12 +461,7 @@ async fn many_readers_of_a_preload_that_arrives_in_small_pieces_all_get_their_ch
     let body = frames.concat();
     let blob = Digest::sha256(&body);
     let addr = dribbling_registry(body.clone()).await;
-    let reference: brisk_blobcache::reference::Reference =
-        format!("{addr}/test/app").parse().unwrap();
-    let source = Arc::new(RegistrySource::new(
-        client(Duration::from_secs(5), 0),
-        RemoteConfig::default(),
-    ));
+    let (reference, source) = registry_source(&addr);
     source.preload(
         blob,
         &reference,
