@@ -118,6 +118,7 @@ async fn hits(size: usize) {
     for (_, v) in &chunks {
         disk.put(v).await;
     }
+    disk.flush().unwrap();
     // An L1 of zero bytes keeps nothing, so every read is an L2 hit (warm page cache).
     let l2 = Layered::builder()
         .level(Arc::new(MemoryCache::new(0)), Duration::from_secs(1))

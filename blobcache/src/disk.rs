@@ -7,11 +7,16 @@
 //! has it, so a torn write is never visible; leftovers are removed on open. Bytes that rot
 //! behind Brisk's back fail verification in the read path, which then discards them here.
 //! A full disk evicts, and if that does not help the level degrades to pass-through.
+//!
+//! Writes happen on a writer thread of their own: a chunk a reader waits for is handed over
+//! without waiting for its file to be synced, and the sync never holds an async worker. Until
+//! its file is in place, a chunk being written is served from the bytes queued for writing.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::source::{Answer, ChunkSource, Found, SourceError};
@@ -20,7 +25,26 @@ use crate::{Digest, Error, Result};
 /// sled keeps its own page cache; this caps it so the index never competes with L1.
 const INDEX_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Bytes queued for the writer at most; past it a write happens in the caller, which slows a
+/// burst of fetches down to what the disk takes instead of growing memory without bound.
+const QUEUED_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 pub struct DiskCache {
+    store: Arc<Store>,
+    queue: Arc<Queue>,
+    writer: Option<(mpsc::Sender<VerifiedChunk>, std::thread::JoinHandle<()>)>,
+}
+
+/// Chunks handed to the writer and not yet in place, readable meanwhile.
+#[derive(Default)]
+struct Queue {
+    chunks: Mutex<HashMap<Digest, VerifiedChunk>>,
+    bytes: AtomicU64,
+    /// Signalled each time the writer empties the queue.
+    drained: Condvar,
+}
+
+struct Store {
     root: PathBuf,
     /// digest -> size (u64 BE) ++ access stamp (u64 BE).
     index: sled::Tree,
@@ -37,7 +61,106 @@ pub struct DiskCache {
 impl DiskCache {
     /// Opens (or creates) the cache at `root`, dropping anything a crash left half done.
     pub fn open(root: impl Into<PathBuf>, capacity_bytes: u64) -> Result<Self> {
-        let root = root.into();
+        let store = Arc::new(Store::open(root.into(), capacity_bytes)?);
+        let queue = Arc::new(Queue::default());
+        let (tx, rx) = mpsc::channel::<VerifiedChunk>();
+        let writer = {
+            let root = store.root.clone();
+            let (store, queue) = (store.clone(), queue.clone());
+            std::thread::Builder::new()
+                .name("brisk-l2-writer".into())
+                .spawn(move || {
+                    for chunk in rx {
+                        store.put(&chunk);
+                        queue.done(chunk.digest());
+                    }
+                })
+                .map_err(|e| Error::io(root, e))?
+        };
+        Ok(Self {
+            store,
+            queue,
+            writer: Some((tx, writer)),
+        })
+    }
+
+    /// Bytes currently stored.
+    pub fn len_bytes(&self) -> u64 {
+        self.store.len_bytes()
+    }
+
+    /// Waits for the chunks queued so far to be written, then writes the index to disk; the
+    /// snapshotter calls it on shutdown.
+    pub fn flush(&self) -> Result<()> {
+        self.queue.wait_drained();
+        self.store.flush()
+    }
+
+    /// Where the cache keeps its files (for tests that damage them on purpose).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.store.chunk_path(digest)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.store.root
+    }
+}
+
+impl Drop for DiskCache {
+    /// Whatever was queued is written before the cache goes.
+    fn drop(&mut self) {
+        if let Some((tx, writer)) = self.writer.take() {
+            drop(tx);
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Queue {
+    fn get(&self, digest: &Digest) -> Option<VerifiedChunk> {
+        self.chunks
+            .lock()
+            .expect("not poisoned")
+            .get(digest)
+            .cloned()
+    }
+
+    /// Takes `chunk` in unless it is already queued or the queue is full.
+    fn admit(&self, chunk: &VerifiedChunk) -> bool {
+        let size = chunk.data().len() as u64;
+        let mut chunks = self.chunks.lock().expect("not poisoned");
+        if chunks.contains_key(chunk.digest())
+            || self.bytes.load(Ordering::Relaxed) + size > QUEUED_MAX_BYTES
+        {
+            return false;
+        }
+        chunks.insert(*chunk.digest(), chunk.clone());
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        true
+    }
+
+    fn done(&self, digest: &Digest) {
+        let mut chunks = self.chunks.lock().expect("not poisoned");
+        if let Some(c) = chunks.remove(digest) {
+            self.bytes
+                .fetch_sub(c.data().len() as u64, Ordering::Relaxed);
+        }
+        if chunks.is_empty() {
+            self.drained.notify_all();
+        }
+    }
+
+    fn wait_drained(&self) {
+        let chunks = self.chunks.lock().expect("not poisoned");
+        let _unused = self
+            .drained
+            .wait_while(chunks, |c| !c.is_empty())
+            .expect("not poisoned");
+    }
+}
+
+impl Store {
+    fn open(root: PathBuf, capacity_bytes: u64) -> Result<Self> {
         for dir in ["chunks", "tmp"] {
             std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
         }
@@ -119,13 +242,11 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Bytes currently stored.
-    pub fn len_bytes(&self) -> u64 {
+    fn len_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Writes the index to disk; the snapshotter calls it on shutdown.
-    pub fn flush(&self) -> Result<()> {
+    fn flush(&self) -> Result<()> {
         self.db
             .flush()
             .map(drop)
@@ -251,13 +372,10 @@ impl DiskCache {
         let _ = std::fs::remove_file(self.chunk_path(digest));
     }
 
-    /// Where the cache keeps its files (for tests that damage them on purpose).
-    pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        self.chunk_path(digest)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
+    fn put(&self, chunk: &VerifiedChunk) {
+        if let Err(err) = self.write(chunk) {
+            tracing::warn!(digest = %chunk.digest(), %err, "disk cache write failed; serving without keeping");
+        }
     }
 }
 
@@ -307,22 +425,45 @@ impl ChunkSource for DiskCache {
     }
 
     async fn get(&self, chunk: &ChunkRef) -> Answer {
+        if let Some(queued) = self.queue.get(&chunk.digest) {
+            return Ok(Some(Found::Bytes(queued.data().clone())));
+        }
         // Small synchronous file reads: cheaper inline than a hop to the blocking pool, and
         // the chunk files are in the page cache when it matters.
-        self.read(&chunk.digest).map_err(SourceError::unavailable)
+        self.store
+            .read(&chunk.digest)
+            .map_err(SourceError::unavailable)
     }
 
     async fn contains(&self, digest: &Digest) -> bool {
-        self.index.contains_key(digest.as_bytes()).unwrap_or(false)
+        self.queue.get(digest).is_some()
+            || self
+                .store
+                .index
+                .contains_key(digest.as_bytes())
+                .unwrap_or(false)
     }
 
     async fn put(&self, chunk: &VerifiedChunk) {
-        if let Err(err) = self.write(chunk) {
-            tracing::warn!(digest = %chunk.digest(), %err, "disk cache write failed; serving without keeping");
+        if self
+            .store
+            .index
+            .contains_key(chunk.digest().as_bytes())
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let Some((tx, _)) = &self.writer else { return };
+        if self.queue.admit(chunk) {
+            if tx.send(chunk.clone()).is_err() {
+                self.queue.done(chunk.digest());
+            }
+        } else if self.queue.get(chunk.digest()).is_none() {
+            self.store.put(chunk);
         }
     }
 
     async fn discard(&self, digest: &Digest) {
-        self.remove(digest);
+        self.store.remove(digest);
     }
 }

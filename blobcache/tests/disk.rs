@@ -84,6 +84,7 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
     let (r, v) = chunk(7, 20_000);
     origin.put(&v).await;
     disk.put(&v).await;
+    disk.flush().unwrap();
     let mut bytes = std::fs::read(disk.path_of(&r.digest)).unwrap();
     bytes[1234] ^= 0x01;
     std::fs::write(disk.path_of(&r.digest), &bytes).unwrap();
@@ -98,6 +99,7 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
     assert_eq!((report[0].level, report[0].corrupt), ("disk", 1));
     assert_eq!(report[1].hits, 1);
     // The damaged copy was replaced by the verified one.
+    disk.flush().unwrap();
     assert_eq!(
         std::fs::read(disk.path_of(&r.digest)).unwrap(),
         v.data().as_ref()
@@ -111,6 +113,8 @@ async fn the_byte_bound_holds_and_recent_chunks_stay() {
     let chunks: Vec<_> = (0..100).map(|i| chunk(i, 64 * 1024)).collect();
     for (i, (_, v)) in chunks.iter().enumerate() {
         cache.put(v).await;
+        // Each write in place before the next read, as in a start that reads as it fetches.
+        cache.flush().unwrap();
         if i >= 2 {
             // Keep chunk 0 hot: it must survive eviction.
             assert!(
@@ -135,6 +139,32 @@ async fn the_byte_bound_holds_and_recent_chunks_stay() {
     // The bound and the accounting survive a restart.
     let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(cache.len_bytes(), on_disk);
+}
+
+#[tokio::test]
+async fn queued_writes_are_served_at_once_and_in_place_when_the_cache_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<_> = (0..64).map(|i| chunk(200 + i, 64 * 1024)).collect();
+    {
+        let cache = DiskCache::open(dir.path(), 64 << 20).unwrap();
+        for (_, v) in &chunks {
+            cache.put(v).await;
+        }
+        // Whether its file is written yet or not, every chunk put is served.
+        for (r, v) in &chunks {
+            assert_eq!(cache.get(r).await.unwrap().unwrap().bytes(), v.data());
+            assert!(cache.contains(&r.digest).await);
+        }
+    }
+    // Dropped without a flush: the writer finished the queue first.
+    let cache = DiskCache::open(dir.path(), 64 << 20).unwrap();
+    for (r, v) in &chunks {
+        assert_eq!(
+            std::fs::read(cache.path_of(&r.digest)).unwrap(),
+            v.data().as_ref()
+        );
+    }
+    assert_eq!(cache.len_bytes(), 64 * 64 * 1024);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -184,6 +214,7 @@ async fn a_full_disk_degrades_to_pass_through() {
                 v.data()
             );
         }
+        disk.flush().unwrap();
         assert!(disk.len_bytes() <= 1 << 20);
     });
     let outcome = futures::FutureExt::catch_unwind(result).await;
