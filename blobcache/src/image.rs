@@ -42,17 +42,51 @@ impl LazyLayer {
         let position = annotations
             .get(toc::ANNOTATION_TOC_POSITION)
             .and_then(|p| p.parse().ok());
-        let prefetch_spans = annotations
-            .get(toc::ANNOTATION_PREFETCH_SPANS)
-            .map(|v| toc::parse_spans(v, size))
-            .unwrap_or_default();
-        Ok(Some(Self {
+        let spans = annotations.get(toc::ANNOTATION_PREFETCH_SPANS);
+        Self::new(blob, size, toc_digest, position, spans).map(Some)
+    }
+
+    /// The layer as the label copies of its annotations describe it (what containerd passes
+    /// to `Prepare`), with no manifest at hand: `None` unless both the TOC digest and a
+    /// well-formed TOC position are there. The blob's size follows from the position, since
+    /// the TOC frame and the footer end the blob.
+    pub fn from_labels(
+        blob: Digest,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Self>> {
+        let (Some(toc_digest), Some(position)) = (
+            labels.get(toc::LABEL_TOC_DIGEST),
+            labels
+                .get(toc::LABEL_TOC_POSITION)
+                .and_then(|p| p.parse::<TocPosition>().ok()),
+        ) else {
+            return Ok(None);
+        };
+        let Some(size) = position
+            .offset
+            .checked_add(position.size)
+            .and_then(|end| end.checked_add(FOOTER_SIZE as u64))
+        else {
+            return Err(Error::bad_toc(format!("TOC position {position} overflows")));
+        };
+        let spans = labels.get(toc::LABEL_PREFETCH_SPANS);
+        Self::new(blob, size, toc_digest, Some(position), spans).map(Some)
+    }
+
+    fn new(
+        blob: Digest,
+        size: u64,
+        toc_digest: &str,
+        position: Option<TocPosition>,
+        spans: Option<&String>,
+    ) -> Result<Self> {
+        Ok(Self {
             blob,
             size,
             toc_digest: toc_digest.parse()?,
             position,
-            prefetch_spans,
-        }))
+            prefetch_spans: spans.map(|v| toc::parse_spans(v, size)).unwrap_or_default(),
+        })
     }
 
     /// Where the TOC is: the annotated position, or what the footer says (one tail read).
@@ -86,5 +120,63 @@ impl LazyLayer {
             ));
         }
         Ok(toc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn the_labels_describe_the_same_layer_as_the_manifest() {
+        let blob = Digest::sha256(b"layer");
+        let toc_digest = Digest::sha256(b"toc");
+        let position = TocPosition {
+            offset: 5_000,
+            size: 700,
+            uncompressed_size: 9_000,
+            version: toc::FORMAT_VERSION,
+        };
+        let size = 5_000 + 700 + FOOTER_SIZE as u64;
+        let annotations = toc::layer_annotations(
+            &toc_digest,
+            &position.to_string(),
+            &[0..4_000, 4_100..4_500],
+        );
+        let labels: BTreeMap<String, String> = annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with(toc::SNAPSHOT_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let from_labels = LazyLayer::from_labels(blob, &labels).unwrap().unwrap();
+        let annotations: HashMap<String, String> = annotations.into_iter().collect();
+        let from_manifest = LazyLayer::from_descriptor(blob, size, Some(&annotations))
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_labels, from_manifest);
+        assert_eq!(from_labels.size, size);
+        assert_eq!(from_labels.prefetch_spans, vec![0..4_000, 4_100..4_500]);
+    }
+
+    #[test]
+    fn labels_without_a_usable_position_leave_the_manifest_to_decide() {
+        let blob = Digest::sha256(b"layer");
+        let mut labels = BTreeMap::from([(
+            toc::LABEL_TOC_DIGEST.to_owned(),
+            Digest::sha256(b"toc").to_string(),
+        )]);
+        assert_eq!(LazyLayer::from_labels(blob, &labels).unwrap(), None);
+        labels.insert(toc::LABEL_TOC_POSITION.to_owned(), "garbage".into());
+        assert_eq!(LazyLayer::from_labels(blob, &labels).unwrap(), None);
+        labels.insert(
+            toc::LABEL_TOC_POSITION.to_owned(),
+            format!("{}:10:10:1", u64::MAX - 5),
+        );
+        assert!(LazyLayer::from_labels(blob, &labels).is_err(), "overflow");
+        labels.insert(toc::LABEL_TOC_POSITION.to_owned(), "100:10:10:1".into());
+        labels.insert(toc::LABEL_TOC_DIGEST.to_owned(), "not a digest".into());
+        assert!(LazyLayer::from_labels(blob, &labels).is_err());
     }
 }

@@ -237,11 +237,15 @@ impl RegistrySource {
             p.arrived.send_replace(Some(len as u64));
             progressed.notify_one();
         };
+        let started = std::time::Instant::now();
         match self
             .range(reference, blob, p.range.clone(), &progress)
             .await
         {
-            Ok(span) => progress(&span),
+            Ok(span) => {
+                progress(&span);
+                tracing::debug!(%blob, start = p.range.start, bytes = span.len(), ms = started.elapsed().as_millis() as u64, "preload span arrived");
+            }
             Err(err) => {
                 tracing::debug!(%blob, err = %crate::error::chain(&err), "preload failed; chunks will be fetched on their own");
                 p.arrived.send_replace(None);

@@ -130,6 +130,8 @@ pub struct Counts {
     pub faults: u64,
     /// Every blob GET, in arrival order.
     pub blobs: Vec<BlobRequest>,
+    /// The path of every request, in arrival order.
+    pub paths: Vec<String>,
 }
 
 #[derive(Default)]
@@ -347,6 +349,7 @@ impl Forward {
             _ => None,
         };
         let counts = &mut state.counts;
+        counts.paths.push(path.to_owned());
         if fault.is_some() {
             counts.faults += 1;
         }

@@ -143,6 +143,40 @@ fn lazy_pull_runs_and_fetches_a_fraction_of_the_image() -> Result<()> {
 }
 
 #[test]
+fn a_converted_layer_is_mounted_without_a_second_manifest_fetch() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start()?;
+    stack.pull(&stack.lazy())?;
+    assert!(stack.snapshotter.log().contains("lazy layer mounted"));
+    let counts = stack.proxy.counts();
+    // The pull asks for the manifest by tag; the daemon would ask by digest. Its first TOC
+    // read (the first ranged blob read) must come with no such request before it: the
+    // layer's labels said where the TOC is.
+    let first_toc = counts
+        .blobs
+        .iter()
+        .position(|b| b.range.is_some())
+        .context("no ranged blob read")?;
+    let first_toc_path = &counts.blobs[first_toc].path;
+    let before: Vec<&String> = counts
+        .paths
+        .iter()
+        .take_while(|p| *p != first_toc_path)
+        .collect();
+    assert!(
+        before.iter().any(|p| p.ends_with("/manifests/lazy")),
+        "{before:?}"
+    );
+    assert!(
+        !before.iter().any(|p| p.contains("/manifests/sha256:")),
+        "{before:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn files_inside_the_container_match_the_image() -> Result<()> {
     if !enabled() {
         return Ok(());

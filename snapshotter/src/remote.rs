@@ -131,7 +131,11 @@ impl RemoteLayers {
         ) else {
             return None;
         };
-        match tokio::time::timeout(RESOLVE_DEADLINE, self.try_resolve(image, layer, manifest)).await
+        match tokio::time::timeout(
+            RESOLVE_DEADLINE,
+            self.try_resolve(image, layer, manifest, labels),
+        )
+        .await
         {
             Ok(Ok(found)) => found,
             Ok(Err(err)) => {
@@ -154,34 +158,23 @@ impl RemoteLayers {
         image: &str,
         layer: &str,
         manifest: &str,
+        labels: &BTreeMap<String, String>,
     ) -> Result<Option<(RemoteLayer, Arc<Toc>)>> {
         let mut reference: Reference = image.parse()?;
         let manifest: Digest = manifest.parse()?;
         let blob: Digest = layer.parse()?;
         reference.tag = None;
         reference.digest = Some(manifest);
-        let bytes = match self.manifests.get(&manifest) {
-            Some(b) => b,
-            None => {
-                let m = self.client.get_manifest(&reference).await?;
-                self.manifests.put(&m.bytes)?;
-                m.bytes
-            }
+        // containerd passes the label copies of a converted layer's annotations: with them,
+        // the manifest round trip is not on the way to the mount.
+        let lazy = match LazyLayer::from_labels(blob, labels)? {
+            Some(lazy) => lazy,
+            None => match self.lazy_from_manifest(&reference, manifest, blob).await? {
+                Some(lazy) => lazy,
+                None => return Ok(None),
+            },
         };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
-        let Some(desc) = value["layers"]
-            .as_array()
-            .and_then(|l| l.iter().find(|d| d["digest"] == layer))
-        else {
-            return Ok(None);
-        };
-        let size = desc["size"].as_u64().unwrap_or(0);
-        let annotations: Option<HashMap<String, String>> =
-            serde_json::from_value(desc["annotations"].clone()).ok();
-        let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
-            return Ok(None);
-        };
+        let size = lazy.size;
         // A layer never seen here (its TOC is not held) that names where its start-up chunks
         // lie: they start on their way now, while the TOC is fetched and checked.
         let repo = format!("{}/{}", reference.registry, reference.repository);
@@ -214,6 +207,41 @@ impl RemoteLayers {
             toc_position: position.to_string(),
         };
         Ok(Some((remote, toc)))
+    }
+
+    /// The layer `blob` as the manifest describes it (from the local store, or fetched and
+    /// kept); `None` if the manifest does not list it or does not make it lazy.
+    async fn lazy_from_manifest(
+        &self,
+        reference: &Reference,
+        manifest: Digest,
+        blob: Digest,
+    ) -> Result<Option<LazyLayer>> {
+        let bytes = match self.manifests.get(&manifest) {
+            Some(b) => b,
+            None => {
+                let m = self.client.get_manifest(reference).await?;
+                self.manifests.put(&m.bytes)?;
+                m.bytes
+            }
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
+        let layer = blob.to_string();
+        let Some(desc) = value["layers"]
+            .as_array()
+            .and_then(|l| l.iter().find(|d| d["digest"] == layer.as_str()))
+        else {
+            return Ok(None);
+        };
+        let size = desc["size"].as_u64().unwrap_or(0);
+        let annotations: Option<HashMap<String, String>> =
+            serde_json::from_value(desc["annotations"].clone()).ok();
+        Ok(LazyLayer::from_descriptor(
+            blob,
+            size,
+            annotations.as_ref(),
+        )?)
     }
 
     /// The TOC from the local store, or from the registry (then kept), authenticated.

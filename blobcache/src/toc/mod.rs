@@ -40,6 +40,65 @@ pub const ANNOTATION_TOC_POSITION: &str = "dev.brisk.toc.position";
 /// bytes are only used once the TOC's chunk digests have checked them.
 pub const ANNOTATION_PREFETCH_SPANS: &str = "dev.brisk.prefetch.spans";
 
+/// containerd's unpacker hands a layer descriptor's annotations under this prefix to the
+/// snapshotter's `Prepare` as labels, and drops the others.
+pub const SNAPSHOT_LABEL_PREFIX: &str = "containerd.io/snapshot/";
+
+/// Label copies of the TOC digest, TOC position and prefetch span annotations, written beside
+/// them so that they reach `Prepare` and a snapshotter can start on a layer without fetching
+/// its manifest first.
+pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/brisk.toc.digest";
+pub const LABEL_TOC_POSITION: &str = "containerd.io/snapshot/brisk.toc.position";
+pub const LABEL_PREFETCH_SPANS: &str = "containerd.io/snapshot/brisk.prefetch.spans";
+
+/// containerd refuses a label whose key and value together pass this many bytes (and with it
+/// the whole unpack, whatever the snapshotter), so no label copy may be longer.
+pub const MAX_LABEL_BYTES: usize = 4096;
+
+/// The annotations of a converted layer's descriptor: the TOC digest and position, the
+/// prefetch spans if any, and their label copies (the spans' copy keeps the leading spans that
+/// fit in one label).
+pub fn layer_annotations(
+    toc_digest: &crate::Digest,
+    toc_position: &str,
+    prefetch_spans: &[std::ops::Range<u64>],
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, label, value) in [
+        (
+            ANNOTATION_TOC_DIGEST,
+            LABEL_TOC_DIGEST,
+            toc_digest.to_string(),
+        ),
+        (
+            ANNOTATION_TOC_POSITION,
+            LABEL_TOC_POSITION,
+            toc_position.to_owned(),
+        ),
+    ] {
+        out.insert(label.to_owned(), value.clone());
+        out.insert(key.to_owned(), value);
+    }
+    if !prefetch_spans.is_empty() {
+        out.insert(
+            ANNOTATION_PREFETCH_SPANS.to_owned(),
+            format_spans(prefetch_spans),
+        );
+        let budget = MAX_LABEL_BYTES - LABEL_PREFETCH_SPANS.len();
+        let mut fit = prefetch_spans.len();
+        while fit > 0 && format_spans(&prefetch_spans[..fit]).len() > budget {
+            fit -= 1;
+        }
+        if fit > 0 {
+            out.insert(
+                LABEL_PREFETCH_SPANS.to_owned(),
+                format_spans(&prefetch_spans[..fit]),
+            );
+        }
+    }
+    out
+}
+
 /// Spans kept in the prefetch annotation at most; the rest of the list is still prefetched,
 /// after the TOC.
 pub const MAX_PREFETCH_SPANS: usize = 256;

@@ -754,3 +754,38 @@ fn a_malformed_or_oversized_spans_annotation_yields_nothing_usable() {
         .join(",");
     assert_eq!(parse_spans(&many, 10_000).len(), MAX_PREFETCH_SPANS);
 }
+
+#[test]
+fn the_label_copies_match_the_annotations_and_fit_containerds_limit() {
+    let digest = crate::Digest::sha256(b"toc");
+    let few = vec![0..100, 200..300];
+    let a = layer_annotations(&digest, "10:20:30:1", &few);
+    for (annotation, label) in [
+        (ANNOTATION_TOC_DIGEST, LABEL_TOC_DIGEST),
+        (ANNOTATION_TOC_POSITION, LABEL_TOC_POSITION),
+        (ANNOTATION_PREFETCH_SPANS, LABEL_PREFETCH_SPANS),
+    ] {
+        assert!(label.starts_with(SNAPSHOT_LABEL_PREFIX));
+        assert_eq!(a[annotation], a[label], "{label}");
+    }
+    assert_eq!(a[LABEL_PREFETCH_SPANS], "0-100,200-300");
+    // No spans, no span annotation or label.
+    let none = layer_annotations(&digest, "10:20:30:1", &[]);
+    assert!(!none.contains_key(ANNOTATION_PREFETCH_SPANS));
+    assert!(!none.contains_key(LABEL_PREFETCH_SPANS));
+    // The full list stays in the annotation; the label keeps the leading spans that fit.
+    let many: Vec<_> = (0..MAX_PREFETCH_SPANS as u64)
+        .map(|i| i * 10_000_000_000..i * 10_000_000_000 + 1_000_000)
+        .collect();
+    let a = layer_annotations(&digest, "10:20:30:1", &many);
+    assert_eq!(parse_spans(&a[ANNOTATION_PREFETCH_SPANS], u64::MAX), many);
+    let label = &a[LABEL_PREFETCH_SPANS];
+    assert!(LABEL_PREFETCH_SPANS.len() + label.len() <= MAX_LABEL_BYTES);
+    let kept = parse_spans(label, u64::MAX);
+    assert!(
+        kept.len() > 100 && kept.len() < many.len(),
+        "{}",
+        kept.len()
+    );
+    assert_eq!(kept, many[..kept.len()]);
+}

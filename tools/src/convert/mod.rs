@@ -310,14 +310,8 @@ impl Run<'_> {
         let layer_descs: Vec<Value> = layers
             .iter()
             .map(|l| {
-                let mut annotations = json!({
-                    toc::ANNOTATION_TOC_DIGEST: l.toc_digest.to_string(),
-                    toc::ANNOTATION_TOC_POSITION: l.toc_position,
-                });
-                if !l.prefetch_spans.is_empty() {
-                    annotations[toc::ANNOTATION_PREFETCH_SPANS] =
-                        json!(toc::format_spans(&l.prefetch_spans));
-                }
+                let annotations =
+                    toc::layer_annotations(&l.toc_digest, &l.toc_position, &l.prefetch_spans);
                 json!({
                     "mediaType": media::OCI_LAYER_ZSTD,
                     "digest": l.digest.to_string(),

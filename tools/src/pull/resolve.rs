@@ -5,9 +5,11 @@
 //! digests are their names in containerd's content store. Layer blobs are not fetched here:
 //! a lazy snapshotter may never need them.
 
+use std::collections::HashMap;
+
 use brisk_blobcache::reference::Reference;
 use brisk_blobcache::registry::{FetchedManifest, RegistryClient};
-use brisk_blobcache::{media, Digest};
+use brisk_blobcache::{media, toc, Digest};
 use bytes::Bytes;
 use serde::Deserialize;
 
@@ -32,6 +34,9 @@ pub(crate) struct Layer {
     pub size: u64,
     /// The digest of the uncompressed tar, from the config's `rootfs.diff_ids`.
     pub diff_id: Digest,
+    /// The descriptor's annotations that containerd would pass to `Prepare` as labels (those
+    /// under `containerd.io/snapshot/`).
+    pub inherited_labels: HashMap<String, String>,
 }
 
 pub(crate) struct Resolved {
@@ -59,6 +64,8 @@ struct Descriptor {
     size: u64,
     #[serde(default)]
     platform: Option<Platform>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +177,11 @@ pub(crate) async fn resolve(
             media_type: d.media_type,
             size: d.size,
             diff_id,
+            inherited_labels: d
+                .annotations
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(toc::SNAPSHOT_LABEL_PREFIX))
+                .collect(),
         })
         .collect();
     let config_type = if parsed.config.media_type.is_empty() {

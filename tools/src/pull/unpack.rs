@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use brisk_blobcache::reference::Reference;
 use brisk_blobcache::registry::RegistryClient;
-use brisk_blobcache::Digest;
+use brisk_blobcache::{toc, Digest};
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
@@ -33,9 +33,6 @@ pub(crate) const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-dig
 pub(crate) const LABEL_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// What containerd records on a layer blob once it knows the blob's uncompressed digest.
 const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
-
-/// containerd refuses a label whose key and value together pass 4096 bytes.
-const MAX_LABEL_BYTES: usize = 4096;
 
 /// How a layer's snapshot came to exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,16 +121,8 @@ impl Unpacker<'_> {
         Ok(true)
     }
 
-    /// The labels containerd's CRI plugin would give this layer's `Prepare`; they are how a
-    /// remote snapshotter learns which blob to serve and from where.
     fn labels(&self, layers: &[Layer], chain: &[Digest], i: usize) -> HashMap<String, String> {
-        HashMap::from([
-            (LABEL_TARGET.to_owned(), chain[i].to_string()),
-            (LABEL_IMAGE_REF.to_owned(), self.image.to_owned()),
-            (LABEL_LAYER.to_owned(), layers[i].digest.to_string()),
-            (LABEL_MANIFEST.to_owned(), self.manifest.to_string()),
-            (LABEL_LAYERS.to_owned(), layer_list(&layers[i..])),
-        ])
+        prepare_labels(self.image, &self.manifest, layers, chain, i)
     }
 
     /// The fallback: the layer's blob into the content store, applied onto `mounts`, and
@@ -213,10 +202,31 @@ impl Unpacker<'_> {
     }
 }
 
+/// The labels containerd's CRI plugin would give `layers[i]`'s `Prepare`; they are how a
+/// remote snapshotter learns which blob to serve and from where. Like containerd's unpacker,
+/// the layer's own annotations under `containerd.io/snapshot/` come along.
+fn prepare_labels(
+    image: &str,
+    manifest: &Digest,
+    layers: &[Layer],
+    chain: &[Digest],
+    i: usize,
+) -> HashMap<String, String> {
+    let mut labels = layers[i].inherited_labels.clone();
+    labels.extend([
+        (LABEL_TARGET.to_owned(), chain[i].to_string()),
+        (LABEL_IMAGE_REF.to_owned(), image.to_owned()),
+        (LABEL_LAYER.to_owned(), layers[i].digest.to_string()),
+        (LABEL_MANIFEST.to_owned(), manifest.to_string()),
+        (LABEL_LAYERS.to_owned(), layer_list(&layers[i..])),
+    ]);
+    labels
+}
+
 /// Comma-joined layer digests, as many as fit in one label: a remote snapshotter may use
 /// them to start fetching the layers above, and a truncated list only costs it that.
 fn layer_list(layers: &[Layer]) -> String {
-    let budget = MAX_LABEL_BYTES - LABEL_LAYERS.len();
+    let budget = toc::MAX_LABEL_BYTES - LABEL_LAYERS.len();
     let mut out = String::new();
     for layer in layers {
         let digest = layer.digest.to_string();
@@ -250,7 +260,27 @@ mod tests {
             media_type: brisk_blobcache::media::OCI_LAYER_GZIP.to_owned(),
             size: 1,
             diff_id: Digest::sha256(&[n, n]),
+            inherited_labels: HashMap::new(),
         }
+    }
+
+    #[test]
+    fn a_layers_snapshot_annotations_come_along_as_labels_and_cannot_override_the_cri_ones() {
+        let mut layers: Vec<Layer> = (0..2).map(layer).collect();
+        layers[1].inherited_labels = HashMap::from([
+            (toc::LABEL_TOC_DIGEST.to_owned(), "sha256:abc".to_owned()),
+            (LABEL_LAYER.to_owned(), "sha256:forged".to_owned()),
+        ]);
+        let manifest = Digest::sha256(b"manifest");
+        let chain: Vec<Digest> = (0..2u8).map(|n| Digest::sha256(&[9, n])).collect();
+        let labels = prepare_labels("example/app:1", &manifest, &layers, &chain, 1);
+        assert_eq!(labels[toc::LABEL_TOC_DIGEST], "sha256:abc");
+        assert_eq!(labels[LABEL_LAYER], layers[1].digest.to_string());
+        assert_eq!(labels[LABEL_TARGET], chain[1].to_string());
+        assert!(
+            !prepare_labels("example/app:1", &manifest, &layers, &chain, 0)
+                .contains_key(toc::LABEL_TOC_DIGEST)
+        );
     }
 
     #[test]
@@ -262,7 +292,7 @@ mod tests {
         );
         let many: Vec<Layer> = (0..100).map(layer).collect();
         let list = layer_list(&many);
-        assert!(list.len() + LABEL_LAYERS.len() <= MAX_LABEL_BYTES);
+        assert!(list.len() + LABEL_LAYERS.len() <= toc::MAX_LABEL_BYTES);
         // 71 bytes per digest: 56 whole ones fit, and the list never ends mid-digest.
         assert_eq!(list.split(',').count(), 56);
         assert!(list.split(',').all(|d| d.parse::<Digest>().is_ok()));
