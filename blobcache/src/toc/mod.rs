@@ -130,6 +130,11 @@ pub fn parse_spans(value: &str, size: u64) -> Vec<std::ops::Range<u64>> {
     spans
 }
 
+/// zstd level of the TOC: every cold mount fetches the TOC before the layer can be used, so it
+/// is compressed hard once, at conversion (the Python image's 1.4 MiB TOC: 166 KiB at level 3,
+/// 124 KiB at 19, for 0.6 s more).
+const TOC_LEVEL: i32 = 19;
+
 /// Chunk size the converter aims for; see `docs/format.md` for how it was chosen.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 
@@ -245,7 +250,7 @@ impl Toc {
     /// Serializes and compresses the TOC; the result is the payload of the TOC frame.
     pub fn encode(&self) -> Result<(Vec<u8>, u64)> {
         let json = serde_json::to_vec(self).map_err(|e| Error::json("TOC", e))?;
-        let compressed = zstd::bulk::compress(&json, 3).map_err(Error::Write)?;
+        let compressed = zstd::bulk::compress(&json, TOC_LEVEL).map_err(Error::Write)?;
         Ok((compressed, json.len() as u64))
     }
 
