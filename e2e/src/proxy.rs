@@ -69,6 +69,9 @@ pub enum Scope {
     Blobs,
     /// Every request, manifests and the `/v2/` ping included.
     All,
+    /// `/v2/<name>/manifests/sha256:…` only: manifests asked for by digest (the snapshotter
+    /// does; a pull by tag does not).
+    ManifestsByDigest,
 }
 
 /// A fault, the requests it applies to, and how many more times it fires (`None`: forever).
@@ -337,8 +340,12 @@ impl Forward {
         redirected: bool,
     ) -> Option<Fault> {
         let mut state = self.state.lock().expect("not poisoned");
-        let applies =
-            |i: &Injection| !redirected && (i.scope == Scope::All || is_blob) && i.times != Some(0);
+        let in_scope = |scope: Scope| match scope {
+            Scope::All => true,
+            Scope::Blobs => is_blob,
+            Scope::ManifestsByDigest => path.contains("/manifests/sha256:"),
+        };
+        let applies = |i: &Injection| !redirected && in_scope(i.scope) && i.times != Some(0);
         let fault = match state.injection.as_mut() {
             Some(i) if applies(i) => {
                 if let Some(n) = i.times.as_mut() {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use brisk_e2e::daemons::{Containerd, Snapshotter};
+use brisk_e2e::proxy::{Fault, Injection, Proxy, Scope};
 use brisk_e2e::{
     assert_same_tree, brisk, brisk_output, build_sample_image, snapshotter_gate,
     unpack_image_from_layout, unpack_image_from_registry, OciImage, Registry,
@@ -243,6 +244,43 @@ fn a_recorded_trace_travels_through_the_registry_and_is_prefetched() -> Result<(
         serde_json::from_str::<Value>(&b_trace)?["entries"],
         a_trace["entries"]
     );
+    Ok(())
+}
+
+#[test]
+fn reads_made_before_the_trace_lookups_end_are_recorded() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let sample = build_sample_image(&tmp.path().join("sample"))?;
+    let registry = Registry::start()?;
+    brisk(&[
+        "convert",
+        &sample.transport(),
+        &registry.image("sample:lazy"),
+    ])?;
+    // The daemon reads the manifest (by digest) before it looks for a trace; held up here,
+    // the lookups end long after the container has run.
+    let proxy = Proxy::start(&registry.addr())?;
+    proxy.inject(Injection {
+        fault: Fault::Delay(Duration::from_secs(3)),
+        scope: Scope::ManifestsByDigest,
+        times: None,
+    });
+    let image = proxy.image("sample:lazy");
+    let host = Host::start(&tmp.path().join("host"), "early")?;
+    assert_eq!(host.pull_and_run(&image, "first")?, "done\n");
+    host.wait_for_trace()?;
+    assert!(proxy.counts().faults > 0, "the manifest was never delayed");
+    let shown = brisk(&["trace", "show", &image, "--snapshotter", host.socket()])?;
+    for file in ["bin/busybox", "etc/hostname", "app/nested/target.txt"] {
+        assert!(
+            shown.contains(file),
+            "{file} missing from the trace:\n{shown}"
+        );
+    }
+    assert_eq!(host.status()?["recordings"], 1);
     Ok(())
 }
 

@@ -323,24 +323,42 @@ impl RemoteLayers {
     /// On first sight of an image in this run: prefetch from its trace (local, else from the
     /// registry), or record one if there is none. Runs in the background; Prepare returns.
     pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer) {
-        let (Ok(reference), Ok(manifest)) = (
+        let (Ok(reference), Ok(manifest), Ok(blob)) = (
             layer.image.parse::<Reference>(),
             layer.manifest.parse::<Digest>(),
+            layer.blob.parse::<Digest>(),
         ) else {
             return;
         };
         if !self.traces.first_sight(&manifest) {
+            // Another layer of an image being recorded: its reads belong to the trace too.
+            if self.traces.recorder().is_recording(&manifest) {
+                self.traces.recorder().begin(manifest, vec![blob]);
+            }
             return;
+        }
+        // The container can start reading before the manifest and the trace lookups below
+        // are done: with no trace held here, recording starts with the mount, and is dropped
+        // if a trace turns up.
+        let early = self.policy.record && matches!(self.traces.get(&manifest), Ok(None));
+        if early {
+            self.traces.record(manifest, &reference, vec![blob]);
         }
         let this = self.clone();
         self.rt.spawn(async move {
-            if let Err(err) = this.replay_or_record(&reference, manifest).await {
+            if let Err(err) = this.replay_or_record(&reference, manifest, early).await {
                 tracing::warn!(image = %reference, err = %chain(&err), "no prefetch for this image");
             }
         });
     }
 
-    async fn replay_or_record(&self, reference: &Reference, manifest: Digest) -> Result<()> {
+    /// `recording`: a recording of this image began with its first mount.
+    async fn replay_or_record(
+        &self,
+        reference: &Reference,
+        manifest: Digest,
+        recording: bool,
+    ) -> Result<()> {
         let layers = self.image_layers(reference, manifest).await?;
         let repo = format!("{}/{}", reference.registry, reference.repository);
         let prefetch = self.policy.prefetch && !self.policy.skip.contains(&repo);
@@ -424,13 +442,18 @@ impl RemoteLayers {
             None if self.policy.record => {
                 // Even behind a baked trace the start is recorded, to learn this host's order.
                 tracing::info!(image = %reference, "recording a start-up trace");
-                self.traces.record(
-                    manifest,
-                    reference,
-                    layers.iter().map(|(b, _)| *b).collect(),
-                );
+                let layers = layers.iter().map(|(b, _)| *b).collect();
+                if recording {
+                    self.traces.recorder().begin(manifest, layers);
+                } else {
+                    self.traces.record(manifest, reference, layers);
+                }
+                return Ok(());
             }
             None => {}
+        }
+        if recording {
+            self.traces.abandon(&manifest);
         }
         Ok(())
     }

@@ -84,6 +84,15 @@ impl Traces {
         self.recorder.begin(image, layers);
     }
 
+    /// Drops a recording begun before the lookups found a trace for `image`.
+    pub fn abandon(&self, image: &Digest) {
+        if self.recorder.is_recording(image) {
+            self.recordings.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.sources.lock().expect("not poisoned").remove(image);
+        self.recorder.abandon(image);
+    }
+
     pub fn recorder(&self) -> &Arc<Recorder> {
         &self.recorder
     }

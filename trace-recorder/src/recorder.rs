@@ -54,6 +54,7 @@ pub struct Recorder {
 enum Command {
     Read(ReadRecord),
     Begin(Digest, Vec<Digest>),
+    Abandon(Digest),
 }
 
 /// How sessions end.
@@ -99,11 +100,20 @@ impl Recorder {
         recorder
     }
 
-    /// Opens a session for `image`, whose layers are `layers`, unless one is open.
+    /// Opens a session for `image`, whose layers are `layers`, or adds `layers` to the one
+    /// open: a session may start with the first layer mounted, before the image's layer list
+    /// is known, so that no read of the start is missed.
     pub fn begin(&self, image: Digest, layers: Vec<Digest>) {
         self.active.lock().expect("not poisoned").insert(image);
         // Sessions matter more than reads: wait for room rather than lose one.
         let _ = self.tx.send(Command::Begin(image, layers));
+    }
+
+    /// Drops `image`'s session, if one is open, without producing a trace (one was found
+    /// after all).
+    pub fn abandon(&self, image: &Digest) {
+        self.active.lock().expect("not poisoned").remove(image);
+        let _ = self.tx.send(Command::Abandon(*image));
     }
 
     /// Whether any session is open: the read path skips building records otherwise.
@@ -141,17 +151,24 @@ fn run(
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Command::Begin(image, layers)) => {
-                sessions.entry(image).or_insert_with(|| Session {
-                    image,
-                    layers: layers.into_iter().collect(),
-                    created: Instant::now(),
-                    first_read: None,
-                    last_read: None,
-                    entries: Vec::new(),
-                    seen: HashSet::new(),
-                    files: Vec::new(),
-                    seen_files: HashMap::new(),
-                });
+                sessions
+                    .entry(image)
+                    .or_insert_with(|| Session {
+                        image,
+                        layers: HashSet::new(),
+                        created: Instant::now(),
+                        first_read: None,
+                        last_read: None,
+                        entries: Vec::new(),
+                        seen: HashSet::new(),
+                        files: Vec::new(),
+                        seen_files: HashMap::new(),
+                    })
+                    .layers
+                    .extend(layers);
+            }
+            Ok(Command::Abandon(image)) => {
+                sessions.remove(&image);
             }
             Ok(Command::Read(read)) => {
                 for s in sessions
@@ -266,6 +283,38 @@ mod tests {
         assert_eq!(trace.files(), ["/bin/sh", "/lib/libc.so"]);
         assert!(trace.entries[2].at_ms >= 20);
         assert!(!recorder.is_recording(&image));
+    }
+
+    #[test]
+    fn a_session_grows_with_layers_and_an_abandoned_one_yields_nothing() {
+        let (tx, rx) = channel();
+        let limits = Limits {
+            quiet: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let recorder = Recorder::start(1024, limits, move |t| tx.send(t).unwrap());
+        let (image, first, second) = (
+            Digest::sha256(b"img"),
+            Digest::sha256(b"l1"),
+            Digest::sha256(b"l2"),
+        );
+        // Opened with the first layer mounted; the second joins when it is known.
+        recorder.begin(image, vec![first]);
+        recorder.record(read(&first, &[1], "/etc/group"));
+        recorder.record(read(&second, &[7], "/too/early"));
+        recorder.begin(image, vec![first, second]);
+        recorder.record(read(&second, &[2], "/bin/sh"));
+        let trace = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let got: Vec<(Digest, u32)> = trace.entries.iter().map(|e| (e.layer, e.chunk)).collect();
+        assert_eq!(got, [(first, 1), (second, 2)]);
+
+        // A session abandoned before it ends produces no trace, even with reads in it.
+        let other = Digest::sha256(b"other image");
+        recorder.begin(other, vec![first]);
+        recorder.record(read(&first, &[5], "/etc/passwd"));
+        recorder.abandon(&other);
+        assert!(!recorder.is_recording(&other));
+        assert!(rx.recv_timeout(Duration::from_millis(600)).is_err());
     }
 
     #[test]
