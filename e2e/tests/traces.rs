@@ -162,11 +162,21 @@ struct Recorded {
     trace: PathBuf,
 }
 
-fn record_first_start(dir: &Path, name: &str) -> Result<Recorded> {
+/// The sample built under `dir` and converted into a registry of its own, as `sample:lazy`.
+fn converted_sample(dir: &Path) -> Result<(OciImage, Registry)> {
     let sample = build_sample_image(&dir.join("sample"))?;
     let registry = Registry::start()?;
+    brisk(&[
+        "convert",
+        &sample.transport(),
+        &registry.image("sample:lazy"),
+    ])?;
+    Ok((sample, registry))
+}
+
+fn record_first_start(dir: &Path, name: &str) -> Result<Recorded> {
+    let (sample, registry) = converted_sample(dir)?;
     let image = registry.image("sample:lazy");
-    brisk(&["convert", &sample.transport(), &image])?;
     let host = Host::start(&dir.join(name), name)?;
     assert_eq!(host.pull_and_run(&image, "first")?, "done\n");
     host.wait_for_trace()?;
@@ -253,13 +263,7 @@ fn reads_made_before_the_trace_lookups_end_are_recorded() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let sample = build_sample_image(&tmp.path().join("sample"))?;
-    let registry = Registry::start()?;
-    brisk(&[
-        "convert",
-        &sample.transport(),
-        &registry.image("sample:lazy"),
-    ])?;
+    let (_sample, registry) = converted_sample(tmp.path())?;
     // The daemon reads the manifest (by digest) before it looks for a trace; held up here,
     // the lookups end long after the container has run.
     let proxy = Proxy::start(&registry.addr())?;

@@ -340,7 +340,7 @@ impl RemoteLayers {
         // The container can start reading before the manifest and the trace lookups below
         // are done: with no trace held here, recording starts with the mount, and is dropped
         // if a trace turns up.
-        let early = self.policy.record && matches!(self.traces.get(&manifest), Ok(None));
+        let early = self.policy.record && matches!(self.traces.has(&manifest), Ok(false));
         if early {
             self.traces.record(manifest, &reference, vec![blob]);
         }

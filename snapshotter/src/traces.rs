@@ -97,6 +97,13 @@ impl Traces {
         &self.recorder
     }
 
+    /// Whether a trace of `image` is held, without decoding it.
+    pub fn has(&self, image: &Digest) -> Result<bool> {
+        self.tree
+            .contains_key(image.as_bytes())
+            .map_err(Error::Meta)
+    }
+
     pub fn get(&self, image: &Digest) -> Result<Option<Trace>> {
         match self.tree.get(image.as_bytes()).map_err(Error::Meta)? {
             Some(v) => Ok(Some(Trace::decode(&v, Some(image)).map_err(Error::Trace)?)),
