@@ -385,7 +385,16 @@ fn a_baked_trace_prefetches_on_a_host_that_never_saw_one() -> Result<()> {
     let reordered = unpack_image_from_registry(&baked, &tmp.path().join("unpack-baked"))?;
     assert_same_tree(&original, &reordered)?;
 
-    // A host with no trace at all prefetches from the TOC.
+    // A host with no trace at all prefetches each layer from its TOC as it is mounted:
+    // the image's manifest is not needed, so a registry that refuses it (by digest, as the
+    // daemon asks for it) changes nothing.
+    let proxy = Proxy::start(&registry.addr())?;
+    proxy.inject(Injection {
+        fault: Fault::Status(404),
+        scope: Scope::ManifestsByDigest,
+        times: None,
+    });
+    let baked = proxy.image("sample:baked");
     let b = Host::start(&tmp.path().join("b"), "bake-b")?;
     b.pull(&baked)?;
     b.wait_for_prefetch()?;
@@ -397,6 +406,10 @@ fn a_baked_trace_prefetches_on_a_host_that_never_saw_one() -> Result<()> {
     assert_eq!(
         after["on_demand_fetches"], before["on_demand_fetches"],
         "{after}"
+    );
+    assert!(
+        proxy.counts().faults > 0,
+        "the manifest was never asked for"
     );
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! registry Brisk cannot read (private, down, slow) costs a full pull, never a failed start.
 
 use brisk_blobcache::error_chain as chain;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +65,15 @@ pub struct RemoteLayers {
     tocs: Mutex<HashMap<Digest, std::sync::Weak<Toc>>>,
     /// Zone peers, asked for traces before the registry.
     zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
+    /// Layers (blobs) and images whose baked start-up chunks were handed to prefetch in this
+    /// run: each layer's once, counted once per image.
+    baked: Mutex<BakedStarted>,
+}
+
+#[derive(Default)]
+struct BakedStarted {
+    blobs: HashSet<Digest>,
+    images: HashSet<Digest>,
 }
 
 impl RemoteLayers {
@@ -88,6 +97,7 @@ impl RemoteLayers {
             sessions: Mutex::default(),
             tocs: Mutex::default(),
             zone: None,
+            baked: Mutex::default(),
         }
     }
 
@@ -320,9 +330,11 @@ impl RemoteLayers {
         self.mount(id, path, layer, Arc::new(toc))
     }
 
-    /// On first sight of an image in this run: prefetch from its trace (local, else from the
-    /// registry), or record one if there is none. Runs in the background; Prepare returns.
-    pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer) {
+    /// A layer just mounted: its baked start-up chunks go to prefetch at once (they need no
+    /// manifest). On first sight of the image in this run: prefetch from its trace (local,
+    /// else from a zone peer or the registry), or record one if there is none. Runs in the
+    /// background; Prepare returns.
+    pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer, toc: &Toc) {
         let (Ok(reference), Ok(manifest), Ok(blob)) = (
             layer.image.parse::<Reference>(),
             layer.manifest.parse::<Digest>(),
@@ -330,6 +342,7 @@ impl RemoteLayers {
         ) else {
             return;
         };
+        self.prefetch_baked(&reference, manifest, blob, toc);
         if !self.traces.first_sight(&manifest) {
             // Another layer of an image being recorded: its reads belong to the trace too.
             if self.traces.recorder().is_recording(&manifest) {
@@ -360,30 +373,12 @@ impl RemoteLayers {
         recording: bool,
     ) -> Result<()> {
         let layers = self.image_layers(reference, manifest).await?;
-        let repo = format!("{}/{}", reference.registry, reference.repository);
-        let prefetch = self.policy.prefetch && !self.policy.skip.contains(&repo);
+        let prefetch = self.prefetch_allowed(reference);
         let mut trace = self.traces.get(&manifest)?;
-        if trace.is_none() && prefetch {
-            // A trace baked in at conversion needs no lookup: it starts before the zone and the
-            // registry are asked for a recorded one (round trips the start cannot spare).
-            let baked: Vec<brisk_blobcache::chunk::ChunkRef> = layers
-                .iter()
-                .flat_map(|(blob, toc)| {
-                    toc.prefetch
-                        .iter()
-                        .filter_map(|&i| toc.chunks.get(i as usize))
-                        .map(|c| brisk_blobcache::chunk::ChunkRef::new(*blob, c))
-                })
-                .collect();
-            if !baked.is_empty() {
-                tracing::info!(image = %reference, chunks = baked.len(), "prefetching the trace baked into the image");
-                self.traces.note_prefetch();
-                self.cache.prefetch(
-                    baked,
-                    PREFETCH_BATCH,
-                    tokio_util::sync::CancellationToken::new(),
-                );
-            }
+        // Layers of the image not mounted in this run (committed before) may hold baked
+        // start-up chunks too.
+        for (blob, toc) in &layers {
+            self.prefetch_baked(reference, manifest, *blob, toc);
         }
         if let (None, Some(zone)) = (&trace, &self.zone) {
             if let Some(bytes) = zone.trace(&manifest).await {
@@ -458,6 +453,46 @@ impl RemoteLayers {
         Ok(())
     }
 
+    fn prefetch_allowed(&self, reference: &Reference) -> bool {
+        let repo = format!("{}/{}", reference.registry, reference.repository);
+        self.policy.prefetch && !self.policy.skip.contains(&repo)
+    }
+
+    /// Hands the start-up chunks baked into `blob`'s TOC to prefetch, once per layer and run.
+    /// A baked list needs no lookup, so it starts before the zone and the registry are asked
+    /// for a recorded trace (round trips the start cannot spare); a recorded trace held here
+    /// takes its place, being this host's own order.
+    fn prefetch_baked(&self, reference: &Reference, manifest: Digest, blob: Digest, toc: &Toc) {
+        if toc.prefetch.is_empty()
+            || !self.prefetch_allowed(reference)
+            || !matches!(self.traces.has(&manifest), Ok(false))
+        {
+            return;
+        }
+        let first_of_image = {
+            let mut baked = self.baked.lock().expect("not poisoned");
+            if !baked.blobs.insert(blob) {
+                return;
+            }
+            baked.images.insert(manifest)
+        };
+        let chunks: Vec<brisk_blobcache::chunk::ChunkRef> = toc
+            .prefetch
+            .iter()
+            .filter_map(|&i| toc.chunks.get(i as usize))
+            .map(|c| brisk_blobcache::chunk::ChunkRef::new(blob, c))
+            .collect();
+        tracing::info!(image = %reference, %blob, chunks = chunks.len(), "prefetching the trace baked into the layer");
+        if first_of_image {
+            self.traces.note_prefetch();
+        }
+        self.cache.prefetch(
+            chunks,
+            PREFETCH_BATCH,
+            tokio_util::sync::CancellationToken::new(),
+        );
+    }
+
     /// Every lazy layer of the image, with its verified TOC; each blob is registered with
     /// the registry level so prefetch can fetch layers not prepared yet.
     async fn image_layers(
@@ -481,40 +516,49 @@ impl RemoteLayers {
         };
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
-        let mut out = Vec::new();
-        for desc in value["layers"].as_array().into_iter().flatten() {
-            let Ok(blob) = desc["digest"]
-                .as_str()
-                .unwrap_or_default()
-                .parse::<Digest>()
-            else {
-                continue;
-            };
-            let decoded = self
-                .tocs
-                .lock()
-                .expect("not poisoned")
-                .get(&blob)
-                .and_then(std::sync::Weak::upgrade);
-            if let Some(toc) = decoded {
+        // Each layer's TOC is fetched at the same time as the others': prefetch of the whole
+        // image waits for the last of them.
+        let layers = value["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|desc| async move {
+                let Ok(blob) = desc["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse::<Digest>()
+                else {
+                    return Ok(None);
+                };
+                let decoded = self
+                    .tocs
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&blob)
+                    .and_then(std::sync::Weak::upgrade);
+                if let Some(toc) = decoded {
+                    self.source.register_blob(blob, reference);
+                    return Ok(Some((blob, toc)));
+                }
+                let annotations: Option<HashMap<String, String>> =
+                    serde_json::from_value(desc["annotations"].clone()).ok();
+                let size = desc["size"].as_u64().unwrap_or(0);
+                let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())?
+                else {
+                    return Ok(None);
+                };
+                let position = lazy
+                    .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
+                    .await?;
+                let toc = self.toc(reference, &lazy, &position).await?;
                 self.source.register_blob(blob, reference);
-                out.push((blob, toc));
-                continue;
-            }
-            let annotations: Option<HashMap<String, String>> =
-                serde_json::from_value(desc["annotations"].clone()).ok();
-            let size = desc["size"].as_u64().unwrap_or(0);
-            let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
-                continue;
-            };
-            let position = lazy
-                .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
-                .await?;
-            let toc = self.toc(reference, &lazy, &position).await?;
-            self.source.register_blob(blob, reference);
-            out.push((blob, Arc::new(toc)));
-        }
-        Ok(out)
+                Ok::<_, Error>(Some((blob, Arc::new(toc))))
+            });
+        Ok(futures::future::try_join_all(layers)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// Unmounts every FUSE session (shutdown).

@@ -92,13 +92,13 @@ impl Snapshotter {
                     Some(layer.clone()),
                 )?;
                 self.make_dirs(&s, false)?;
-                if let Err(err) = self.remote.mount(s.id, &self.fs(s.id), &layer, toc) {
+                if let Err(err) = self.remote.mount(s.id, &self.fs(s.id), &layer, toc.clone()) {
                     tracing::warn!(%err, key, "mounting the lazy layer failed; falling back to a download");
                     let _ = self.store.remove(target);
                     let _ = std::fs::remove_dir_all(self.dir(s.id));
                 } else {
                     tracing::info!(target = %target, blob = %layer.blob, "lazy layer mounted");
-                    self.remote.start_image(&layer);
+                    self.remote.start_image(&layer, &toc);
                     return Err(Error::AlreadyExists(target.clone()));
                 }
             }
