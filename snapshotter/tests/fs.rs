@@ -197,6 +197,24 @@ impl ChunkSource for Slow {
     }
 }
 
+/// A memory level that notes every chunk it is asked for, by digest.
+struct Noting {
+    inner: MemoryCache,
+    asked: Mutex<Vec<Digest>>,
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for Noting {
+    fn name(&self) -> &'static str {
+        "noting"
+    }
+
+    async fn get(&self, chunk: &ChunkRef) -> Answer {
+        self.asked.lock().unwrap().push(chunk.digest);
+        self.inner.get(chunk).await
+    }
+}
+
 /// A mounted layer. Dropping it unmounts (also when the test panics); the session goes
 /// before the directory that holds the mount point.
 struct Mounted {
@@ -294,8 +312,13 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 /// Incompressible content several chunks long, not a multiple of anything.
 fn big_file() -> Vec<u8> {
+    noise(3 * 1024 * 1024 + 12_345)
+}
+
+/// `len` incompressible bytes, the same every time.
+fn noise(len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..3 * 1024 * 1024 + 12_345)
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
@@ -696,4 +719,69 @@ fn a_read_waiting_on_the_cache_blocks_neither_metadata_nor_other_reads() {
             "two reads took {slowest:?}: they were serialized"
         );
     });
+}
+
+#[test]
+fn a_reader_streaming_a_large_file_gets_the_chunks_ahead_of_it() {
+    if !gate(&[]) {
+        return;
+    }
+    let rt = runtime();
+    const CHUNK: usize = 256 * 1024;
+    let big = noise(12 << 20);
+    let layer = convert(&Tar::new().file("data/big.bin", &big, 0o644).finish());
+    let noting = Arc::new(Noting {
+        inner: MemoryCache::new(256 << 20),
+        asked: Mutex::default(),
+    });
+    for c in &layer.chunks {
+        rt.block_on(noting.inner.put(c));
+    }
+    let cache = Layered::builder()
+        .level(noting.clone(), Duration::from_secs(10))
+        .build();
+    let m = mount(&rt, &layer, cache, None);
+    // Each chunk of the file is 256 KiB of it, from its first byte (a large file's chunks
+    // start where its content does), and the content is random: digests name chunks.
+    let content_start = layer.toc.chunks[layer.toc.chunks_for(0..1).start].tar_offset;
+    let index_of = |d: &Digest| {
+        let c = layer.toc.chunks.iter().find(|c| c.digest == *d).unwrap();
+        ((c.tar_offset.max(content_start) - content_start) / CHUNK as u64) as usize
+    };
+    let furthest = || {
+        let asked = noting.asked.lock().unwrap();
+        asked.iter().map(index_of).max().unwrap_or(0)
+    };
+
+    let file = fs::File::open(m.path("data/big.bin")).unwrap();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut read_to = |from: usize, to: usize| {
+        for at in (from..to).step_by(buf.len()) {
+            let n = file.read_at(&mut buf, at as u64).unwrap();
+            assert!(buf[..n] == big[at..at + n], "bytes at {at}");
+        }
+    };
+    // 3 MiB one read after another: still below the threshold, nothing beyond what the
+    // kernel's own read-ahead (128 KiB) asks for.
+    read_to(0, 3 << 20);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        furthest() < (4 << 20) / CHUNK,
+        "chunk {} was asked for",
+        furthest()
+    );
+    // Past the threshold, the chunks well ahead of the reader are asked for before it
+    // reaches them.
+    read_to(3 << 20, 5 << 20);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while furthest() < (6 << 20) / CHUNK && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        furthest() >= (6 << 20) / CHUNK,
+        "read-ahead reached chunk {} only",
+        furthest()
+    );
+    // The rest of the file still reads back right.
+    read_to(5 << 20, big.len());
 }

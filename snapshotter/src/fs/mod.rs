@@ -10,11 +10,12 @@
 
 mod inode;
 mod read;
+mod readahead;
 
 use brisk_blobcache::error_chain as chain;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brisk_blobcache::layered::Layered;
@@ -50,6 +51,9 @@ pub struct LayerFs {
     /// The daemon's runtime: reads run there, never on the FUSE thread.
     rt: Handle,
     recorder: Option<Recorder>,
+    /// Runs of reads per file, for read-ahead. A std lock: taken only on the FUSE thread and
+    /// only for arithmetic.
+    streams: Mutex<readahead::Streams>,
 }
 
 impl LayerFs {
@@ -64,7 +68,38 @@ impl LayerFs {
             cache,
             rt,
             recorder: None,
+            streams: Mutex::default(),
         })
+    }
+
+    /// Asks for the chunks ahead of a reader streaming through a large file (see
+    /// `readahead`), in the background and as a reader would: they jump the prefetch queue,
+    /// and the reads that follow join them instead of fetching again.
+    fn read_ahead(&self, ino: u64, content: &std::ops::Range<u64>, offset: u64, len: u32) {
+        let size = content.end - content.start;
+        let ahead =
+            self.streams
+                .lock()
+                .expect("not poisoned")
+                .note(ino, offset, u64::from(len), size);
+        let Some(ahead) = ahead else { return };
+        let chunks = self
+            .toc
+            .chunks_for(content.start + ahead.start..content.start + ahead.end);
+        let refs: Vec<brisk_blobcache::chunk::ChunkRef> = self.toc.chunks[chunks]
+            .iter()
+            .map(|c| brisk_blobcache::chunk::ChunkRef::new(self.blob, c))
+            .collect();
+        let cache = self.cache.clone();
+        self.rt.spawn(async move {
+            if let Err(err) = cache
+                .read_many(&refs, brisk_blobcache::layered::Priority::OnDemand)
+                .await
+            {
+                // The reads that need these chunks will try again and report it.
+                tracing::debug!(error = %chain(&err), "read-ahead failed");
+            }
+        });
     }
 
     /// Calls `f` on every read that reaches file content (reads at or past the end of a file
@@ -194,6 +229,9 @@ impl fuser::Filesystem for LayerFs {
                 len: plan.len(),
                 chunks: plan.chunks.clone().collect(),
             });
+        }
+        if let Some(content) = &node.content {
+            self.read_ahead(ino.0, content, offset, plan.len());
         }
         let (cache, toc, blob, path) = (
             self.cache.clone(),
