@@ -11,12 +11,19 @@
 //! Writes happen on a writer thread of their own: a chunk a reader waits for is handed over
 //! without waiting for its file to be synced, and the sync never holds an async worker. Until
 //! its file is in place, a chunk being written is served from the bytes queued for writing.
+//!
+//! A batch of chunks (read-ahead of a streaming reader, prefetch) is read and checked on the
+//! blocking pool, a few at a time, each handed over as soon as it is ready: a stream from L2
+//! then overlaps disk reads and hashing with the reader, instead of doing one after the
+//! other on an async worker.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
+
+use futures::StreamExt;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::source::{Answer, ChunkSource, Found, SourceError};
@@ -28,6 +35,9 @@ const INDEX_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// Bytes queued for the writer at most; past it a write happens in the caller, which slows a
 /// burst of fetches down to what the disk takes instead of growing memory without bound.
 const QUEUED_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Chunks of one batch read and checked at once on the blocking pool.
+const BATCH_READS: usize = 2;
 
 pub struct DiskCache {
     store: Arc<Store>,
@@ -433,6 +443,50 @@ impl ChunkSource for DiskCache {
         self.store
             .read(&chunk.digest)
             .map_err(SourceError::unavailable)
+    }
+
+    async fn get_many_each(
+        &self,
+        chunks: &[ChunkRef],
+        _priority: crate::layered::Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        if chunks.len() < 2 {
+            for (i, c) in chunks.iter().enumerate() {
+                each(i, self.get(c).await);
+            }
+            return;
+        }
+        let reads = chunks.iter().cloned().map(|chunk| {
+            let store = self.store.clone();
+            let queued = self.queue.get(&chunk.digest);
+            async move {
+                if let Some(queued) = queued {
+                    return Ok(Some(Found::Bytes(queued.data().clone())));
+                }
+                tokio::task::spawn_blocking(move || {
+                    let found = store.read(&chunk.digest)?;
+                    // Checked here, off the async workers; bytes that fail are handed on as
+                    // they are, for the read path to refuse and discard like any other.
+                    Ok(found.map(|found| match found {
+                        Found::Bytes(bytes) => match VerifiedChunk::check(&chunk, bytes.clone()) {
+                            Some(verified) => Found::Verified(verified),
+                            None => Found::Bytes(bytes),
+                        },
+                        verified => verified,
+                    }))
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(SourceError::unavailable)
+            }
+        });
+        let mut answers = futures::stream::iter(reads).buffered(BATCH_READS);
+        let mut i = 0;
+        while let Some(answer) = answers.next().await {
+            each(i, answer);
+            i += 1;
+        }
     }
 
     async fn contains(&self, digest: &Digest) -> bool {

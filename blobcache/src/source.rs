@@ -26,8 +26,9 @@ impl SourceError {
 pub enum Found {
     /// Bytes the read path still has to verify (they came from disk, a peer or the network).
     Bytes(Bytes),
-    /// A chunk verified when it entered this level and held in process memory since, so
-    /// hashing it again on every hit would only cost time.
+    /// A chunk verified when it entered this level and held in process memory since (so
+    /// hashing it again on every hit would only cost time), or checked by the level itself
+    /// as it read it (L2 checks batches on the blocking pool).
     Verified(VerifiedChunk),
 }
 

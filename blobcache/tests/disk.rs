@@ -107,6 +107,45 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
 }
 
 #[tokio::test]
+async fn a_batch_read_from_disk_is_checked_chunk_by_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(DiskCache::open(dir.path(), 4 << 20).unwrap());
+    let origin = Arc::new(MemoryCache::new(4 << 20));
+    let chunks: Vec<_> = (0..5).map(|i| chunk(40 + i, 100_000)).collect();
+    for (_, v) in &chunks {
+        origin.put(v).await;
+        disk.put(v).await;
+    }
+    disk.flush().unwrap();
+    // One chunk of the batch rots on disk.
+    let damaged = &chunks[2].0;
+    let mut bytes = std::fs::read(disk.path_of(&damaged.digest)).unwrap();
+    bytes[99_999] ^= 0x80;
+    std::fs::write(disk.path_of(&damaged.digest), &bytes).unwrap();
+
+    let layered = Layered::builder()
+        .level(disk.clone(), Duration::from_secs(5))
+        .level(origin, Duration::from_secs(5))
+        .build();
+    let refs: Vec<ChunkRef> = chunks.iter().map(|(r, _)| r.clone()).collect();
+    let got = layered.read_many(&refs, Priority::OnDemand).await.unwrap();
+    for ((_, want), got) in chunks.iter().zip(&got) {
+        assert_eq!(got.data(), want.data());
+    }
+    let report = layered.report();
+    assert_eq!(
+        (report[0].hits, report[0].corrupt, report[1].hits),
+        (4, 1, 1),
+        "{report:?}"
+    );
+    disk.flush().unwrap();
+    assert_eq!(
+        std::fs::read(disk.path_of(&damaged.digest)).unwrap(),
+        chunks[2].1.data().as_ref()
+    );
+}
+
+#[tokio::test]
 async fn the_byte_bound_holds_and_recent_chunks_stay() {
     let dir = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
