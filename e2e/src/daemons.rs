@@ -304,6 +304,37 @@ impl Containerd {
             .args(args))
     }
 
+    /// `brisk pull IMAGE` into this containerd and namespace, with `extra` arguments.
+    pub fn brisk_pull(&self, image: &str, extra: &[&str]) -> Result<String> {
+        let socket = self.socket.to_str().context("Non-UTF-8 socket path")?;
+        let mut args = vec![
+            "pull",
+            image,
+            "--containerd",
+            socket,
+            "--namespace",
+            &self.namespace,
+        ];
+        args.extend_from_slice(extra);
+        crate::brisk(&args)
+    }
+
+    /// Runs `/bin/busybox ARGS` in a new container `id` of `image` on the brisk snapshotter,
+    /// removed when it exits; its stdout.
+    pub fn run_busybox(&self, image: &str, id: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "brisk",
+            image,
+            id,
+            "/bin/busybox",
+        ];
+        cmd.extend_from_slice(args);
+        self.ctr(&cmd)
+    }
+
     /// Waits until containerd can use the brisk snapshotter again (after a restart its gRPC
     /// connection backs off for a while), by preparing and removing a probe snapshot.
     pub fn wait_for_snapshotter(&self) -> Result<()> {

@@ -183,6 +183,40 @@ pub fn seeded_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The sample and a registry of its own that holds it.
+pub struct RegisteredSample {
+    pub sample: OciImage,
+    pub registry: crate::Registry,
+    /// The sample's final tree (`sample_rootfs`), to compare what is read against.
+    pub rootfs: PathBuf,
+}
+
+/// Builds the sample under `dir/sample`, starts a registry, and converts the sample into it as
+/// `sample:lazy` with `brisk convert CONVERT_ARGS`; with `plain`, also pushes it unconverted
+/// as `sample:v1`.
+pub fn sample_in_registry(
+    dir: &Path,
+    plain: bool,
+    convert_args: &[&str],
+) -> Result<RegisteredSample> {
+    let sample_dir = dir.join("sample");
+    let sample = build_sample_image(&sample_dir)?;
+    let registry = crate::Registry::start()?;
+    if plain {
+        push_image(&sample, &registry.image("sample:v1"))?;
+    }
+    let (src, dst) = (sample.transport(), registry.image("sample:lazy"));
+    let mut args = vec!["convert"];
+    args.extend_from_slice(convert_args);
+    args.extend([src.as_str(), dst.as_str()]);
+    crate::brisk(&args)?;
+    Ok(RegisteredSample {
+        sample,
+        registry,
+        rootfs: sample_rootfs(&sample_dir),
+    })
+}
+
 /// Copies `image` to `docker://DST` on a plain-HTTP registry.
 pub fn push_image(image: &OciImage, dst: &str) -> Result<()> {
     run(Command::new("skopeo").args([

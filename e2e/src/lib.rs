@@ -25,8 +25,8 @@ use anyhow::{bail, Result};
 
 pub use cmd::{run, run_output};
 pub use image::{
-    build_sample_image, push_image, raw_manifest, sample_rootfs, unpack_image_from_layout,
-    unpack_image_from_registry, OciImage,
+    build_sample_image, push_image, raw_manifest, sample_in_registry, sample_rootfs,
+    unpack_image_from_layout, unpack_image_from_registry, OciImage, RegisteredSample,
 };
 pub use proxy::{Fault, Injection, Proxy};
 pub use registry::Registry;

@@ -20,8 +20,8 @@ use brisk_blobcache::Digest;
 use brisk_e2e::cmd::stderr_of;
 use brisk_e2e::proxy::Counts;
 use brisk_e2e::{
-    brisk, brisk_output, build_sample_image, gate, raw_manifest, sample_rootfs, Fault, Injection,
-    Proxy, Registry, CONVERT_FILES, CONVERT_TOOLS,
+    brisk_output, gate, raw_manifest, sample_in_registry, Fault, Injection, Proxy,
+    RegisteredSample, Registry, CONVERT_FILES, CONVERT_TOOLS,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -47,20 +47,15 @@ struct LazySample {
 impl LazySample {
     fn start() -> Result<Self> {
         let tmp = tempfile::tempdir()?;
-        let sample_dir = tmp.path().join("sample");
-        let sample = build_sample_image(&sample_dir)?;
-        let registry = Registry::start()?;
-        brisk(&[
-            "convert",
-            &sample.transport(),
-            &registry.image("sample:lazy"),
-        ])?;
+        let RegisteredSample {
+            registry, rootfs, ..
+        } = sample_in_registry(tmp.path(), false, &[])?;
         let proxy = Proxy::start(&registry.addr())?;
         Ok(Self {
             image: proxy.image("sample:lazy"),
             proxy,
             registry,
-            rootfs: sample_rootfs(&sample_dir),
+            rootfs,
             cache_dir: tmp.path().join("cache"),
             _tmp: tmp,
         })

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use brisk_blobcache::toc::{Footer, Toc, FOOTER_SIZE};
 use brisk_e2e::daemons::{mounts_under, Containerd, Snapshotter};
 use brisk_e2e::{
-    brisk, build_sample_image, push_image, raw_manifest, sample_rootfs, snapshotter_gate, Proxy,
-    Registry,
+    brisk, build_sample_image, raw_manifest, sample_in_registry, snapshotter_gate, Proxy,
+    RegisteredSample, Registry,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -47,15 +47,9 @@ struct Stack {
 impl Stack {
     fn start() -> Result<Self> {
         let tmp = tempfile::tempdir()?;
-        let sample_dir = tmp.path().join("sample");
-        let sample = build_sample_image(&sample_dir)?;
-        let registry = Registry::start()?;
-        push_image(&sample, &registry.image("sample:v1"))?;
-        brisk(&[
-            "convert",
-            &sample.transport(),
-            &registry.image("sample:lazy"),
-        ])?;
+        let RegisteredSample {
+            registry, rootfs, ..
+        } = sample_in_registry(tmp.path(), true, &[])?;
         let proxy = Proxy::start(&registry.addr())?;
         let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), &[])?;
         let containerd = Containerd::start(
@@ -68,7 +62,7 @@ impl Stack {
             snapshotter,
             proxy,
             registry,
-            rootfs: sample_rootfs(&sample_dir),
+            rootfs,
             _tmp: tmp,
         })
     }
@@ -78,32 +72,13 @@ impl Stack {
     }
 
     fn pull(&self, image: &str) -> Result<String> {
-        let socket = self.containerd.socket.to_str().context("socket path")?;
-        brisk(&[
-            "pull",
-            image,
-            "--containerd",
-            socket,
-            "--namespace",
-            &self.containerd.namespace,
-        ])
+        self.containerd.brisk_pull(image, &[])
     }
 
     /// Runs `/bin/busybox ARGS` in a new container of `image` on Brisk; its stdout.
     fn run(&self, image: &str, args: &[&str]) -> Result<String> {
-        let id = unique("c");
-        let mut cmd = vec![
-            "run",
-            "--rm",
-            "--snapshotter",
-            "brisk",
-            image,
-            &id,
-            "/bin/busybox",
-        ];
-        cmd.extend_from_slice(args);
         self.containerd
-            .ctr(&cmd)
+            .run_busybox(image, &unique("c"), args)
             .with_context(|| format!("snapshotter log:\n{}", self.snapshotter.log()))
     }
 
@@ -357,31 +332,10 @@ fn layers_are_read_through_a_mirror_from_containerd_hosts_config() -> Result<()>
         &unique("brisk-mirror"),
     )?;
     let image = format!("{dead}/sample:lazy");
-    let socket = containerd.socket.to_str().context("path")?;
     let certs_arg = certs.to_str().context("path")?;
-    brisk(&[
-        "pull",
-        &image,
-        "--containerd",
-        socket,
-        "--namespace",
-        &containerd.namespace,
-        "--hosts-dir",
-        certs_arg,
-    ])?;
-    let id = unique("c");
+    containerd.brisk_pull(&image, &["--hosts-dir", certs_arg])?;
     let out = containerd
-        .ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "brisk",
-            &image,
-            &id,
-            "/bin/busybox",
-            "cat",
-            "/etc/hostname",
-        ])
+        .run_busybox(&image, &unique("c"), &["cat", "/etc/hostname"])
         .with_context(|| snapshotter.log())?;
     assert_eq!(out, "sample-v2\n");
     assert!(

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use brisk_e2e::daemons::{Containerd, Snapshotter};
 use brisk_e2e::proxy::{Fault, Injection, Proxy, Scope};
 use brisk_e2e::{
-    assert_same_tree, brisk, brisk_output, build_sample_image, snapshotter_gate,
-    unpack_image_from_layout, unpack_image_from_registry, OciImage, Registry,
+    assert_same_tree, brisk, brisk_output, sample_in_registry, snapshotter_gate,
+    unpack_image_from_layout, unpack_image_from_registry, OciImage, RegisteredSample, Registry,
 };
 use serde_json::Value;
 
@@ -51,36 +51,15 @@ impl Host {
     }
 
     fn pull(&self, image: &str) -> Result<()> {
-        let socket = self.containerd.socket.to_str().context("path")?;
-        let namespace = &self.containerd.namespace;
-        brisk(&[
-            "pull",
-            image,
-            "--containerd",
-            socket,
-            "--namespace",
-            namespace,
-        ])?;
+        self.containerd.brisk_pull(image, &[])?;
         Ok(())
     }
 
     /// Runs `PROGRAM` in a new container of `image`; its stdout.
     fn run(&self, image: &str, id: &str) -> Result<String> {
         let id = format!("{id}-{}", std::process::id());
-        let args = [
-            "run",
-            "--rm",
-            "--snapshotter",
-            "brisk",
-            image,
-            &id,
-            "/bin/busybox",
-            "sh",
-            "-c",
-            PROGRAM,
-        ];
         self.containerd
-            .ctr(&args)
+            .run_busybox(image, &id, &["sh", "-c", PROGRAM])
             .with_context(|| self.snapshotter.log())
     }
 
@@ -162,20 +141,10 @@ struct Recorded {
     trace: PathBuf,
 }
 
-/// The sample built under `dir` and converted into a registry of its own, as `sample:lazy`.
-fn converted_sample(dir: &Path) -> Result<(OciImage, Registry)> {
-    let sample = build_sample_image(&dir.join("sample"))?;
-    let registry = Registry::start()?;
-    brisk(&[
-        "convert",
-        &sample.transport(),
-        &registry.image("sample:lazy"),
-    ])?;
-    Ok((sample, registry))
-}
-
 fn record_first_start(dir: &Path, name: &str) -> Result<Recorded> {
-    let (sample, registry) = converted_sample(dir)?;
+    let RegisteredSample {
+        sample, registry, ..
+    } = sample_in_registry(dir, false, &[])?;
     let image = registry.image("sample:lazy");
     let host = Host::start(&dir.join(name), name)?;
     assert_eq!(host.pull_and_run(&image, "first")?, "done\n");
@@ -263,7 +232,7 @@ fn reads_made_before_the_trace_lookups_end_are_recorded() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let (_sample, registry) = converted_sample(tmp.path())?;
+    let registry = sample_in_registry(tmp.path(), false, &[])?.registry;
     // The daemon reads the manifest (by digest) before it looks for a trace; held up here,
     // the lookups end long after the container has run.
     let proxy = Proxy::start(&registry.addr())?;

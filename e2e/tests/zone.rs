@@ -17,8 +17,8 @@ use brisk_e2e::zone::{
     free_addr, image_info, mount_image, write_token, zone_certificates, Host, ImageInfo,
 };
 use brisk_e2e::{
-    assert_same_tree, brisk, build_sample_image, push_image, sample_rootfs, snapshotter_gate,
-    Fault, Injection, Proxy, Registry,
+    assert_same_tree, brisk, sample_in_registry, snapshotter_gate, Fault, Injection, Proxy,
+    RegisteredSample, Registry,
 };
 use brisk_proto::brisk::v1::fetch_reply::Event;
 use brisk_proto::brisk::v1::peer_client::PeerClient;
@@ -62,17 +62,9 @@ struct Fixture {
 impl Fixture {
     fn new(rt: &tokio::runtime::Runtime) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
-        let sample_dir = tmp.path().join("sample");
-        let sample = build_sample_image(&sample_dir)?;
-        let registry = Registry::start()?;
-        push_image(&sample, &registry.image("sample:v1"))?;
-        brisk(&[
-            "convert",
-            "--chunk-size",
-            CHUNK_SIZE,
-            &sample.transport(),
-            &registry.image("sample:lazy"),
-        ])?;
+        let RegisteredSample {
+            registry, rootfs, ..
+        } = sample_in_registry(tmp.path(), true, &["--chunk-size", CHUNK_SIZE])?;
         let inspect: serde_json::Value = serde_json::from_str(&brisk(&[
             "inspect",
             "--json",
@@ -89,7 +81,7 @@ impl Fixture {
             proxy,
             _registry: registry,
             image,
-            rootfs: sample_rootfs(&sample_dir),
+            rootfs,
             token,
             layer_bytes,
             chunks,
