@@ -26,6 +26,13 @@ fn chunk(seed: u32, len: usize) -> (ChunkRef, VerifiedChunk) {
     (r, v)
 }
 
+/// Flips bits of one byte of a chunk's file behind the cache's back.
+fn rot(disk: &DiskCache, digest: &Digest, at: usize, bits: u8) {
+    let mut bytes = std::fs::read(disk.path_of(digest)).unwrap();
+    bytes[at] ^= bits;
+    std::fs::write(disk.path_of(digest), &bytes).unwrap();
+}
+
 #[tokio::test]
 async fn chunks_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,9 +92,7 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
     origin.put(&v).await;
     disk.put(&v).await;
     disk.flush().unwrap();
-    let mut bytes = std::fs::read(disk.path_of(&r.digest)).unwrap();
-    bytes[1234] ^= 0x01;
-    std::fs::write(disk.path_of(&r.digest), &bytes).unwrap();
+    rot(&disk, &r.digest, 1234, 0x01);
 
     let layered = Layered::builder()
         .level(disk.clone(), Duration::from_secs(5))
@@ -119,9 +124,7 @@ async fn a_batch_read_from_disk_is_checked_chunk_by_chunk() {
     disk.flush().unwrap();
     // One chunk of the batch rots on disk.
     let damaged = &chunks[2].0;
-    let mut bytes = std::fs::read(disk.path_of(&damaged.digest)).unwrap();
-    bytes[99_999] ^= 0x80;
-    std::fs::write(disk.path_of(&damaged.digest), &bytes).unwrap();
+    rot(&disk, &damaged.digest, 99_999, 0x80);
 
     let layered = Layered::builder()
         .level(disk.clone(), Duration::from_secs(5))

@@ -376,9 +376,11 @@ impl RemoteLayers {
         let prefetch = self.prefetch_allowed(reference);
         let mut trace = self.traces.get(&manifest)?;
         // Layers of the image not mounted in this run (committed before) may hold baked
-        // start-up chunks too.
-        for (blob, toc) in &layers {
-            self.prefetch_baked(reference, manifest, *blob, toc);
+        // start-up chunks too; a recorded trace held here takes their place.
+        if trace.is_none() {
+            for (blob, toc) in &layers {
+                self.prefetch_baked(reference, manifest, *blob, toc);
+            }
         }
         if let (None, Some(zone)) = (&trace, &self.zone) {
             if let Some(bytes) = zone.trace(&manifest).await {

@@ -83,19 +83,10 @@ impl LayerFs {
                 .expect("not poisoned")
                 .note(ino, offset, u64::from(len), size);
         let Some(ahead) = ahead else { return };
-        let chunks = self
-            .toc
-            .chunks_for(content.start + ahead.start..content.start + ahead.end);
-        let refs: Vec<brisk_blobcache::chunk::ChunkRef> = self.toc.chunks[chunks]
-            .iter()
-            .map(|c| brisk_blobcache::chunk::ChunkRef::new(self.blob, c))
-            .collect();
-        let cache = self.cache.clone();
+        let range = content.start + ahead.start..content.start + ahead.end;
+        let (cache, toc, blob) = (self.cache.clone(), self.toc.clone(), self.blob);
         self.rt.spawn(async move {
-            if let Err(err) = cache
-                .read_many(&refs, brisk_blobcache::layered::Priority::OnDemand)
-                .await
-            {
+            if let Err(err) = read::fetch_ahead(&cache, &toc, blob, range).await {
                 // The reads that need these chunks will try again and report it.
                 tracing::debug!(error = %chain(&err), "read-ahead failed");
             }

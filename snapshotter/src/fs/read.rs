@@ -67,10 +67,32 @@ pub(crate) async fn fetch(
     blob: Digest,
     plan: &Plan,
 ) -> Result<Bytes> {
-    let chunks = &toc.chunks[plan.chunks.clone()];
-    let refs: Vec<ChunkRef> = chunks.iter().map(|c| ChunkRef::new(blob, c)).collect();
-    let got = cache.read_many(&refs, Priority::OnDemand).await?;
-    cut(chunks, &got, &plan.range)
+    let got = cache
+        .read_many(&refs(toc, blob, plan.chunks.clone()), Priority::OnDemand)
+        .await?;
+    cut(&toc.chunks[plan.chunks.clone()], &got, &plan.range)
+}
+
+/// Fetches the chunks that hold `range` of the tar stream as a reader would, for read-ahead:
+/// the reads that follow join them, or find them cached.
+pub(crate) async fn fetch_ahead(
+    cache: &Arc<Layered>,
+    toc: &Toc,
+    blob: Digest,
+    range: Range<u64>,
+) -> Result<()> {
+    cache
+        .read_many(&refs(toc, blob, toc.chunks_for(range)), Priority::OnDemand)
+        .await?;
+    Ok(())
+}
+
+/// The cache's names for the TOC's chunks `chunks` of layer `blob`.
+fn refs(toc: &Toc, blob: Digest, chunks: Range<usize>) -> Vec<ChunkRef> {
+    toc.chunks[chunks]
+        .iter()
+        .map(|c| ChunkRef::new(blob, c))
+        .collect()
 }
 
 /// The bytes of `range` (of the tar stream) out of the chunks that hold it.
