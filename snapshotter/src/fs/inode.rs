@@ -277,29 +277,44 @@ impl Builder {
         self.nodes.len() as u64
     }
 
-    /// The directory at `path`, made (with its parents) if the tar omitted it.
+    /// The directory at `path`, made (with its parents) if the tar omitted it. A loop, not
+    /// recursion: the TOC bounds path depth, but the stack must not depend on that bound.
     fn dir(&mut self, path: &str) -> Result<u64> {
-        if let Some(&ino) = self.by_path.get(path) {
-            let i = ino as usize - 1;
-            if self.nodes[i].kind == FileType::Directory {
-                return Ok(ino);
+        // The nearest existing ancestor (or `path` itself), then the missing ones below it.
+        let mut missing = Vec::new();
+        let mut at = path;
+        let mut ino = loop {
+            if let Some(&ino) = self.by_path.get(at) {
+                break self.existing_dir(at, ino)?;
             }
-            // A whiteout and a directory of one name both hide the lower layers' entry;
-            // the directory also has content, so it wins.
-            if self.whiteouts.remove(&ino) {
-                let parent = self.nodes[i].parent;
-                self.nodes[i] = Inode::synthetic_dir(path, parent);
-                return Ok(ino);
-            }
-            // containerd's unpacker refuses this too (a file cannot hold entries).
-            return Err(Error::InvalidArgument(format!(
-                "{path:?} holds entries but is not a directory"
-            )));
+            missing.push(at);
+            at = parent_of(at);
+        };
+        for p in missing.into_iter().rev() {
+            let child = self.push(Inode::synthetic_dir(p, ino));
+            self.link(ino, p, child);
+            ino = child;
         }
-        let parent = self.dir(parent_of(path))?;
-        let ino = self.push(Inode::synthetic_dir(path, parent));
-        self.link(parent, path, ino);
         Ok(ino)
+    }
+
+    /// `ino`, known at `path`, as a directory that may hold entries.
+    fn existing_dir(&mut self, path: &str, ino: u64) -> Result<u64> {
+        let i = ino as usize - 1;
+        if self.nodes[i].kind == FileType::Directory {
+            return Ok(ino);
+        }
+        // A whiteout and a directory of one name both hide the lower layers' entry;
+        // the directory also has content, so it wins.
+        if self.whiteouts.remove(&ino) {
+            let parent = self.nodes[i].parent;
+            self.nodes[i] = Inode::synthetic_dir(path, parent);
+            return Ok(ino);
+        }
+        // containerd's unpacker refuses this too (a file cannot hold entries).
+        Err(Error::InvalidArgument(format!(
+            "{path:?} holds entries but is not a directory"
+        )))
     }
 
     fn link(&mut self, parent: u64, path: &str, ino: u64) {
@@ -473,6 +488,22 @@ mod tests {
             [(".", a), ("..", 1)]
         );
         assert_eq!(&*f.path, "a/b/file");
+    }
+
+    #[test]
+    fn a_deep_path_builds_on_a_small_stack() {
+        // 2,000 omitted parents (a 4 KiB path, the longest the TOC admits) on a 128 KiB
+        // stack: one frame per component would overflow it.
+        let deep = vec!["d"; 2_000].join("/");
+        let name = format!("{deep}/f");
+        let t = std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(move || table(vec![entry(EntryKind::Reg, &name)]).map(|t| t.len()))
+            .unwrap()
+            .join()
+            .expect("no stack overflow")
+            .unwrap();
+        assert_eq!(t, 2_002, "root, 2,000 directories and the file");
     }
 
     #[test]
