@@ -15,8 +15,10 @@ pub const DEFAULT_ADDRESS: &str = "/run/brisk/brisk.sock";
 pub struct Config {
     /// All state lives here: metadata, snapshot directories, caches.
     pub root: PathBuf,
-    /// Unix socket for containerd's snapshots API and Brisk's control API.
+    /// Unix socket for containerd's snapshots API and Brisk's control API (mode 0660).
     pub address: PathBuf,
+    /// Numeric group given the socket; unset, only root reaches it.
+    pub socket_group: Option<u32>,
     /// `tracing` filter, e.g. `info` or `brisk_snapshotter=debug`.
     pub log_level: String,
     /// Prometheus metrics endpoint (`host:port`); no port is opened unless set.
@@ -25,6 +27,28 @@ pub struct Config {
     pub registry: RegistrySettings,
     pub trace: TraceSettings,
     pub peer: PeerSettings,
+    pub layers: LayerSettings,
+}
+
+/// How lazy layers earn the chain IDs containerd commits them under (see `crate::proof`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayerSettings {
+    /// `background` (read each lazy layer whole, behind every on-demand read, and hash it),
+    /// `cached` (hash a layer once all its chunks are in the local cache anyway) or `off`.
+    pub verify: crate::proof::VerifyMode,
+    /// Seconds between a layer's mount and its background hash: its container's start and
+    /// start-up prefetch go first.
+    pub verify_delay_secs: u64,
+}
+
+impl Default for LayerSettings {
+    fn default() -> Self {
+        Self {
+            verify: crate::proof::VerifyMode::Background,
+            verify_delay_secs: 10,
+        }
+    }
 }
 
 /// The zone cache peer service (L3). Off unless `listen` is set.
@@ -105,9 +129,6 @@ pub struct CacheConfig {
     pub memory_bytes: u64,
     /// L2: chunks on disk under `<root>/cache`.
     pub disk_bytes: u64,
-    /// Fetch whole lazy layers in the background after mounting. Off: lazy means a start
-    /// fetches what it reads.
-    pub background_fetch: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -132,12 +153,14 @@ impl Default for Config {
         Self {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
+            socket_group: None,
             log_level: "info".into(),
             metrics_address: None,
             cache: CacheConfig::default(),
             registry: RegistrySettings::default(),
             trace: TraceSettings::default(),
             peer: PeerSettings::default(),
+            layers: LayerSettings::default(),
         }
     }
 }
@@ -147,7 +170,6 @@ impl Default for CacheConfig {
         Self {
             memory_bytes: 256 << 20,
             disk_bytes: 20 << 30,
-            background_fetch: false,
         }
     }
 }
@@ -172,7 +194,7 @@ mod tests {
     fn empty_file_gives_defaults_and_unknown_keys_are_refused() {
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
-        assert!(!c.cache.background_fetch);
+        assert_eq!(c.layers.verify, crate::proof::VerifyMode::Background);
         let c: Config = toml::from_str(
             "root = \"state/brisk\"\n[cache]\nmemory_bytes = 5\n[registry]\nplain_http = [\"h:1\"]\n",
         )
@@ -182,5 +204,8 @@ mod tests {
             ("state/brisk".into(), 5, vec!["h:1".to_owned()])
         );
         assert!(toml::from_str::<Config>("nope = 1").is_err());
+        let c: Config = toml::from_str("[layers]\nverify = \"cached\"\n").unwrap();
+        assert_eq!(c.layers.verify, crate::proof::VerifyMode::Cached);
+        assert!(toml::from_str::<Config>("[layers]\nverify = \"sometimes\"\n").is_err());
     }
 }

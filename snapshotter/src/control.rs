@@ -90,7 +90,21 @@ impl api::control_server::Control for ControlService {
         _req: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
         let remote = self.inner.remote();
-        let snapshots = self.inner.store().all().map_err(Status::from)?.len() as u64;
+        let all = self.inner.store().all().map_err(Status::from)?;
+        let snapshots = all.len() as u64;
+        let layers = all
+            .iter()
+            .filter_map(|s| {
+                let r = s.remote.as_ref()?;
+                Some(api::LazyLayerStatus {
+                    chain_id: s.key.clone(),
+                    blob: r.blob.to_string(),
+                    image: r.image.clone(),
+                    proof: r.proof.as_str().to_owned(),
+                    mounted: remote.is_mounted(s.id),
+                })
+            })
+            .collect();
         let stats = remote.source().stats();
         Ok(Response::new(api::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -116,6 +130,8 @@ impl api::control_server::Control for ControlService {
             prefetch_fetches: remote.cache().origin_fetches().1,
             prefetches_started: remote.traces().prefetches_started(),
             recordings: remote.traces().recordings_started(),
+            layers,
+            verify: self.inner.prover().mode().as_str().to_owned(),
             zone: remote.zone().map(|z| {
                 let s = z.stats();
                 api::ZoneStatus {

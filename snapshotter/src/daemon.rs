@@ -101,7 +101,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )
         .with_zone(zone.as_ref().map(|z| z.source.clone())),
     );
-    let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone())?);
+    let prover = Arc::new(crate::proof::Prover::new(
+        config.layers.verify,
+        Duration::from_secs(config.layers.verify_delay_secs),
+        store.clone(),
+        remote.clone(),
+    ));
+    let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone(), prover)?);
 
     if let Some(addr) = &config.metrics_address {
         crate::metrics::serve(addr)?;
@@ -131,7 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(address, e)),
         _ => {}
     }
-    let listener = tokio::net::UnixListener::bind(address).map_err(|e| Error::io(address, e))?;
+    let listener = bind_socket(address, config.socket_group)?;
     tracing::info!(address = %address.display(), root = %root.display(), "serving");
     let served = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotService::new(
@@ -162,11 +168,34 @@ async fn remount(snapshotter: &Snapshotter, config: &Config) -> Result<()> {
             .join(s.id.to_string())
             .join("fs");
         match snapshotter.remote().remount(s.id, &path, layer).await {
-            Ok(()) => tracing::info!(snapshot = %s.key, "lazy layer mounted again"),
+            Ok(toc) => {
+                tracing::info!(snapshot = %s.key, proof = layer.proof.as_str(), "lazy layer mounted again");
+                snapshotter.prove(&s, toc);
+            }
             Err(err) => {
-                tracing::error!(snapshot = %s.key, %err, "lazy layer could not be mounted again")
+                // Never left as an empty directory to stack on: Prepare, View and Mounts
+                // over it fail, naming it, until it is removed.
+                tracing::error!(snapshot = %s.key, err = %brisk_blobcache::error_chain(&err), "lazy layer could not be mounted again")
             }
         }
     }
     Ok(())
+}
+
+/// Binds the API socket with mode 0660 whatever the umask (created under a 0077 umask, then
+/// opened to the owner's group), owned by root and `group` when one is configured: local
+/// users outside that group cannot reach the snapshots or control API.
+fn bind_socket(address: &std::path::Path, group: Option<u32>) -> Result<tokio::net::UnixListener> {
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = tokio::net::UnixListener::bind(address);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| Error::io(address, e))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(address, None, Some(gid)).map_err(|e| Error::io(address, e))?;
+    }
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| Error::io(address, e))?;
+    Ok(listener)
 }

@@ -26,6 +26,8 @@ pub enum Error {
     ReadOnly,
     #[error("Buffer too small")]
     Range,
+    #[error("The layer's content does not match the chain ID it was committed under")]
+    Refuted,
     #[error("Chunk cache could not serve the read")]
     Cache(#[from] brisk_blobcache::Error),
     #[error("Snapshot metadata store failed")]
@@ -71,6 +73,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::FailedPrecondition(_) => Errno::EINVAL,
             // The kernel only gets EIO; the log line carries the whole error chain.
             Error::Cache(_)
+            | Error::Refuted
             | Error::Trace(_)
             | Error::Meta(_)
             | Error::MetaRecord(_)

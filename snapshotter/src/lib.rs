@@ -12,6 +12,7 @@ mod filter;
 pub mod fs;
 mod meta;
 mod metrics;
+mod proof;
 mod remote;
 mod service;
 mod snapshots;

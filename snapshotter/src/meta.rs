@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use brisk_blobcache::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -20,17 +21,53 @@ pub enum Kind {
     Committed,
 }
 
-/// A lazily served layer: where its bytes come from and how they are authenticated.
+/// A lazily served layer: where its bytes come from, how they are authenticated, and whether
+/// the chain ID containerd committed it under has been earned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteLayer {
     /// Image reference (registry/repository) the blob is fetched from.
     pub image: String,
-    pub manifest: String,
-    pub blob: String,
+    pub manifest: Digest,
+    /// The layer blob (compressed digest): it covers every byte, TOC included, so a Prepare
+    /// naming the same blob may reuse this snapshot.
+    pub blob: Digest,
     pub blob_size: u64,
-    pub toc_digest: String,
+    pub toc_digest: Digest,
     /// `dev.brisk.toc.position` of the layer.
     pub toc_position: String,
+    /// The chain ID of the parent layer (`None` for a bottom layer): with the diff_id the
+    /// layer's tar stream hashes to, it gives the chain ID the layer really has.
+    #[serde(default)]
+    pub parent_chain: Option<Digest>,
+    #[serde(default)]
+    pub proof: Proof,
+}
+
+/// Whether a lazy layer's tar stream was shown to hash to the diff_id its chain ID claims.
+/// containerd names committed layers by chain IDs computed from what an image's config
+/// *claims*; the overlayfs unpacker proves each while unpacking, a lazy layer only once all
+/// its chunks have been read in order and hashed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "state")]
+pub enum Proof {
+    /// Not hashed yet: served to the image that brought it, never reused for another blob.
+    #[default]
+    Unproven,
+    /// The tar stream hashes to the claimed diff_id: this is the layer its chain ID names.
+    Proven,
+    /// The tar stream hashes to `diff_id`, which does not give the chain ID it was committed
+    /// under: its content is refused to everyone from then on.
+    Refuted { diff_id: Digest },
+}
+
+impl Proof {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Proof::Unproven => "unproven",
+            Proof::Proven => "proven",
+            Proof::Refuted { .. } => "refuted",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +90,7 @@ pub struct Snapshot {
     pub remote: Option<RemoteLayer>,
 }
 
+#[derive(Clone)]
 pub struct SnapshotStore {
     db: sled::Db,
     snapshots: sled::Tree,
@@ -219,6 +257,22 @@ impl SnapshotStore {
         self.snapshots.remove(key.as_bytes()).map_err(Error::Meta)?;
         self.flush()?;
         Ok(s)
+    }
+
+    /// Records what hashing a lazy layer showed. `Ok(false)` if `key` is gone or is no
+    /// longer the lazy layer of blob `blob` (removed, or committed again from another blob).
+    pub fn set_proof(&self, key: &str, blob: &Digest, proof: Proof) -> Result<bool> {
+        let Some(mut s) = self.get(key)? else {
+            return Ok(false);
+        };
+        let Some(remote) = s.remote.as_mut().filter(|r| r.blob == *blob) else {
+            return Ok(false);
+        };
+        remote.proof = proof;
+        s.updated = now();
+        self.put(&s)?;
+        self.flush()?;
+        Ok(true)
     }
 
     /// Replaces labels (all of them, or only those named by `fields` as `labels.<k>`).

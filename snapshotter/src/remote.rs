@@ -58,8 +58,8 @@ pub struct RemoteLayers {
     cache: Arc<Layered>,
     rt: tokio::runtime::Handle,
     /// Live FUSE sessions by snapshot id; dropping one unmounts it. A std mutex: held only
-    /// to insert or remove.
-    sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
+    /// to insert, look up or remove.
+    sessions: Mutex<HashMap<u64, Mounted>>,
     /// TOCs Prepare decoded, by blob, while a mount holds them: prefetch on first sight of
     /// the image starts from them instead of reading and verifying each TOC again.
     tocs: Mutex<HashMap<Digest, std::sync::Weak<Toc>>>,
@@ -68,6 +68,15 @@ pub struct RemoteLayers {
     /// Layers (blobs) and images whose baked start-up chunks were handed to prefetch in this
     /// run: each layer's once, counted once per image.
     baked: Mutex<BakedStarted>,
+}
+
+/// One lazy layer's FUSE mount.
+struct Mounted {
+    session: fuser::BackgroundSession,
+    /// Set when the layer is refuted: its filesystem answers EIO from then on.
+    refuted: Arc<std::sync::atomic::AtomicBool>,
+    /// Inode numbers run from 1 to this: what to drop from the page cache on refutal.
+    inodes: u64,
 }
 
 #[derive(Default)]
@@ -123,6 +132,33 @@ impl RemoteLayers {
 
     pub fn cache(&self) -> &Arc<Layered> {
         &self.cache
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// Whether snapshot `id`'s lazy layer is mounted in this run.
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.sessions
+            .lock()
+            .expect("not poisoned")
+            .contains_key(&id)
+    }
+
+    /// Cuts a refuted layer's content off: every access through its mount fails with EIO, and
+    /// the pages the kernel cached for it are dropped, so no container (the image that
+    /// brought it, or another one sharing its chain ID) reads its files again. The mount
+    /// stays, so containerd can still remove the snapshot.
+    pub fn refute(&self, id: u64) {
+        let sessions = self.sessions.lock().expect("not poisoned");
+        let Some(m) = sessions.get(&id) else { return };
+        m.refuted.store(true, std::sync::atomic::Ordering::SeqCst);
+        let notifier = m.session.notifier();
+        for ino in 1..=m.inodes {
+            // Inodes the kernel never saw answer ENOENT; nothing to drop there.
+            let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, -1);
+        }
     }
 
     pub fn source(&self) -> &Arc<RegistrySource> {
@@ -210,11 +246,13 @@ impl RemoteLayers {
         }
         let remote = RemoteLayer {
             image: reference.to_string(),
-            manifest: manifest.to_string(),
-            blob: blob.to_string(),
+            manifest,
+            blob,
             blob_size: size,
-            toc_digest: lazy.toc_digest.to_string(),
+            toc_digest: lazy.toc_digest,
             toc_position: position.to_string(),
+            parent_chain: None,
+            proof: crate::meta::Proof::Unproven,
         };
         Ok(Some((remote, toc)))
     }
@@ -277,7 +315,7 @@ impl RemoteLayers {
 
     /// Mounts the layer's FUSE filesystem at `path`.
     pub fn mount(&self, id: u64, path: &Path, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<()> {
-        let blob: Digest = layer.blob.parse()?;
+        let blob = layer.blob;
         let recorder = self.traces.recorder().clone();
         let chunks = toc.clone();
         let record: crate::fs::Recorder = Arc::new(move |ev: crate::fs::ReadEvent| {
@@ -298,11 +336,19 @@ impl RemoteLayers {
         });
         let fs = crate::fs::LayerFs::new(toc, blob, self.cache.clone(), self.rt.clone())?
             .with_recorder(record);
+        let (refuted, inodes) = (fs.refuted_flag(), fs.inodes());
+        if matches!(layer.proof, crate::meta::Proof::Refuted { .. }) {
+            refuted.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let session = crate::fs::mount(fs, path)?;
-        self.sessions
-            .lock()
-            .expect("not poisoned")
-            .insert(id, session);
+        self.sessions.lock().expect("not poisoned").insert(
+            id,
+            Mounted {
+                session,
+                refuted,
+                inodes,
+            },
+        );
         Ok(())
     }
 
@@ -313,21 +359,22 @@ impl RemoteLayers {
 
     /// Mounts a committed remote snapshot again after a restart, from what metadata recorded
     /// (the TOC normally comes from the local store; the registry is asked only if it is gone).
-    pub async fn remount(&self, id: u64, path: &Path, layer: &RemoteLayer) -> Result<()> {
+    pub async fn remount(&self, id: u64, path: &Path, layer: &RemoteLayer) -> Result<Arc<Toc>> {
         let reference: Reference = layer.image.parse()?;
-        let blob: Digest = layer.blob.parse()?;
+        let blob = layer.blob;
         let position: TocPosition = layer.toc_position.parse()?;
         let lazy = LazyLayer {
             blob,
             size: layer.blob_size,
-            toc_digest: layer.toc_digest.parse()?,
+            toc_digest: layer.toc_digest,
             position: Some(position),
             prefetch_spans: Vec::new(),
         };
-        let toc = self.toc(&reference, &lazy, &position).await?;
+        let toc = Arc::new(self.toc(&reference, &lazy, &position).await?);
         self.source.register_blob(blob, &reference);
         detach(path);
-        self.mount(id, path, layer, Arc::new(toc))
+        self.mount(id, path, layer, toc.clone())?;
+        Ok(toc)
     }
 
     /// A layer just mounted: its baked start-up chunks go to prefetch at once (they need no
@@ -335,13 +382,10 @@ impl RemoteLayers {
     /// else from a zone peer or the registry), or record one if there is none. Runs in the
     /// background; Prepare returns.
     pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer, toc: &Toc) {
-        let (Ok(reference), Ok(manifest), Ok(blob)) = (
-            layer.image.parse::<Reference>(),
-            layer.manifest.parse::<Digest>(),
-            layer.blob.parse::<Digest>(),
-        ) else {
+        let Ok(reference) = layer.image.parse::<Reference>() else {
             return;
         };
+        let (manifest, blob) = (layer.manifest, layer.blob);
         self.prefetch_baked(&reference, manifest, blob, toc);
         if !self.traces.first_sight(&manifest) {
             // Another layer of an image being recorded: its reads belong to the trace too.

@@ -10,9 +10,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use brisk_blobcache::Digest;
+
 use crate::filter::Filters;
-use crate::meta::{Kind, Snapshot, SnapshotStore};
-use crate::remote::{RemoteLayers, LABEL_TARGET};
+use crate::meta::{Kind, Proof, Snapshot, SnapshotStore};
+use crate::proof::{Claim, Prover};
+use crate::remote::{RemoteLayers, LABEL_LAYER, LABEL_TARGET};
 use crate::{Error, Result};
 
 /// A mount containerd performs for a container's rootfs.
@@ -27,17 +30,28 @@ pub struct Snapshotter {
     root: PathBuf,
     store: SnapshotStore,
     remote: Arc<RemoteLayers>,
+    prover: Arc<Prover>,
 }
 
 impl Snapshotter {
-    pub fn new(root: &Path, store: SnapshotStore, remote: Arc<RemoteLayers>) -> Result<Self> {
+    pub fn new(
+        root: &Path,
+        store: SnapshotStore,
+        remote: Arc<RemoteLayers>,
+        prover: Arc<Prover>,
+    ) -> Result<Self> {
         let dir = root.join("snapshots");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         Ok(Self {
             root: root.to_owned(),
             store,
             remote,
+            prover,
         })
+    }
+
+    pub fn prover(&self) -> &Arc<Prover> {
+        &self.prover
     }
 
     pub fn store(&self) -> &SnapshotStore {
@@ -72,18 +86,25 @@ impl Snapshotter {
 
     /// Prepare: a lazy layer becomes a committed remote snapshot and the answer is
     /// AlreadyExists (containerd then skips the download); anything else is a normal active
-    /// snapshot.
+    /// snapshot. A chain ID already held lazily is reused only for the same blob or once
+    /// proven; otherwise the newcomer is downloaded and unpacked, which containerd verifies.
     pub async fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.check_lower(parent)?;
         if let Some(target) = labels.get(LABEL_TARGET) {
-            if self.store.get(target)?.is_some() {
-                return Err(Error::AlreadyExists(target.clone()));
-            }
-            if let Some((layer, toc)) = self.remote.resolve(&labels).await {
+            if let Some(existing) = self.store.get(target)? {
+                match reusable(&existing, labels.get(LABEL_LAYER)) {
+                    Ok(()) => return Err(Error::AlreadyExists(target.clone())),
+                    Err(why) => {
+                        tracing::warn!(target = %target, layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("?"), why, "chain ID not reused; the layer is downloaded and unpacked instead");
+                    }
+                }
+            } else if let Some((mut layer, toc)) = self.remote.resolve(&labels).await {
+                layer.parent_chain = self.chain_of(parent)?;
                 let s = self.store.create(
                     Kind::Committed,
                     target,
@@ -99,6 +120,7 @@ impl Snapshotter {
                 } else {
                     tracing::info!(target = %target, blob = %layer.blob, "lazy layer mounted");
                     self.remote.start_image(&layer, &toc);
+                    self.prove(&s, toc);
                     return Err(Error::AlreadyExists(target.clone()));
                 }
             }
@@ -108,12 +130,71 @@ impl Snapshotter {
         self.mounts_of(&s)
     }
 
+    /// Schedules the proof of a lazy layer just mounted (or mounted again) and unproven.
+    pub fn prove(&self, s: &Snapshot, toc: Arc<brisk_blobcache::toc::Toc>) {
+        let Some(r) = &s.remote else { return };
+        if r.proof != Proof::Unproven {
+            return;
+        }
+        if !s.parent.is_empty() && r.parent_chain.is_none() {
+            tracing::warn!(snapshot = %s.key, "the parent's chain ID is unknown: this lazy layer cannot be proven and is never reused for another blob");
+            return;
+        }
+        self.prover.schedule(Claim {
+            key: s.key.clone(),
+            id: s.id,
+            blob: r.blob,
+            parent_chain: r.parent_chain,
+            toc,
+        });
+    }
+
+    /// The chain ID of committed snapshot `parent`: a lazy layer's key is its chain ID; a
+    /// layer containerd unpacked carries it as its `snapshot.ref` label, and containerd's
+    /// metadata names it `<namespace>/<n>/<chain ID>`.
+    fn chain_of(&self, parent: &str) -> Result<Option<Digest>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = self.store.must_get(parent)?;
+        let named = p.labels.get(LABEL_TARGET).map(String::as_str);
+        let last = p.key.rsplit('/').next();
+        let chain = [named, last, Some(p.key.as_str())]
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.parse().ok());
+        Ok(chain)
+    }
+
+    /// Refuses to stack on a lower layer that must not be served: a refuted lazy layer, or
+    /// one that could not be mounted again after a restart (its empty directory would let
+    /// the layers below show through its whiteouts).
+    fn check_lower(&self, parent: &str) -> Result<()> {
+        for p in self.store.ancestors(parent)? {
+            let Some(r) = &p.remote else { continue };
+            if matches!(r.proof, Proof::Refuted { .. }) {
+                return Err(Error::FailedPrecondition(format!(
+                    "lazy layer {} (blob {}, image {}) does not match the chain ID it was committed under; remove the image that brought it",
+                    p.key, r.blob, r.image
+                )));
+            }
+            if !self.remote.is_mounted(p.id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "lazy layer {} (blob {}) is not mounted: it could not be mounted again after a restart",
+                    p.key, r.blob
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn view(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.check_lower(parent)?;
         let s = self.store.create(Kind::View, key, parent, labels, None)?;
         self.make_dirs(&s, false)?;
         self.mounts_of(&s)
@@ -126,6 +207,7 @@ impl Snapshotter {
                 "snapshot {key} is committed and has no mounts"
             )));
         }
+        self.check_lower(&s.parent)?;
         self.mounts_of(&s)
     }
 
@@ -256,6 +338,22 @@ impl Snapshotter {
     }
 }
 
+/// Whether a Prepare naming layer blob `blob` may be told that `existing`, a snapshot already
+/// committed under the chain ID it asks for, is its layer.
+fn reusable(existing: &Snapshot, blob: Option<&String>) -> std::result::Result<(), &'static str> {
+    // Committed here by an unpack, which containerd verified.
+    let Some(r) = &existing.remote else {
+        return Ok(());
+    };
+    match r.proof {
+        Proof::Refuted { .. } => Err("the lazy layer held under it was refuted"),
+        Proof::Proven => Ok(()),
+        // The blob digest covers every byte of the layer, TOC included.
+        Proof::Unproven if blob.and_then(|b| b.parse::<Digest>().ok()) == Some(r.blob) => Ok(()),
+        Proof::Unproven => Err("it is held lazily from another blob, not proven yet"),
+    }
+}
+
 /// Bytes (allocated blocks) and inodes under `dir`, not crossing into other filesystems.
 fn disk_usage(dir: &Path) -> (u64, u64) {
     let Ok(root) = std::fs::symlink_metadata(dir) else {
@@ -281,4 +379,56 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
         }
     }
     (bytes, inodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::RemoteLayer;
+
+    fn lazy(blob: Digest, proof: Proof) -> Snapshot {
+        Snapshot {
+            id: 1,
+            key: Digest::sha256(b"chain").to_string(),
+            kind: Kind::Committed,
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            created: (0, 0),
+            updated: (0, 0),
+            usage: None,
+            remote: Some(RemoteLayer {
+                image: "127.0.0.1:5000/good".into(),
+                manifest: Digest::sha256(b"manifest"),
+                blob,
+                blob_size: 1,
+                toc_digest: Digest::sha256(b"toc"),
+                toc_position: "8:1:1:1".into(),
+                parent_chain: None,
+                proof,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_chain_id_is_reused_for_the_same_blob_or_once_proven_never_once_refuted() {
+        let (good, evil) = (Digest::sha256(b"good"), Digest::sha256(b"evil"));
+        let named = |d: Digest| Some(d.to_string());
+        let unproven = lazy(good, Proof::Unproven);
+        assert_eq!(reusable(&unproven, named(good).as_ref()), Ok(()));
+        assert!(reusable(&unproven, named(evil).as_ref()).is_err());
+        assert!(reusable(&unproven, None).is_err(), "no layer named");
+        let proven = lazy(good, Proof::Proven);
+        assert_eq!(reusable(&proven, named(evil).as_ref()), Ok(()));
+        let refuted = lazy(
+            good,
+            Proof::Refuted {
+                diff_id: Digest::sha256(b"real"),
+            },
+        );
+        assert!(reusable(&refuted, named(good).as_ref()).is_err());
+        assert!(reusable(&refuted, named(evil).as_ref()).is_err());
+        let mut unpacked = lazy(good, Proof::Unproven);
+        unpacked.remote = None;
+        assert_eq!(reusable(&unpacked, named(evil).as_ref()), Ok(()));
+    }
 }

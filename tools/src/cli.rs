@@ -410,7 +410,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|l| serde_json::json!({"level": l.level, "hits": l.hits, "misses": l.misses, "errors": l.errors, "corrupt": l.corrupt, "timeouts": l.timeouts, "bytes": l.bytes}))
                 .collect();
             let zone = s.zone.as_ref().map(|z| serde_json::json!({"address": z.address, "members": z.members, "requests": z.requests, "chunks": z.chunks, "bytes": z.bytes, "corrupt": z.corrupt, "failures": z.failures}));
-            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes, "on_demand_fetches": s.on_demand_fetches, "prefetch_fetches": s.prefetch_fetches, "prefetches_started": s.prefetches_started, "recordings": s.recordings, "zone": zone});
+            let layers: Vec<_> = s
+                .layers
+                .iter()
+                .map(|l| serde_json::json!({"chain_id": l.chain_id, "blob": l.blob, "image": l.image, "proof": l.proof, "mounted": l.mounted}))
+                .collect();
+            let count = |p: &str| s.layers.iter().filter(|l| l.proof == p).count();
+            let proofs = serde_json::json!({"mode": s.verify, "proven": count("proven"), "unproven": count("unproven"), "refuted": count("refuted")});
+            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "verify": proofs, "layers": layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes, "on_demand_fetches": s.on_demand_fetches, "prefetch_fetches": s.prefetch_fetches, "prefetches_started": s.prefetches_started, "recordings": s.recordings, "zone": zone});
             if json {
                 println!("{v}");
             } else {

@@ -15,6 +15,7 @@ mod readahead;
 use brisk_blobcache::error_chain as chain;
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ pub struct LayerFs {
     /// The daemon's runtime: reads run there, never on the FUSE thread.
     rt: Handle,
     recorder: Option<Recorder>,
+    /// Set when the layer's tar stream proved not to be the layer its chain ID names: from
+    /// then on every lookup, open, read and listing fails (see `crate::proof`).
+    refuted: Arc<AtomicBool>,
     /// Runs of reads per file, for read-ahead. A std lock: taken only on the FUSE thread and
     /// only for arithmetic.
     streams: Mutex<readahead::Streams>,
@@ -68,8 +72,27 @@ impl LayerFs {
             cache,
             rt,
             recorder: None,
+            refuted: Arc::default(),
             streams: Mutex::default(),
         })
+    }
+
+    /// The flag that refuses the layer's content once set.
+    pub fn refuted_flag(&self) -> Arc<AtomicBool> {
+        self.refuted.clone()
+    }
+
+    /// Inode numbers run from 1 to this.
+    pub fn inodes(&self) -> u64 {
+        self.table.len()
+    }
+
+    /// The inode table, unless the layer was refuted.
+    fn table(&self) -> Result<&InodeTable> {
+        if self.refuted.load(Ordering::Relaxed) {
+            return Err(Error::Refuted);
+        }
+        Ok(&self.table)
     }
 
     /// Asks for the chunks ahead of a reader streaming through a large file (see
@@ -101,7 +124,7 @@ impl LayerFs {
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Inode> {
-        self.table.get(ino.0)
+        self.table()?.get(ino.0)
     }
 }
 
@@ -152,8 +175,8 @@ impl fuser::Filesystem for LayerFs {
         let ino = name
             .to_str()
             .ok_or(Error::NoEntry)
-            .and_then(|name| self.table.lookup(parent.0, name));
-        match ino.and_then(|ino| Ok(self.table.get(ino)?.attr(ino))) {
+            .and_then(|name| self.table()?.lookup(parent.0, name));
+        match ino.and_then(|ino| Ok(self.table()?.get(ino)?.attr(ino))) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(err) => reply.error(err.errno()),
         }
@@ -271,7 +294,7 @@ impl fuser::Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.table.dir(ino.0) {
+        match self.table().and_then(|t| t.dir(ino.0)) {
             // The listing never changes: the kernel may cache it across opens.
             Ok(_) => reply.opened(
                 FileHandle(0),
@@ -289,7 +312,7 @@ impl fuser::Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.table.entries(ino.0) {
+        let entries = match self.table().and_then(|t| t.entries(ino.0)) {
             Ok(entries) => entries,
             Err(err) => return reply.error(err.errno()),
         };
@@ -314,7 +337,7 @@ impl fuser::Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.table.entries(ino.0) {
+        let entries = match self.table().and_then(|t| t.entries(ino.0)) {
             Ok(entries) => entries,
             Err(err) => return reply.error(err.errno()),
         };
