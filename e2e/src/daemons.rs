@@ -85,8 +85,14 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Starts a `brisk-snapshotter` whose state lives under `dir`.
+    /// Tests that count registry bytes must not see a background hash's reads: unless a
+    /// test chooses (`--verify`), layers are hashed only once their chunks are all local.
     pub fn start(dir: &Path, extra_args: &[&str]) -> Result<Self> {
-        Self::start_program(&snapshotter_bin()?, dir, extra_args)
+        let mut args = extra_args.to_vec();
+        if !args.contains(&"--verify") {
+            args.extend(["--verify", "cached"]);
+        }
+        Self::start_program(&snapshotter_bin()?, dir, &args)
     }
 
     /// Starts `program --root DIR/root --address DIR/brisk.sock EXTRA_ARGS`.

@@ -5,6 +5,7 @@
 //! missing prerequisite fails the test. Each test starts its own registry.
 
 mod cache;
+mod hostile;
 mod snapshotter;
 mod traces;
 mod zone;

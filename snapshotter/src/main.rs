@@ -33,6 +33,12 @@ struct Args {
     /// Serve only the zone (no snapshots socket): a cache host for the other members.
     #[arg(long)]
     peer_only: bool,
+    /// How lazy layers are hashed to prove their chain IDs: background, cached or off.
+    #[arg(long, value_name = "MODE")]
+    verify: Option<String>,
+    /// Seconds between a lazy layer's mount and its background hash.
+    #[arg(long, value_name = "SECS")]
+    verify_delay_secs: Option<u64>,
 }
 
 #[tokio::main]
@@ -56,6 +62,12 @@ async fn main() -> anyhow::Result<()> {
         config.peer.token_file = Some(file);
     }
     config.peer.peer_only |= args.peer_only;
+    if let Some(mode) = args.verify {
+        config.layers.verify = mode.parse().context("--verify")?;
+    }
+    if let Some(secs) = args.verify_delay_secs {
+        config.layers.verify_delay_secs = secs;
+    }
     keep_large_buffers_lazy();
     // RUST_LOG, when set, wins over the config's `log_level`, as for most Rust daemons.
     let filter = std::env::var("RUST_LOG")

@@ -54,6 +54,21 @@ impl VerifyMode {
     }
 }
 
+impl std::str::FromStr for VerifyMode {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "background" => Ok(VerifyMode::Background),
+            "cached" => Ok(VerifyMode::Cached),
+            "off" => Ok(VerifyMode::Off),
+            _ => Err(crate::Error::InvalidArgument(format!(
+                "verify mode {s:?} is not background, cached or off"
+            ))),
+        }
+    }
+}
+
 /// Chunks hashed per read: bounds the memory one proof holds (chunks are at most 16 MiB).
 const WINDOW: usize = 8;
 
