@@ -53,6 +53,26 @@ impl MetaStore {
         Ok(digest)
     }
 
+    /// Forgets `digest` (gone already is fine).
+    pub fn remove(&self, digest: &Digest) -> Result<()> {
+        match std::fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(self.path(digest), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every digest stored (names that are not digests are not listed).
+    pub fn list(&self) -> Result<Vec<Digest>> {
+        let dir = self.root.join("sha256");
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| format!("sha256:{}", e.file_name().to_str()?).parse().ok())
+            .collect())
+    }
+
     fn tag_path(&self, r: &Reference) -> PathBuf {
         let tag = r.tag.as_deref().unwrap_or("latest");
         // Registry hosts may carry a port; ':' is fine in a file name, '/' in the repository
@@ -96,6 +116,23 @@ mod tests {
         std::fs::write(dir.path().join("sha256").join(d.hex()), b"tampered").unwrap();
         assert!(store.get(&d).is_none());
         assert!(!dir.path().join("sha256").join(d.hex()).exists());
+    }
+
+    #[test]
+    fn lists_and_removes_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        let (a, b) = (store.put(b"a").unwrap(), store.put(b"b").unwrap());
+        std::fs::write(dir.path().join("sha256").join("junk"), b"x").unwrap();
+        let mut listed = store.list().unwrap();
+        listed.sort_by_key(|d| d.hex());
+        let mut want = vec![a, b];
+        want.sort_by_key(|d| d.hex());
+        assert_eq!(listed, want);
+        store.remove(&a).unwrap();
+        store.remove(&a).unwrap();
+        assert!(store.get(&a).is_none());
+        assert_eq!(store.list().unwrap(), vec![b]);
     }
 
     #[test]

@@ -97,7 +97,13 @@ fn busybox_tar(dir: &Path, hostname: &str) -> Result<Vec<u8>> {
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("Copying /bin/busybox")?;
     std::fs::write(root.join("etc/hostname"), format!("{hostname}\n"))?;
     let out = Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "-C"])
+        .args([
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--mtime=@0",
+            "-C",
+        ])
         .arg(&root)
         .args(["-cf", "-", "."])
         .output()?;
@@ -175,8 +181,11 @@ impl Node {
         let registry = Registry::start()?;
         let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), snapshotter_args)?;
         let namespace = format!("hostile-{}", std::process::id());
-        let containerd =
-            Containerd::start(&tmp.path().join("containerd"), &snapshotter.socket, &namespace)?;
+        let containerd = Containerd::start(
+            &tmp.path().join("containerd"),
+            &snapshotter.socket,
+            &namespace,
+        )?;
         Ok(Self {
             containerd,
             snapshotter,
@@ -208,7 +217,14 @@ impl Node {
 
     fn pull(&self, namespace: &str, image: &str) -> Result<String> {
         let socket = self.containerd.socket.to_str().context("socket path")?;
-        brisk(&["pull", image, "--containerd", socket, "--namespace", namespace])
+        brisk(&[
+            "pull",
+            image,
+            "--containerd",
+            socket,
+            "--namespace",
+            namespace,
+        ])
     }
 
     /// `cat /etc/hostname` in a new container of `image` in `namespace`.
@@ -379,7 +395,9 @@ fn issue_14_a_liar_pulled_first_is_refuted_and_never_serves_another_image() -> R
     assert!(log.contains("REFUTED"), "{log}");
 
     // EVIL's own containers cannot start on the refuted layer.
-    let err = node.hostname(a, &evil).expect_err("the refuted layer is refused");
+    let err = node
+        .hostname(a, &evil)
+        .expect_err("the refuted layer is refused");
     assert!(
         format!("{err:#}").contains("does not match the chain ID"),
         "{err:#}"
@@ -419,7 +437,9 @@ fn issue_14_an_honest_image_pulled_first_keeps_its_files_when_a_liar_comes() -> 
 
     // EVIL in another namespace asks for GOOD's chain ID from its own blob: not reused
     // unproven, so it is downloaded, and its tar does not hash to the diff_id it claims.
-    let err = node.pull(b, &evil).expect_err("the liar's download fails its diff_id");
+    let err = node
+        .pull(b, &evil)
+        .expect_err("the liar's download fails its diff_id");
     assert!(
         format!("{err:#}").contains("but the image config says"),
         "{err:#}"

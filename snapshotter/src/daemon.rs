@@ -128,6 +128,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         return Ok(());
     }
     remount(&snapshotter, &config).await?;
+    // Manifests and TOCs of images removed while the daemon was down.
+    remote.forget_unheld(&snapshotter.lazy_layers()?);
 
     let address = &config.address;
     if let Some(dir) = address.parent() {

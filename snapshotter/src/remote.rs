@@ -45,6 +45,11 @@ pub struct TracePolicy {
     pub skip: Vec<String>,
 }
 
+/// Layers a lazy image may list: more than any real image has (overlayfs stacks at most
+/// about 500 lower directories), and few enough that one manifest cannot start thousands of
+/// TOC fetches.
+const MAX_LAYERS: usize = 512;
+
 /// Largest prefetch batch (one range request of neighbouring chunks, compressed bytes): the
 /// registry level's coalescing limit, so a baked start-up set arrives as one ordered stream.
 const PREFETCH_BATCH: u64 = 16 << 20;
@@ -62,7 +67,9 @@ pub struct RemoteLayers {
     sessions: Mutex<HashMap<u64, Mounted>>,
     /// TOCs Prepare decoded, by blob, while a mount holds them: prefetch on first sight of
     /// the image starts from them instead of reading and verifying each TOC again.
-    tocs: Mutex<HashMap<Digest, std::sync::Weak<Toc>>>,
+    /// Keyed by blob and TOC digest: an image that names another's blob with a TOC of its
+    /// own never gets (or replaces) the other's TOC.
+    tocs: Mutex<HashMap<(Digest, Digest), std::sync::Weak<Toc>>>,
     /// Zone peers, asked for traces before the registry.
     zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
     /// Layers (blobs) and images whose baked start-up chunks were handed to prefetch in this
@@ -81,7 +88,9 @@ struct Mounted {
 
 #[derive(Default)]
 struct BakedStarted {
-    blobs: HashSet<Digest>,
+    /// By blob and the repository it is read from: an image that merely names another
+    /// image's blob cannot mark that image's start-up chunks as started.
+    blobs: HashSet<(Digest, String)>,
     images: HashSet<Digest>,
 }
 
@@ -242,7 +251,7 @@ impl RemoteLayers {
         {
             let mut tocs = self.tocs.lock().expect("not poisoned");
             tocs.retain(|_, t| t.strong_count() > 0);
-            tocs.insert(blob, Arc::downgrade(&toc));
+            tocs.insert((blob, lazy.toc_digest), Arc::downgrade(&toc));
         }
         let remote = RemoteLayer {
             image: reference.to_string(),
@@ -306,8 +315,10 @@ impl RemoteLayers {
                     .client
                     .get_blob_range(reference, &lazy.blob, position.range())
                     .await?;
+                // Kept only once it checked: an unverified payload never reaches the disk.
+                let toc = lazy.decode_toc(&p, position)?;
                 self.manifests.put(&p)?;
-                p
+                return Ok(toc);
             }
         };
         Ok(lazy.decode_toc(&payload, position)?)
@@ -517,7 +528,8 @@ impl RemoteLayers {
         }
         let first_of_image = {
             let mut baked = self.baked.lock().expect("not poisoned");
-            if !baked.blobs.insert(blob) {
+            let repo = format!("{}/{}", reference.registry, reference.repository);
+            if !baked.blobs.insert((blob, repo)) {
                 return;
             }
             baked.images.insert(manifest)
@@ -562,49 +574,68 @@ impl RemoteLayers {
         };
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
+        let descs = value["layers"].as_array().map_or(&[][..], Vec::as_slice);
+        if descs.len() > MAX_LAYERS {
+            return Err(Error::InvalidArgument(format!(
+                "manifest {manifest} lists {} layers, more than the {MAX_LAYERS} a lazy image may have",
+                descs.len()
+            )));
+        }
         // Each layer's TOC is fetched at the same time as the others': prefetch of the whole
         // image waits for the last of them.
-        let layers = value["layers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|desc| async move {
-                let Ok(blob) = desc["digest"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .parse::<Digest>()
-                else {
-                    return Ok(None);
-                };
-                let decoded = self
-                    .tocs
-                    .lock()
-                    .expect("not poisoned")
-                    .get(&blob)
-                    .and_then(std::sync::Weak::upgrade);
-                if let Some(toc) = decoded {
-                    self.source.register_blob(blob, reference);
-                    return Ok(Some((blob, toc)));
-                }
-                let annotations: Option<HashMap<String, String>> =
-                    serde_json::from_value(desc["annotations"].clone()).ok();
-                let size = desc["size"].as_u64().unwrap_or(0);
-                let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())?
-                else {
-                    return Ok(None);
-                };
-                let position = lazy
-                    .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
-                    .await?;
-                let toc = self.toc(reference, &lazy, &position).await?;
+        let layers = descs.iter().map(|desc| async move {
+            let Ok(blob) = desc["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .parse::<Digest>()
+            else {
+                return Ok(None);
+            };
+            let annotations: Option<HashMap<String, String>> =
+                serde_json::from_value(desc["annotations"].clone()).ok();
+            let size = desc["size"].as_u64().unwrap_or(0);
+            let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
+                return Ok(None);
+            };
+            let decoded = self
+                .tocs
+                .lock()
+                .expect("not poisoned")
+                .get(&(blob, lazy.toc_digest))
+                .and_then(std::sync::Weak::upgrade);
+            if let Some(toc) = decoded {
                 self.source.register_blob(blob, reference);
-                Ok::<_, Error>(Some((blob, Arc::new(toc))))
-            });
+                return Ok(Some((blob, toc)));
+            }
+            let position = lazy
+                .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
+                .await?;
+            let toc = self.toc(reference, &lazy, &position).await?;
+            self.source.register_blob(blob, reference);
+            Ok::<_, Error>(Some((blob, Arc::new(toc))))
+        });
         Ok(futures::future::try_join_all(layers)
             .await?
             .into_iter()
             .flatten()
             .collect())
+    }
+
+    /// Forgets the manifests and TOCs kept on disk that none of `held` (the lazy layers
+    /// still committed) names: what is persisted is bounded by what the host holds.
+    pub fn forget_unheld(&self, held: &[RemoteLayer]) {
+        let keep: HashSet<Digest> = held
+            .iter()
+            .flat_map(|l| [l.manifest, l.toc_digest])
+            .collect();
+        let Ok(stored) = self.manifests.list() else {
+            return;
+        };
+        for d in stored.into_iter().filter(|d| !keep.contains(d)) {
+            if let Err(err) = self.manifests.remove(&d) {
+                tracing::warn!(digest = %d, %err, "a kept manifest or TOC could not be removed");
+            }
+        }
     }
 
     /// Unmounts every FUSE session (shutdown).

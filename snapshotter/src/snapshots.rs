@@ -266,6 +266,7 @@ impl Snapshotter {
         let s = self.store.remove(key)?;
         if s.remote.is_some() {
             self.remote.unmount(s.id);
+            self.remote.forget_unheld(&self.lazy_layers()?);
         }
         let dir = self.dir(s.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -273,6 +274,16 @@ impl Snapshotter {
             tracing::warn!(dir = %dir.display(), %e, "snapshot directory not removed yet");
         }
         Ok(())
+    }
+
+    /// Every lazy layer still committed.
+    pub fn lazy_layers(&self) -> Result<Vec<crate::meta::RemoteLayer>> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter_map(|s| s.remote)
+            .collect())
     }
 
     pub fn stat(&self, key: &str) -> Result<Snapshot> {
