@@ -62,8 +62,13 @@ fn signal(child: &Child, sig: &str) {
 }
 
 /// SIGTERM, up to 10 s to exit, then SIGKILL; always reaped.
-fn stop(mut c: Child) {
-    signal(&c, "-TERM");
+fn stop(c: Child) {
+    stop_with(c, "-TERM");
+}
+
+/// `sig`, up to 10 s to exit, then SIGKILL; always reaped.
+fn stop_with(mut c: Child, sig: &str) {
+    signal(&c, sig);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
         std::thread::sleep(Duration::from_millis(20));
@@ -153,13 +158,24 @@ impl Snapshotter {
         }
     }
 
-    /// SIGTERM, and the time the daemon took to exit.
+    /// SIGTERM (a stop that hands the lazy layers over to the next daemon), and the time
+    /// the daemon took to exit.
     pub fn terminate(&mut self) -> Result<Duration> {
+        self.stop_by("-TERM")
+    }
+
+    /// SIGINT: the clean stop that unmounts everything and stops the holder; the time the
+    /// daemon took to exit.
+    pub fn stop_clean(&mut self) -> Result<Duration> {
+        self.stop_by("-INT")
+    }
+
+    fn stop_by(&mut self, sig: &str) -> Result<Duration> {
         let Some(mut c) = self.child.take() else {
             bail!("not running")
         };
         let started = Instant::now();
-        signal(&c, "-TERM");
+        signal(&c, sig);
         while started.elapsed() < Duration::from_secs(20) {
             if c.try_wait()?.is_some() {
                 return Ok(started.elapsed());
@@ -168,19 +184,48 @@ impl Snapshotter {
         }
         signal(&c, "-KILL");
         let _ = c.wait();
-        bail!("{} ignored SIGTERM for 20 s", self.program.display())
+        bail!("{} ignored {sig} for 20 s", self.program.display())
     }
 
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
         self.spawn()
     }
+
+    /// Starts the daemon again (after `kill9` or `terminate`), same program and flags.
+    pub fn respawn(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
+    /// Starts `program` in the stopped daemon's place, same root, socket and flags: an upgrade.
+    pub fn respawn_as(&mut self, program: &Path) -> Result<()> {
+        self.program = program.to_owned();
+        self.spawn()
+    }
+}
+
+impl Snapshotter {
+    /// The pid of the holder of FUSE connections the daemon started, while it runs.
+    pub fn holder_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.root.join("holder.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
 }
 
 impl Drop for Snapshotter {
     fn drop(&mut self) {
         if let Some(c) = self.child.take() {
-            stop(c);
+            stop_with(c, "-INT");
+        }
+        // The holder outlives daemons by design; not tests.
+        if let Some(pid) = self.holder_pid() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
         // BRISK_E2E_KEEP_LOGS=DIR keeps every daemon's log after its scratch directory goes.
         if let Some(keep) = std::env::var_os("BRISK_E2E_KEEP_LOGS") {

@@ -6,6 +6,7 @@
 
 mod cache;
 mod hostile;
+mod restart;
 mod snapshotter;
 mod traces;
 mod zone;

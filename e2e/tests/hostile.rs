@@ -25,16 +25,16 @@ use tempfile::TempDir;
 const TOC_FRAME_MAGIC: u32 = 0x184D_2A5B;
 
 /// A converted layer held in memory, with what its descriptor and config say of it.
-struct Lazy {
+pub(crate) struct Lazy {
     blob: Vec<u8>,
     toc: Toc,
     toc_digest: Digest,
     position: TocPosition,
-    diff_id: Digest,
+    pub(crate) diff_id: Digest,
 }
 
 impl Lazy {
-    fn convert(tar: &[u8]) -> Result<Self> {
+    pub(crate) fn convert(tar: &[u8]) -> Result<Self> {
         let options = ConvertOptions {
             chunk_size: 256 * 1024,
             ..ConvertOptions::default()
@@ -84,7 +84,7 @@ impl Lazy {
         Ok(())
     }
 
-    fn annotations(&self) -> BTreeMap<String, String> {
+    pub(crate) fn annotations(&self) -> BTreeMap<String, String> {
         toc::layer_annotations(&self.toc_digest, &self.position.to_string(), &[])
     }
 }
@@ -113,7 +113,7 @@ fn busybox_tar(dir: &Path, hostname: &str) -> Result<Vec<u8>> {
 
 /// Writes `layer` as a one-layer OCI layout at `dir`, tagged `tag`, with `annotations` on the
 /// layer descriptor and `diff_id` in the config (the layer's own unless told otherwise).
-fn layout(
+pub(crate) fn layout(
     dir: &Path,
     tag: &str,
     layer: &Lazy,

@@ -215,7 +215,7 @@ fn a_restarted_snapshotter_serves_new_containers() -> Result<()> {
         "added by layer 2\n"
     );
     // A clean stop is quick and unmounts everything.
-    let took = stack.snapshotter.terminate()?;
+    let took = stack.snapshotter.stop_clean()?;
     assert!(took.as_secs() < 10, "SIGTERM took {took:?}");
     assert!(
         mounts_under(&stack.snapshotter.root).is_empty(),

@@ -28,6 +28,35 @@ pub struct Config {
     pub trace: TraceSettings,
     pub peer: PeerSettings,
     pub layers: LayerSettings,
+    pub handover: HandoverSettings,
+}
+
+/// Keeping lazy layers' FUSE connections alive across restarts (see `crate::handover`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoverSettings {
+    /// Hand every layer's connection to a holder, so a restarted, upgraded or crashed daemon's
+    /// successor takes running containers over instead of leaving them ENOTCONN.
+    pub enabled: bool,
+    /// Start a holder (this binary, `--hold`) when none answers. Off under systemd, where
+    /// `brisk-holder.service` runs it.
+    pub spawn_holder: bool,
+    /// The holder's socket; default `<root>/holder.sock`.
+    pub holder_socket: Option<PathBuf>,
+    /// With no daemon for this long, the holder lets the connections go (readers then get
+    /// errors instead of waiting for a daemon that does not come back).
+    pub orphan_secs: u64,
+}
+
+impl Default for HandoverSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            spawn_holder: true,
+            holder_socket: None,
+            orphan_secs: 600,
+        }
+    }
 }
 
 /// How lazy layers earn the chain IDs containerd commits them under (see `crate::proof`).
@@ -161,6 +190,7 @@ impl Default for Config {
             trace: TraceSettings::default(),
             peer: PeerSettings::default(),
             layers: LayerSettings::default(),
+            handover: HandoverSettings::default(),
         }
     }
 }

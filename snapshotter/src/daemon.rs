@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use brisk_blobcache::disk::DiskCache;
 use brisk_blobcache::layered::Layered;
 use brisk_blobcache::memory::MemoryCache;
 use brisk_blobcache::meta::MetaStore as ManifestStore;
@@ -19,21 +18,42 @@ use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
 use crate::control::ControlService;
-use crate::meta::{Kind, SnapshotStore};
-use crate::remote::{detach_all_under, RemoteLayers, TracePolicy};
+use crate::meta::SnapshotStore;
+use crate::remote::{RemoteLayers, TracePolicy};
 use crate::service::SnapshotService;
 use crate::snapshots::Snapshotter;
 use crate::traces::Traces;
 use crate::{Error, Result};
 use brisk_trace_recorder::recorder::Limits;
 
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// How the daemon stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave every lazy layer mounted, its connection kept by the holder, for a successor
+    /// (a restart or an upgrade): running containers wait instead of failing.
+    HandOver,
+    /// Unmount everything and stop the holder.
+    Clean,
+}
+
+/// Serves until `shutdown` says how to stop; returns how it stopped. After `Stop::HandOver`
+/// the caller must exit at once, without dropping the runtime: a read still in flight would
+/// otherwise be answered EIO as its task is dropped, instead of being resent to the successor.
+pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result<Stop> {
     let root = &config.root;
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(root, e))?;
-    // A previous run killed before unmounting leaves dead FUSE mounts that fail every access.
-    detach_all_under(&root.join("snapshots"));
+    // Before anything under the root is touched: one daemon per root.
+    let _lock = crate::takeover::lock_root(root)?;
+    let (holder, mut held) = crate::takeover::holder(&config)?;
+    // A previous run killed before unmounting leaves dead FUSE mounts that fail every access;
+    // those whose connections the holder kept are alive, and are taken over below.
+    let live: Vec<std::path::PathBuf> = held
+        .keys()
+        .map(|id| root.join("snapshots").join(id.to_string()).join("fs"))
+        .collect();
+    crate::takeover::detach_dead_under(&root.join("snapshots"), &live);
 
     let mirrors = match &config.registry.config_path {
         Some(dir) => brisk_blobcache::registry::hosts::load(dir)?,
@@ -49,8 +69,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let client = Arc::new(RegistryClient::new(registry.clone())?);
     let source = Arc::new(RegistrySource::new(client.clone(), RemoteConfig::default()));
-    let disk = Arc::new(DiskCache::open(
-        root.join("cache"),
+    let disk = Arc::new(crate::takeover::open_cache(
+        &root.join("cache"),
         config.cache.disk_bytes,
     )?);
     let origin_deadline = registry.timeout * (registry.retries + 1) + Duration::from_secs(15);
@@ -69,6 +89,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let cache = levels.level(source.clone(), origin_deadline).build();
     let manifests = ManifestStore::open(root.join("meta"))?;
     let store = SnapshotStore::open(&root.join("metadata"))?;
+    for (key, err) in store.set_aside_damaged()? {
+        tracing::error!(snapshot = %key, %err, "snapshot record is damaged and cannot be recovered; it was set aside");
+    }
     let t = &config.trace;
     let limits = Limits {
         quiet: Duration::from_secs(t.quiet_secs),
@@ -108,6 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         remote.clone(),
     ));
     let snapshotter = Arc::new(Snapshotter::new(root, store, remote.clone(), prover)?);
+    remote.set_holder(holder);
 
     if let Some(addr) = &config.metrics_address {
         crate::metrics::serve(addr)?;
@@ -119,15 +143,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ));
         }
         tracing::info!(root = %root.display(), "serving the zone only");
-        shutdown.await;
+        let _ = shutdown.await;
         tracing::info!("shutting down");
         if let Some(zone) = zone {
             zone.leave().await;
         }
         disk.flush()?;
-        return Ok(());
+        return Ok(Stop::Clean);
     }
-    remount(&snapshotter, &config).await?;
+    let started = std::time::Instant::now();
+    crate::takeover::remount(&snapshotter, &config, &mut held).await?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "lazy layers taken over or mounted again"
+    );
     // Manifests and TOCs of images removed while the daemon was down.
     remote.forget_unheld(&snapshotter.lazy_layers()?);
 
@@ -141,47 +170,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let listener = bind_socket(address, config.socket_group)?;
     tracing::info!(address = %address.display(), root = %root.display(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let served = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotService::new(
             snapshotter.clone(),
         )))
         .add_service(ControlServer::new(ControlService::new(snapshotter.clone())))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_tx.send(shutdown.await);
+        })
         .await;
-    tracing::info!("shutting down");
+    let stop = stop_rx.await.unwrap_or(Stop::HandOver);
+    tracing::info!(?stop, "shutting down");
     if let Some(zone) = zone {
         zone.leave().await;
     }
-    remote.unmount_all();
+    match stop {
+        Stop::Clean => remote.unmount_all(),
+        Stop::HandOver => remote.leave_all(),
+    }
     disk.flush()?;
     let _ = std::fs::remove_file(address);
-    served.map_err(|e| Error::io(address, std::io::Error::other(e)))
-}
-
-/// Mounts every committed lazy layer again, before the socket accepts requests.
-async fn remount(snapshotter: &Snapshotter, config: &Config) -> Result<()> {
-    for s in snapshotter.store().all()? {
-        let (Kind::Committed, Some(layer)) = (s.kind, &s.remote) else {
-            continue;
-        };
-        let path = config
-            .root
-            .join("snapshots")
-            .join(s.id.to_string())
-            .join("fs");
-        match snapshotter.remote().remount(s.id, &path, layer).await {
-            Ok(toc) => {
-                tracing::info!(snapshot = %s.key, proof = layer.proof.as_str(), "lazy layer mounted again");
-                snapshotter.prove(&s, toc);
-            }
-            Err(err) => {
-                // Never left as an empty directory to stack on: Prepare, View and Mounts
-                // over it fail, naming it, until it is removed.
-                tracing::error!(snapshot = %s.key, err = %brisk_blobcache::error_chain(&err), "lazy layer could not be mounted again")
-            }
-        }
-    }
-    Ok(())
+    served.map_err(|e| Error::io(address, std::io::Error::other(e)))?;
+    Ok(stop)
 }
 
 /// Binds the API socket with mode 0660 whatever the umask (created under a 0077 umask, then

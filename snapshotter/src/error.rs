@@ -28,6 +28,8 @@ pub enum Error {
     Range,
     #[error("The layer's content does not match the chain ID it was committed under")]
     Refuted,
+    #[error("Hand-over of FUSE connections failed: {0}")]
+    Handover(String),
     #[error("Chunk cache could not serve the read")]
     Cache(#[from] brisk_blobcache::Error),
     #[error("Snapshot metadata store failed")]
@@ -74,6 +76,7 @@ impl Error {
             // The kernel only gets EIO; the log line carries the whole error chain.
             Error::Cache(_)
             | Error::Refuted
+            | Error::Handover(_)
             | Error::Trace(_)
             | Error::Meta(_)
             | Error::MetaRecord(_)

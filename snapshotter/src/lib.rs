@@ -10,14 +10,16 @@ mod daemon;
 mod error;
 mod filter;
 pub mod fs;
+pub mod handover;
 mod meta;
 mod metrics;
 mod proof;
 mod remote;
 mod service;
 mod snapshots;
+mod takeover;
 mod traces;
 mod zone;
 
-pub use daemon::run;
+pub use daemon::{run, Stop};
 pub use error::{Error, Result};

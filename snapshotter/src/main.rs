@@ -39,6 +39,13 @@ struct Args {
     /// Seconds between a lazy layer's mount and its background hash.
     #[arg(long, value_name = "SECS")]
     verify_delay_secs: Option<u64>,
+    /// Run as the holder of FUSE connections on this socket (what the daemon starts, or
+    /// `brisk-holder.service` runs), instead of as the daemon.
+    #[arg(long, value_name = "SOCKET")]
+    hold: Option<PathBuf>,
+    /// As the holder: let the connections go after this long without a daemon.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    hold_orphan_secs: u64,
 }
 
 #[tokio::main]
@@ -68,12 +75,43 @@ async fn main() -> anyhow::Result<()> {
     if let Some(secs) = args.verify_delay_secs {
         config.layers.verify_delay_secs = secs;
     }
+    if let Some(socket) = args.hold {
+        init_logging("info")?;
+        return brisk_snapshotter::handover::serve(
+            &socket,
+            std::time::Duration::from_secs(args.hold_orphan_secs),
+        )
+        .context("Holding FUSE connections");
+    }
     keep_large_buffers_lazy();
-    // RUST_LOG, when set, wins over the config's `log_level`, as for most Rust daemons.
+    init_logging(&config.log_level)?;
+    // SIGTERM (systemctl stop and restart) hands the layers over to the next daemon;
+    // SIGINT (Ctrl-C, or `systemctl kill -s INT`) is the clean stop that unmounts them.
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => brisk_snapshotter::Stop::HandOver,
+            _ = tokio::signal::ctrl_c() => brisk_snapshotter::Stop::Clean,
+        }
+    };
+    let stop = brisk_snapshotter::run(config, shutdown)
+        .await
+        .context("brisk-snapshotter failed")?;
+    if stop == brisk_snapshotter::Stop::HandOver {
+        // Without dropping the runtime: reads still in flight are resent to the successor,
+        // not answered EIO as their tasks are dropped.
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+/// RUST_LOG, when set, wins over the config's `log_level`, as for most Rust daemons.
+fn init_logging(level: &str) -> anyhow::Result<()> {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|f| !f.trim().is_empty())
-        .unwrap_or_else(|| config.log_level.clone());
+        .unwrap_or_else(|| level.to_owned());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter)
@@ -82,17 +120,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
-    brisk_snapshotter::run(config, shutdown)
-        .await
-        .context("brisk-snapshotter failed")?;
     Ok(())
 }
 

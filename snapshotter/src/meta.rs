@@ -145,6 +145,26 @@ impl SnapshotStore {
         Ok(())
     }
 
+    /// Moves every record that no longer decodes (a crash mid-write, a disk error) out of
+    /// the way, into the `damaged` tree, so the others keep being served; returns their keys
+    /// and why each failed.
+    pub fn set_aside_damaged(&self) -> Result<Vec<(String, String)>> {
+        let damaged = self.db.open_tree("damaged").map_err(Error::Meta)?;
+        let mut out = Vec::new();
+        for r in self.snapshots.iter() {
+            let (k, v) = r.map_err(Error::Meta)?;
+            if let Err(e) = serde_json::from_slice::<Snapshot>(&v) {
+                damaged.insert(&k, v).map_err(Error::Meta)?;
+                self.snapshots.remove(&k).map_err(Error::Meta)?;
+                out.push((String::from_utf8_lossy(&k).into_owned(), e.to_string()));
+            }
+        }
+        if !out.is_empty() {
+            self.flush()?;
+        }
+        Ok(out)
+    }
+
     /// All snapshots, in key order. Collected first so no lock is held while a caller streams.
     pub fn all(&self) -> Result<Vec<Snapshot>> {
         self.snapshots
@@ -349,6 +369,19 @@ mod tests {
         m.remove("layer1").unwrap();
         assert!(matches!(m.remove("layer1"), Err(Error::NotFound(_))));
         assert_ne!(b.id, committed.id);
+    }
+
+    #[test]
+    fn damaged_records_are_set_aside_and_the_rest_kept() {
+        let (_d, m) = store();
+        m.create(Kind::Active, "good", "", BTreeMap::new(), None)
+            .unwrap();
+        m.snapshots.insert("torn", &b"{\"id\":3,"[..]).unwrap();
+        let aside = m.set_aside_damaged().unwrap();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(aside[0].0, "torn");
+        assert_eq!(m.all().unwrap().len(), 1);
+        assert!(m.set_aside_damaged().unwrap().is_empty());
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct RemoteLayers {
     /// Keyed by blob and TOC digest: an image that names another's blob with a TOC of its
     /// own never gets (or replaces) the other's TOC.
     tocs: Mutex<HashMap<(Digest, Digest), std::sync::Weak<Toc>>>,
+    /// The holder of FUSE connections (`crate::handover`); `None` when there is none. A std
+    /// mutex: calls are short local round trips.
+    holder: Mutex<Option<crate::handover::Client>>,
     /// Zone peers, asked for traces before the registry.
     zone: Option<Arc<brisk_blobcache::zone::client::PeerSource>>,
     /// Layers (blobs) and images whose baked start-up chunks were handed to prefetch in this
@@ -80,6 +83,10 @@ pub struct RemoteLayers {
 /// One lazy layer's FUSE mount.
 struct Mounted {
     session: fuser::BackgroundSession,
+    path: std::path::PathBuf,
+    /// False for a connection taken over from a dead predecessor: dropping the session does
+    /// not unmount, so `unmount` detaches the path itself.
+    owns_mount: bool,
     /// Set when the layer is refuted: its filesystem answers EIO from then on.
     refuted: Arc<std::sync::atomic::AtomicBool>,
     /// Inode numbers run from 1 to this: what to drop from the page cache on refutal.
@@ -115,6 +122,7 @@ impl RemoteLayers {
             sessions: Mutex::default(),
             tocs: Mutex::default(),
             zone: None,
+            holder: Mutex::default(),
             baked: Mutex::default(),
         }
     }
@@ -324,8 +332,8 @@ impl RemoteLayers {
         Ok(lazy.decode_toc(&payload, position)?)
     }
 
-    /// Mounts the layer's FUSE filesystem at `path`.
-    pub fn mount(&self, id: u64, path: &Path, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<()> {
+    /// The filesystem serving `layer`, with its reads recorded for traces.
+    fn layer_fs(&self, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<crate::fs::LayerFs> {
         let blob = layer.blob;
         let recorder = self.traces.recorder().clone();
         let chunks = toc.clone();
@@ -347,30 +355,100 @@ impl RemoteLayers {
         });
         let fs = crate::fs::LayerFs::new(toc, blob, self.cache.clone(), self.rt.clone())?
             .with_recorder(record);
-        let (refuted, inodes) = (fs.refuted_flag(), fs.inodes());
         if matches!(layer.proof, crate::meta::Proof::Refuted { .. }) {
-            refuted.store(true, std::sync::atomic::Ordering::SeqCst);
+            fs.refuted_flag()
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let session = crate::fs::mount(fs, path)?;
+        Ok(fs)
+    }
+
+    fn keep(
+        &self,
+        id: u64,
+        path: &Path,
+        fs_flags: (Arc<std::sync::atomic::AtomicBool>, u64),
+        m: crate::fs::MountedLayer,
+    ) {
+        if let Some(holder) = &*self.holder.lock().expect("not poisoned") {
+            let held = crate::handover::Held {
+                id,
+                abi: m.connection.abi,
+                capabilities: m.connection.capabilities,
+            };
+            if let Err(err) = holder.put(held, std::os::fd::AsFd::as_fd(&m.fd)) {
+                tracing::warn!(id, %err, "the holder did not take the layer's FUSE connection; it will not survive a restart of the daemon");
+            }
+        }
         self.sessions.lock().expect("not poisoned").insert(
             id,
             Mounted {
-                session,
-                refuted,
-                inodes,
+                session: m.session,
+                refuted: fs_flags.0,
+                inodes: fs_flags.1,
+                path: path.to_owned(),
+                owns_mount: m.owns_mount,
             },
         );
+    }
+
+    /// Mounts the layer's FUSE filesystem at `path`.
+    pub fn mount(&self, id: u64, path: &Path, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<()> {
+        let fs = self.layer_fs(layer, toc)?;
+        let flags = (fs.refuted_flag(), fs.inodes());
+        let m = crate::fs::mount(fs, path)?;
+        self.keep(id, path, flags, m);
         Ok(())
     }
 
+    /// Serves a layer still mounted at `path` whose previous server died, over `fd`, its live
+    /// FUSE connection kept by the holder. Needs the TOC only: normally from the local store.
+    pub async fn adopt(
+        &self,
+        id: u64,
+        path: &Path,
+        layer: &RemoteLayer,
+        fd: std::os::fd::OwnedFd,
+        connection: crate::fs::Connection,
+    ) -> Result<Arc<Toc>> {
+        let toc = self.toc_of(layer).await?;
+        let fs = self.layer_fs(layer, toc.clone())?;
+        let flags = (fs.refuted_flag(), fs.inodes());
+        let m = crate::fs::adopt(fs, fd, connection, path)?;
+        self.keep(id, path, flags, m);
+        Ok(toc)
+    }
+
+    /// Tells the holder to let go of connections no snapshot owns any more.
+    pub fn forget_connection(&self, id: u64) {
+        if let Some(holder) = &*self.holder.lock().expect("not poisoned") {
+            if let Err(err) = holder.forget(id) {
+                tracing::warn!(id, %err, "the holder did not let a FUSE connection go");
+            }
+        }
+    }
+
     pub fn unmount(&self, id: u64) {
-        let session = self.sessions.lock().expect("not poisoned").remove(&id);
-        drop(session);
+        let mounted = self.sessions.lock().expect("not poisoned").remove(&id);
+        if let Some(m) = mounted {
+            if !m.owns_mount {
+                detach(&m.path);
+            }
+            drop(m);
+        }
+        self.forget_connection(id);
     }
 
     /// Mounts a committed remote snapshot again after a restart, from what metadata recorded
     /// (the TOC normally comes from the local store; the registry is asked only if it is gone).
     pub async fn remount(&self, id: u64, path: &Path, layer: &RemoteLayer) -> Result<Arc<Toc>> {
+        let toc = self.toc_of(layer).await?;
+        detach(path);
+        self.mount(id, path, layer, toc.clone())?;
+        Ok(toc)
+    }
+
+    /// A committed lazy layer's TOC, from the local store (the registry only if it is gone).
+    async fn toc_of(&self, layer: &RemoteLayer) -> Result<Arc<Toc>> {
         let reference: Reference = layer.image.parse()?;
         let blob = layer.blob;
         let position: TocPosition = layer.toc_position.parse()?;
@@ -383,8 +461,6 @@ impl RemoteLayers {
         };
         let toc = Arc::new(self.toc(&reference, &lazy, &position).await?);
         self.source.register_blob(blob, &reference);
-        detach(path);
-        self.mount(id, path, layer, toc.clone())?;
         Ok(toc)
     }
 
@@ -638,15 +714,44 @@ impl RemoteLayers {
         }
     }
 
-    /// Unmounts every FUSE session (shutdown).
+    /// A clean stop: unmounts every lazy layer and tells the holder to let every connection
+    /// go and exit.
     pub fn unmount_all(&self) {
+        let ids: Vec<u64> = self
+            .sessions
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .copied()
+            .collect();
+        for id in ids {
+            self.unmount(id);
+        }
+        if let Some(holder) = self.holder.lock().expect("not poisoned").take() {
+            if let Err(err) = holder.quit() {
+                tracing::warn!(%err, "the holder did not stop");
+            }
+        }
+    }
+
+    /// A stop for a successor: every FUSE session is left running until the process exits
+    /// and its mount in place; the holder keeps the connections, so readers wait for the
+    /// successor instead of failing.
+    pub fn leave_all(&self) {
         let sessions: Vec<_> = self
             .sessions
             .lock()
             .expect("not poisoned")
             .drain()
             .collect();
-        drop(sessions);
+        for (_, m) in sessions {
+            crate::fs::leave(m.session);
+        }
+    }
+
+    /// Connects to the holder that keeps FUSE connections across restarts.
+    pub fn set_holder(&self, holder: Option<crate::handover::Client>) {
+        *self.holder.lock().expect("not poisoned") = holder;
     }
 }
 
@@ -659,25 +764,5 @@ pub fn detach(path: &Path) {
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call; umount2 only reads it.
     unsafe {
         libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-    }
-}
-
-/// Detaches every mount below `dir` (leftovers of a previous run killed before unmounting),
-/// deepest first.
-pub fn detach_all_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.display().to_string();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| p.replace("\\040", " "))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        tracing::info!(mountpoint = %p, "removing a stale mount");
-        detach(Path::new(&p));
     }
 }

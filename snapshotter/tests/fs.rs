@@ -240,7 +240,7 @@ fn mount(rt: &Runtime, layer: &Layer, cache: Arc<Layered>, recorder: Option<Reco
         fs = fs.with_recorder(recorder);
     }
     let dir = tempfile::tempdir().unwrap();
-    let session = layerfs::mount(fs, dir.path()).unwrap();
+    let session = layerfs::mount(fs, dir.path()).unwrap().session;
     Mounted {
         session: Some(session),
         dir,

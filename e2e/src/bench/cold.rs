@@ -322,7 +322,7 @@ fn remove_image(containerd: &Containerd, image: &str) -> Result<()> {
 /// and snapshot directories go.
 fn keep_only_cache(snapshotter: Snapshotter) -> Result<()> {
     let mut s = snapshotter;
-    s.terminate()?;
+    s.stop_clean()?;
     let root = s.root.clone();
     drop(s);
     ensure!(

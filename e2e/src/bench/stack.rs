@@ -221,7 +221,7 @@ pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
 /// on the same directory, root and socket.
 pub fn restart_clean(snapshotter: Snapshotter, dir: &Path, args: &[&str]) -> Result<Snapshotter> {
     let mut old = snapshotter;
-    old.terminate()?;
+    old.stop_clean()?;
     // Dropped before the new one starts: its drop detaches whatever is mounted under the root.
     drop(old);
     Snapshotter::start(dir, args)

@@ -11,10 +11,10 @@
 mod inode;
 mod read;
 mod readahead;
+mod session;
 
 use brisk_blobcache::error_chain as chain;
 use std::ffi::OsStr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,16 +23,17 @@ use brisk_blobcache::layered::Layered;
 use brisk_blobcache::toc::Toc;
 use brisk_blobcache::Digest;
 use fuser::{
-    AccessFlags, BackgroundSession, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, SessionACL,
+    AccessFlags, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
 use self::inode::{Inode, InodeTable};
 use self::read::Plan;
 pub use self::read::{ReadEvent, Recorder};
+pub(crate) use self::session::leave;
+pub use self::session::{adopt, mount, Connection, MountedLayer};
 use crate::{Error, Result};
 
 /// How long the kernel may cache attributes and entries. A layer never changes while it is
@@ -52,6 +53,8 @@ pub struct LayerFs {
     /// The daemon's runtime: reads run there, never on the FUSE thread.
     rt: Handle,
     recorder: Option<Recorder>,
+    /// What the kernel offered at INIT, kept so a successor can replay it (`session`).
+    init_seen: Arc<Mutex<Option<Connection>>>,
     /// Set when the layer's tar stream proved not to be the layer its chain ID names: from
     /// then on every lookup, open, read and listing fails (see `crate::proof`).
     refuted: Arc<AtomicBool>,
@@ -72,6 +75,7 @@ impl LayerFs {
             cache,
             rt,
             recorder: None,
+            init_seen: Arc::default(),
             refuted: Arc::default(),
             streams: Mutex::default(),
         })
@@ -128,25 +132,6 @@ impl LayerFs {
     }
 }
 
-/// Mounts read-only at `mountpoint` (allow_other, ro, fsname and subtype "brisk",
-/// default_permissions so the kernel checks modes) and returns the background session;
-/// dropping it unmounts.
-pub fn mount(fs: LayerFs, mountpoint: &Path) -> Result<BackgroundSession> {
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName("brisk".into()),
-        MountOption::Subtype("brisk".into()),
-        MountOption::DefaultPermissions,
-    ];
-    // containerd, runc and the container's processes are not necessarily the daemon's user.
-    config.acl = SessionACL::All;
-    fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| Error::Mount {
-        path: mountpoint.display().to_string(),
-        source,
-    })
-}
-
 /// getxattr and listxattr share one protocol: size 0 asks for the length.
 fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
     if size == 0 {
@@ -160,6 +145,11 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
 
 impl fuser::Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let abi = config.kernel_abi();
+        *self.init_seen.lock().expect("not poisoned") = Some(Connection {
+            abi: (abi.0, abi.1),
+            capabilities: config.capabilities().bits(),
+        });
         // Reads are answered from tasks, so many can be in flight at once: let the kernel
         // queue more readahead before it throttles than its default of 16.
         let _ = config.set_max_background(64);
