@@ -21,4 +21,4 @@ pub mod toc;
 pub mod zone;
 
 pub use digest::Digest;
-pub use error::{chain as error_chain, Error, Result};
+pub use error::{chain as error_chain, Error, Limit, Result};
