@@ -17,6 +17,8 @@ pub mod reference;
 pub mod registry;
 pub mod remote;
 pub mod source;
+#[cfg(test)]
+mod test_util;
 pub mod toc;
 pub mod zone;
 
