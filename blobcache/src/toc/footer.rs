@@ -59,21 +59,6 @@ impl FromStr for TocPosition {
     }
 }
 
-impl TocPosition {
-    /// The four fields of the annotation form, unchecked; `None` if it is not that form.
-    pub(crate) fn parse_fields(s: &str) -> Option<Self> {
-        let mut parts = s.split(':');
-        let mut next = || parts.next()?.parse::<u64>().ok();
-        let pos = TocPosition {
-            offset: next()?,
-            size: next()?,
-            uncompressed_size: next()?,
-            version: u32::try_from(next()?).ok()?,
-        };
-        parts.next().is_none().then_some(pos)
-    }
-}
-
 /// The decoded footer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footer {
@@ -126,6 +111,19 @@ impl Footer {
 }
 
 impl TocPosition {
+    /// The four fields of the annotation form, unchecked; `None` if it is not that form.
+    pub(crate) fn parse_fields(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let mut next = || parts.next()?.parse::<u64>().ok();
+        let pos = TocPosition {
+            offset: next()?,
+            size: next()?,
+            uncompressed_size: next()?,
+            version: u32::try_from(next()?).ok()?,
+        };
+        parts.next().is_none().then_some(pos)
+    }
+
     /// Refuses a position whose TOC is larger than a reader fetches or decodes
     /// (`MAX_TOC_COMPRESSED_SIZE`, `MAX_TOC_SIZE`), or whose blob would end past `u64::MAX`.
     pub fn check_limits(&self) -> Result<()> {
