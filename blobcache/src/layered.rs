@@ -724,7 +724,8 @@ impl Layered {
         tokio::spawn(async move {
             let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
             let mut size = 0;
-            for c in chunks {
+            // A reference outside the limits is left out (its range could not even be sized).
+            for c in chunks.into_iter().filter(|c| c.check().is_ok()) {
                 let follows = batches.last().and_then(|b| b.last()).is_some_and(|last| {
                     last.blob == c.blob
                         && c.compressed.start >= last.compressed.end
@@ -1177,7 +1178,12 @@ mod tests {
             .read_for_peer(std::slice::from_ref(&wide), Priority::OnDemand)
             .await[0]
             .is_none());
-        let done = layered.prefetch(vec![wide], u64::MAX, CancellationToken::new());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = ChunkRef {
+            compressed: 200..100,
+            ..cs[0].0.clone()
+        };
+        let done = layered.prefetch(vec![wide, backwards], u64::MAX, CancellationToken::new());
         assert_eq!(done.await.unwrap(), 0);
         assert_eq!(origin.gets.load(Ordering::SeqCst), 0);
     }
