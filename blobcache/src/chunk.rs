@@ -4,12 +4,12 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate::toc::{Chunk, Toc};
-use crate::Digest;
+use crate::toc::{self, Chunk, Toc};
+use crate::{Digest, Error, Limit, Result};
 
 /// A chunk's identity (the sha256 of its uncompressed bytes) and its location (its blob and
 /// compressed range, which only the registry level needs).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
     pub digest: Digest,
     pub blob: Digest,
@@ -26,6 +26,31 @@ impl ChunkRef {
             compressed: chunk.compressed_range(),
             uncompressed_len: chunk.tar_size,
         }
+    }
+
+    /// Refuses a reference no TOC within the limits can hold: an empty or oversized compressed
+    /// range, or a decoded length over `MAX_CHUNK_SIZE` (readers size a buffer from it). The
+    /// read path checks every reference it is handed, from a TOC or from a zone peer.
+    pub fn check(&self) -> Result<()> {
+        let what = || format!("Chunk {}", self.digest);
+        if self.compressed.is_empty() || self.uncompressed_len == 0 {
+            return Err(Error::bad_toc(format!(
+                "chunk {} has an empty range or length",
+                self.digest
+            )));
+        }
+        Error::check_limit(
+            what,
+            Limit::ChunkSize,
+            self.uncompressed_len,
+            toc::MAX_CHUNK_SIZE,
+        )?;
+        Error::check_limit(
+            what,
+            Limit::ChunkCompressedSize,
+            self.compressed.end - self.compressed.start,
+            toc::compressed_bound(self.uncompressed_len),
+        )
     }
 
     /// Every chunk of a layer, in blob order.
@@ -58,5 +83,55 @@ impl VerifiedChunk {
 
     pub fn data(&self) -> &Bytes {
         &self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_no_toc_could_hold_are_refused() {
+        let good = ChunkRef {
+            digest: Digest::sha256(b"x"),
+            blob: Digest::sha256(b"blob"),
+            compressed: 100..200,
+            uncompressed_len: 1000,
+        };
+        good.check().unwrap();
+        let over = |r: &ChunkRef| match r.check() {
+            Err(Error::OverLimit {
+                limit, value, max, ..
+            }) => (limit, value, max),
+            other => panic!("expected a limit error, got {other:?}"),
+        };
+        let huge = ChunkRef {
+            uncompressed_len: 1 << 40,
+            ..good.clone()
+        };
+        assert_eq!(
+            over(&huge),
+            (Limit::ChunkSize, 1 << 40, toc::MAX_CHUNK_SIZE)
+        );
+        let wide = ChunkRef {
+            compressed: 0..1 << 40,
+            ..good.clone()
+        };
+        let bound = toc::compressed_bound(1000);
+        assert_eq!(over(&wide), (Limit::ChunkCompressedSize, 1 << 40, bound));
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 200..100;
+        for empty in [
+            ChunkRef {
+                compressed: backwards,
+                ..good.clone()
+            },
+            ChunkRef {
+                uncompressed_len: 0,
+                ..good
+            },
+        ] {
+            assert!(matches!(empty.check(), Err(Error::BadToc(_))), "{empty:?}");
+        }
     }
 }

@@ -78,6 +78,61 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A size or count from an image, a TOC or a registry broke one of the crate's bounds;
+    /// nothing was allocated from it.
+    #[error("{what}: {limit} {value} is over the limit of {max}")]
+    OverLimit {
+        what: String,
+        limit: Limit,
+        value: u64,
+        max: u64,
+    },
+}
+
+/// The bounds untrusted input is held to (values in `toc` and `registry`), for `OverLimit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    TocCompressedSize,
+    TocSize,
+    Entries,
+    Chunks,
+    ChunkSize,
+    ChunkCompressedSize,
+    PathLength,
+    PathDepth,
+    NameLength,
+    LinkLength,
+    Xattrs,
+    TocXattrs,
+    XattrNameLength,
+    XattrValueSize,
+    Prefetch,
+    RangeLength,
+    ResponseSize,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::TocCompressedSize => "compressed TOC size",
+            Limit::TocSize => "TOC size",
+            Limit::Entries => "entry count",
+            Limit::Chunks => "chunk count",
+            Limit::ChunkSize => "chunk size",
+            Limit::ChunkCompressedSize => "compressed chunk size",
+            Limit::PathLength => "path length",
+            Limit::PathDepth => "path depth",
+            Limit::NameLength => "name length",
+            Limit::LinkLength => "link target length",
+            Limit::Xattrs => "xattr count",
+            Limit::TocXattrs => "xattr count of the TOC",
+            Limit::XattrNameLength => "xattr name length",
+            Limit::XattrValueSize => "xattr value size",
+            Limit::Prefetch => "prefetch list length",
+            Limit::RangeLength => "range length",
+            Limit::ResponseSize => "response size",
+        })
+    }
 }
 
 impl Error {
@@ -95,6 +150,24 @@ impl Error {
         }
     }
 
+    /// `OverLimit` unless `value <= max`; `what` names the input and is only built on failure.
+    pub(crate) fn check_limit(
+        what: impl FnOnce() -> String,
+        limit: Limit,
+        value: u64,
+        max: u64,
+    ) -> Result<()> {
+        if value <= max {
+            return Ok(());
+        }
+        Err(Self::OverLimit {
+            what: what(),
+            limit,
+            value,
+            max,
+        })
+    }
+
     /// A TOC that is malformed or lies about the blob.
     pub fn bad_toc(reason: impl Into<String>) -> Self {
         Self::BadToc(reason.into())
@@ -102,6 +175,14 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `name` cut to its first 64 characters, for messages about names that may be any length.
+pub(crate) fn short(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.char_indices().nth(64) {
+        Some((end, _)) => format!("{}…", &name[..end]).into(),
+        None => name.into(),
+    }
+}
 
 /// An error and its causes on one line, for log fields.
 pub fn chain(err: &dyn std::error::Error) -> String {

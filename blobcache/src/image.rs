@@ -27,7 +27,9 @@ pub struct LazyLayer {
 }
 
 impl LazyLayer {
-    /// `None` when the descriptor has no TOC annotation (the layer is not lazy).
+    /// `None` when the descriptor has no TOC annotation (the layer is not lazy). A malformed
+    /// position annotation is ignored (the footer is read instead); a well-formed one that
+    /// claims a TOC over the limits refuses the layer, before anything is fetched.
     pub fn from_descriptor(
         blob: Digest,
         size: u64,
@@ -39,9 +41,7 @@ impl LazyLayer {
         let Some(toc_digest) = annotations.get(toc::ANNOTATION_TOC_DIGEST) else {
             return Ok(None);
         };
-        let position = annotations
-            .get(toc::ANNOTATION_TOC_POSITION)
-            .and_then(|p| p.parse().ok());
+        let position = checked_position(annotations.get(toc::ANNOTATION_TOC_POSITION))?;
         let spans = annotations.get(toc::ANNOTATION_PREFETCH_SPANS);
         Self::new(blob, size, toc_digest, position, spans).map(Some)
     }
@@ -49,26 +49,21 @@ impl LazyLayer {
     /// The layer as the label copies of its annotations describe it (what containerd passes
     /// to `Prepare`), with no manifest at hand: `None` unless both the TOC digest and a
     /// well-formed TOC position are there. The blob's size follows from the position, since
-    /// the TOC frame and the footer end the blob.
+    /// the TOC frame and the footer end the blob; a position that claims a TOC over the
+    /// limits, or a blob past `u64::MAX`, is an error, before anything is fetched.
     pub fn from_labels(
         blob: Digest,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<Option<Self>> {
-        let (Some(toc_digest), Some(position)) = (
-            labels.get(toc::LABEL_TOC_DIGEST),
-            labels
-                .get(toc::LABEL_TOC_POSITION)
-                .and_then(|p| p.parse::<TocPosition>().ok()),
-        ) else {
+        let Some(toc_digest) = labels.get(toc::LABEL_TOC_DIGEST) else {
             return Ok(None);
         };
-        let Some(size) = position
-            .offset
-            .checked_add(position.size)
-            .and_then(|end| end.checked_add(FOOTER_SIZE as u64))
-        else {
-            return Err(Error::bad_toc(format!("TOC position {position} overflows")));
+        let Some(position) = checked_position(labels.get(toc::LABEL_TOC_POSITION))? else {
+            return Ok(None);
         };
+        let size = position
+            .blob_size()
+            .ok_or_else(|| Error::bad_toc(format!("TOC position {position} overflows")))?;
         let spans = labels.get(toc::LABEL_PREFETCH_SPANS);
         Self::new(blob, size, toc_digest, Some(position), spans).map(Some)
     }
@@ -114,13 +109,23 @@ impl LazyLayer {
     /// checks that the chunks end where the TOC frame begins.
     pub fn decode_toc(&self, payload: &[u8], position: &TocPosition) -> Result<Toc> {
         let toc = Toc::decode(payload, position.uncompressed_size, Some(&self.toc_digest))?;
-        if toc.data_size() + 8 != position.offset {
+        if toc.data_size().checked_add(8) != Some(position.offset) {
             return Err(Error::bad_toc(
                 "chunks do not end where the TOC frame begins",
             ));
         }
         Ok(toc)
     }
+}
+
+/// A position annotation or label: `None` if absent or malformed, an error if well-formed
+/// but over the limits (`TocPosition::check_limits`).
+fn checked_position(value: Option<&String>) -> Result<Option<TocPosition>> {
+    let Some(position) = value.and_then(|v| TocPosition::parse_fields(v)) else {
+        return Ok(None);
+    };
+    position.check_limits()?;
+    Ok(Some(position))
 }
 
 #[cfg(test)]
@@ -178,5 +183,39 @@ mod tests {
         labels.insert(toc::LABEL_TOC_POSITION.to_owned(), "100:10:10:1".into());
         labels.insert(toc::LABEL_TOC_DIGEST.to_owned(), "not a digest".into());
         assert!(LazyLayer::from_labels(blob, &labels).is_err());
+    }
+
+    #[test]
+    fn a_position_claiming_a_huge_toc_refuses_the_layer_before_anything_is_fetched() {
+        // The daemon-killing label: a 2^62-byte compressed TOC whose blob size, derived from
+        // the position itself, agrees with it.
+        let blob = Digest::sha256(b"layer");
+        let huge = format!("8:{}:100:1", 1u64 << 62);
+        let digest = Digest::sha256(b"toc").to_string();
+        let labels = BTreeMap::from([
+            (toc::LABEL_TOC_DIGEST.to_owned(), digest.clone()),
+            (toc::LABEL_TOC_POSITION.to_owned(), huge.clone()),
+        ]);
+        let over = |r: Result<Option<LazyLayer>>| match r {
+            Err(Error::OverLimit {
+                limit, value, max, ..
+            }) => (limit, value, max),
+            other => panic!("expected a limit error, got {other:?}"),
+        };
+        let expected = (
+            crate::Limit::TocCompressedSize,
+            1 << 62,
+            toc::MAX_TOC_COMPRESSED_SIZE,
+        );
+        assert_eq!(over(LazyLayer::from_labels(blob, &labels)), expected);
+        let annotations = HashMap::from([
+            (toc::ANNOTATION_TOC_DIGEST.to_owned(), digest),
+            (toc::ANNOTATION_TOC_POSITION.to_owned(), huge),
+        ]);
+        let size = (1u64 << 62) + 8 + FOOTER_SIZE as u64;
+        assert_eq!(
+            over(LazyLayer::from_descriptor(blob, size, Some(&annotations))),
+            expected
+        );
     }
 }

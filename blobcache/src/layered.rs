@@ -122,7 +122,7 @@ struct Group<'a> {
 /// handing a chunk over (a panic) fails its readers instead of leaving them waiting.
 struct Handoff {
     layered: Arc<Layered>,
-    digests: Vec<Digest>,
+    chunks: Vec<ChunkRef>,
     senders: Mutex<Vec<Option<oneshot::Sender<Outcome>>>>,
 }
 
@@ -130,12 +130,12 @@ impl Handoff {
     fn deliver(&self, i: usize, outcome: Outcome) {
         let sender = self.senders.lock().expect("not poisoned")[i].take();
         if let Some(sender) = sender {
-            tracing::debug!(digest = %self.digests[i], ok = outcome.is_ok(), "chunk fetch done");
+            tracing::debug!(digest = %self.chunks[i].digest, ok = outcome.is_ok(), "chunk fetch done");
             self.layered
                 .inflight
                 .lock()
                 .expect("not poisoned")
-                .remove(&self.digests[i]);
+                .remove(&self.chunks[i]);
             let _ = sender.send(outcome);
         }
     }
@@ -143,7 +143,7 @@ impl Handoff {
 
 impl Drop for Handoff {
     fn drop(&mut self) {
-        for i in 0..self.digests.len() {
+        for i in 0..self.chunks.len() {
             self.deliver(i, Err(Arc::from("the fetch ended without an answer")));
         }
     }
@@ -170,8 +170,12 @@ const PEER_LEVEL: &str = "peer";
 
 pub struct Layered {
     levels: Vec<Level>,
-    /// Fetches in progress by chunk digest. A std mutex: held only to look up or insert.
-    inflight: Mutex<HashMap<Digest, InFlight>>,
+    /// Fetches in progress by the whole chunk reference, not the digest alone: a reference
+    /// that names a digest with a wrong range or length (a hostile TOC or peer) must never
+    /// fail, or delay, a correct one that would otherwise join it. The price: the same content
+    /// asked for through two blobs at once is fetched twice (the caches then hold it once).
+    /// A std mutex: held only to look up or insert.
+    inflight: Mutex<HashMap<ChunkRef, InFlight>>,
     /// On-demand fetches that reached the last level; prefetch waits while any are running.
     ondemand: AtomicUsize,
     ondemand_idle: Notify,
@@ -227,12 +231,37 @@ impl LayeredBuilder {
     }
 }
 
-/// The verified chunk for `found`: bytes are checked here; a chunk a level already holds
-/// verified only has to be the one asked for.
-fn accept(chunk: &ChunkRef, found: Found) -> Option<VerifiedChunk> {
-    match found {
-        Found::Bytes(bytes) => VerifiedChunk::check(chunk, bytes),
-        Found::Verified(v) => (v.digest() == &chunk.digest).then_some(v),
+/// What a level's answer is worth for one chunk reference.
+enum Accepted {
+    Verified(VerifiedChunk),
+    /// The level holds the digest's true bytes, but the reference claims another length: the
+    /// reference is wrong, not the level, so nothing is discarded and no level can do better.
+    WrongLength(u64),
+    /// The level's bytes are not the chunk's.
+    Corrupt,
+}
+
+/// Checks `found` against `chunk`: bytes are checked here; a chunk a level already holds
+/// verified only has to be the one asked for, length included.
+fn accept(chunk: &ChunkRef, found: Found) -> Accepted {
+    let verified = match found {
+        Found::Bytes(bytes) => match VerifiedChunk::check(chunk, bytes.clone()) {
+            Some(verified) => verified,
+            None if bytes.len() as u64 != chunk.uncompressed_len
+                && Digest::sha256(&bytes) == chunk.digest =>
+            {
+                return Accepted::WrongLength(bytes.len() as u64)
+            }
+            None => return Accepted::Corrupt,
+        },
+        Found::Verified(v) => v,
+    };
+    if verified.digest() != &chunk.digest {
+        Accepted::Corrupt
+    } else if verified.data().len() as u64 != chunk.uncompressed_len {
+        Accepted::WrongLength(verified.data().len() as u64)
+    } else {
+        Accepted::Verified(verified)
     }
 }
 
@@ -269,12 +298,16 @@ impl Layered {
     }
 
     /// Reads several chunks, in request order. Chunks another reader is already fetching are
-    /// waited for, not fetched again. Fails if any chunk is unavailable from every level.
+    /// waited for, not fetched again. Fails if any chunk is unavailable from every level, or
+    /// if a reference is outside the limits (`ChunkRef::check`), before anything is fetched.
     pub async fn read_many(
         self: &Arc<Self>,
         chunks: &[ChunkRef],
         priority: Priority,
     ) -> Result<Vec<VerifiedChunk>> {
+        for c in chunks {
+            c.check()?;
+        }
         let flights = self
             .join_or_start(chunks, priority, Reader::Local)
             .into_iter()
@@ -330,28 +363,37 @@ impl Layered {
     ) -> Vec<Option<Flight>> {
         let mut inflight = self.inflight.lock().expect("not poisoned");
         let mut mine: Vec<ChunkRef> = Vec::new();
-        let mut mine_index: HashMap<Digest, usize> = HashMap::new();
+        let mut mine_index: HashMap<&ChunkRef, usize> = HashMap::new();
         enum Slot {
             Joined(Flight),
             Mine(usize),
             Declined,
+            Refused(Flight),
         }
         let slots: Vec<Slot> = chunks
             .iter()
-            .map(|c| match inflight.get(&c.digest) {
-                Some(f) if reader == Reader::Peer && f.forwarded => Slot::Declined,
-                Some(f) => {
-                    if priority == Priority::OnDemand {
-                        tracing::debug!(digest = %c.digest, "on-demand read joins a fetch in flight");
-                        f.wanted.store(true, Ordering::SeqCst);
-                        f.urgency.raise();
-                    }
-                    Slot::Joined(f.flight.clone())
+            .map(|c| {
+                // Refused here too, so that no reference outside the limits reaches a level
+                // whichever way it came in (prefetch, a zone peer).
+                if let Err(err) = c.check() {
+                    let outcome: Outcome = Err(Arc::from(err.to_string()));
+                    return Slot::Refused(futures::future::ready(outcome).boxed().shared());
                 }
-                None => Slot::Mine(*mine_index.entry(c.digest).or_insert_with(|| {
-                    mine.push(c.clone());
-                    mine.len() - 1
-                })),
+                match inflight.get(c) {
+                    Some(f) if reader == Reader::Peer && f.forwarded => Slot::Declined,
+                    Some(f) => {
+                        if priority == Priority::OnDemand {
+                            tracing::debug!(digest = %c.digest, "on-demand read joins a fetch in flight");
+                            f.wanted.store(true, Ordering::SeqCst);
+                            f.urgency.raise();
+                        }
+                        Slot::Joined(f.flight.clone())
+                    }
+                    None => Slot::Mine(*mine_index.entry(c).or_insert_with(|| {
+                        mine.push(c.clone());
+                        mine.len() - 1
+                    })),
+                }
             })
             .collect();
         // Chunks fetched through a peer and chunks fetched here go in separate groups, so a
@@ -390,7 +432,7 @@ impl Layered {
                     .boxed()
                     .shared();
                 inflight.insert(
-                    mine[j].digest,
+                    mine[j].clone(),
                     InFlight {
                         flight: flight.clone(),
                         urgency: urgency.clone(),
@@ -402,7 +444,7 @@ impl Layered {
             }
             let handoff = Handoff {
                 layered: self.clone(),
-                digests: batch.iter().map(|c| c.digest).collect(),
+                chunks: batch.clone(),
                 senders: Mutex::new(senders),
             };
             tracing::debug!(
@@ -432,6 +474,7 @@ impl Layered {
                 Slot::Joined(f) => Some(f),
                 Slot::Mine(j) => started[j].clone(),
                 Slot::Declined => None,
+                Slot::Refused(f) => Some(f),
             })
             .collect()
     }
@@ -581,8 +624,8 @@ impl Layered {
     }
 
     /// One level's answer for chunk `i` of `group`: a verified chunk is kept by the faster
-    /// levels and handed over at once; otherwise why it was not, if there is more to say
-    /// than a clean miss.
+    /// levels and handed over at once (as is the failure of a reference with the wrong
+    /// length); otherwise why it was not, if there is more to say than a clean miss.
     async fn take(
         &self,
         li: usize,
@@ -596,7 +639,7 @@ impl Layered {
         let chunk = &group.chunks[i];
         match answer {
             Ok(Some(found)) => match accept(chunk, found) {
-                Some(verified) => {
+                Accepted::Verified(verified) => {
                     let len = verified.data().len() as u64;
                     level.stats.hits.fetch_add(1, Ordering::Relaxed);
                     level.stats.bytes.fetch_add(len, Ordering::Relaxed);
@@ -619,7 +662,19 @@ impl Layered {
                     group.handoff.deliver(i, Ok(verified));
                     Ok(())
                 }
-                None => {
+                Accepted::WrongLength(actual) => {
+                    // Handed over (as a failure) at once: every level would say the same.
+                    tracing::warn!(level = name, digest = %chunk.digest, claimed = chunk.uncompressed_len, actual, "chunk reference has the wrong length");
+                    group.handoff.deliver(
+                        i,
+                        Err(Arc::from(format!(
+                            "the reference claims {} bytes, the chunk has {actual}",
+                            chunk.uncompressed_len
+                        ))),
+                    );
+                    Ok(())
+                }
+                Accepted::Corrupt => {
                     level.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("brisk_cache_corrupt_total", "level" => name).increment(1);
                     tracing::warn!(level = name, digest = %chunk.digest, "chunk failed verification, skipping level");
@@ -669,7 +724,8 @@ impl Layered {
         tokio::spawn(async move {
             let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
             let mut size = 0;
-            for c in chunks {
+            // A reference outside the limits is left out (its range could not even be sized).
+            for c in chunks.into_iter().filter(|c| c.check().is_ok()) {
                 let follows = batches.last().and_then(|b| b.last()).is_some_and(|last| {
                     last.blob == c.blob
                         && c.compressed.start >= last.compressed.end
@@ -835,6 +891,24 @@ mod tests {
             .collect()
     }
 
+    /// `n` chunks of `len` bytes whose compressed ranges are as long and `stride` apart (no
+    /// smaller: `ChunkRef::check` refuses a range longer than its data can compress to).
+    fn spread_chunks(n: usize, len: u64, stride: u64) -> Vec<(ChunkRef, Bytes)> {
+        (0..n)
+            .map(|i| {
+                let data = Bytes::from(vec![i as u8 + 1; len as usize]);
+                let at = i as u64 * stride;
+                let r = ChunkRef {
+                    digest: Digest::sha256(&data),
+                    blob: Digest::sha256(b"blob"),
+                    compressed: at..at + len,
+                    uncompressed_len: len,
+                };
+                (r, data)
+            })
+            .collect()
+    }
+
     /// A zone peer level that forwards one chunk and never answers for it.
     struct StuckPeer {
         forwarded: Digest,
@@ -990,6 +1064,130 @@ mod tests {
         assert_eq!(layered.report()[1].corrupt, 2, "one try per pass");
     }
 
+    /// A level that serves bytes by where a reference says they are (as the registry does),
+    /// slowly: a reference with the wrong range gets wrong bytes.
+    struct ByRange {
+        data: HashMap<std::ops::Range<u64>, Bytes>,
+        delay: Duration,
+        gets: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl ChunkSource for ByRange {
+        fn name(&self) -> &'static str {
+            "by-range"
+        }
+
+        async fn get(&self, chunk: &ChunkRef) -> Answer {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            let wrong = || Bytes::from(vec![0u8; chunk.uncompressed_len as usize]);
+            let data = self.data.get(&chunk.compressed).cloned();
+            Ok(Some(Found::Bytes(data.unwrap_or_else(wrong))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_reference_never_fails_a_good_one_for_the_same_digest() {
+        let cs = chunks(1);
+        let good = cs[0].0.clone();
+        let origin = Arc::new(ByRange {
+            data: HashMap::from([(good.compressed.clone(), cs[0].1.clone())]),
+            delay: Duration::from_millis(50),
+            gets: AtomicU32::new(0),
+        });
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(5))
+            .build();
+        // The same digest at the wrong place, and with the wrong length: each asked for just
+        // before the good reference, which would have joined their fetch by digest alone.
+        let wrong_range = ChunkRef {
+            compressed: 5000..5100,
+            ..good.clone()
+        };
+        let wrong_length = ChunkRef {
+            uncompressed_len: good.uncompressed_len - 1,
+            ..good.clone()
+        };
+        for bad in [wrong_range, wrong_length] {
+            let l = layered.clone();
+            let bad_read = tokio::spawn(async move { l.read(&bad, Priority::OnDemand).await });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let got = layered.read(&good, Priority::OnDemand).await.unwrap();
+            assert_eq!(got.data(), &cs[0].1);
+            assert!(bad_read.await.unwrap().is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reference_with_the_wrong_length_fails_alone_and_evicts_nothing() {
+        let cs = chunks(1);
+        let memory = Arc::new(MemoryCache::new(1 << 20));
+        let origin = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(memory.clone(), Duration::from_secs(1))
+            .level(origin.clone(), Duration::from_secs(1))
+            .build();
+        layered.read(&cs[0].0, Priority::OnDemand).await.unwrap();
+        let longer = ChunkRef {
+            uncompressed_len: cs[0].0.uncompressed_len + 1,
+            ..cs[0].0.clone()
+        };
+        let err = layered.read(&longer, Priority::OnDemand).await.unwrap_err();
+        assert!(err.to_string().contains("the chunk has 1000"), "{err}");
+        assert!(
+            memory.contains(&cs[0].0.digest).await,
+            "the true chunk stays"
+        );
+        assert_eq!(
+            origin.gets.load(Ordering::SeqCst),
+            1,
+            "no level was asked again"
+        );
+        assert_eq!(layered.report()[0].corrupt, 0);
+    }
+
+    #[tokio::test]
+    async fn references_outside_the_limits_are_refused_before_any_level_is_asked() {
+        let cs = chunks(1);
+        let origin = Arc::new(Scripted::new(&cs));
+        let layered = Layered::builder()
+            .level(origin.clone(), Duration::from_secs(1))
+            .build();
+        let huge = ChunkRef {
+            uncompressed_len: 1 << 40,
+            ..cs[0].0.clone()
+        };
+        let err = layered.read(&huge, Priority::OnDemand).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit {
+                    limit: crate::Limit::ChunkSize,
+                    value: 1099511627776,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let wide = ChunkRef {
+            compressed: 0..1 << 40,
+            ..cs[0].0.clone()
+        };
+        assert!(layered
+            .read_for_peer(std::slice::from_ref(&wide), Priority::OnDemand)
+            .await[0]
+            .is_none());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = ChunkRef {
+            compressed: 200..100,
+            ..cs[0].0.clone()
+        };
+        let done = layered.prefetch(vec![wide, backwards], u64::MAX, CancellationToken::new());
+        assert_eq!(done.await.unwrap(), 0);
+        assert_eq!(origin.gets.load(Ordering::SeqCst), 0);
+    }
+
     /// Twelve chunks behind an origin that takes 40 ms a call, with one prefetch slot.
     fn slow_origin_one_prefetch_slot() -> (Vec<(ChunkRef, Bytes)>, Arc<Scripted>, Arc<Layered>) {
         let cs = chunks(12);
@@ -1047,11 +1245,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(
-            layered
-                .inflight
-                .lock()
-                .unwrap()
-                .contains_key(&cs[9].0.digest),
+            layered.inflight.lock().unwrap().contains_key(&cs[9].0),
             "chunk 9 should be queued"
         );
         let wanted = cs[9].0.clone();
@@ -1172,7 +1366,7 @@ mod tests {
         let l = layered.clone();
         let wanted = cs[1].0.clone();
         let reader = tokio::spawn(async move { l.read(&wanted, Priority::OnDemand).await });
-        while !layered.inflight.lock().unwrap()[&cs[1].0.digest]
+        while !layered.inflight.lock().unwrap()[&cs[1].0]
             .wanted
             .load(Ordering::SeqCst)
         {
@@ -1187,10 +1381,7 @@ mod tests {
     #[tokio::test]
     async fn prefetch_batches_are_runs_of_neighbours_in_the_order_given() {
         // Chunks of 100 kB that touch: 2 and 7 are 500 kB apart, far more than the gap kept.
-        let mut cs = chunks(9);
-        for (i, (r, _)) in cs.iter_mut().enumerate() {
-            r.compressed = (i as u64 * 100_000)..((i as u64 + 1) * 100_000);
-        }
+        let cs = spread_chunks(9, 100_000, 100_000);
         let origin = Arc::new(Scripted::new(&cs));
         let layered = Layered::builder()
             .level(origin.clone(), Duration::from_secs(5))
@@ -1220,10 +1411,7 @@ mod tests {
     #[tokio::test]
     async fn prefetch_stops_when_cancelled() {
         // 600 kB apart: each its own batch, and two fill the window.
-        let mut cs = chunks(10);
-        for (i, (r, _)) in cs.iter_mut().enumerate() {
-            r.compressed = (i as u64 * 1_200_000)..(i as u64 * 1_200_000 + 600_000);
-        }
+        let cs = spread_chunks(10, 600_000, 1_200_000);
         let mut origin = Scripted::new(&cs);
         origin.delay = Duration::from_millis(30);
         let origin = Arc::new(origin);
@@ -1248,10 +1436,7 @@ mod tests {
     #[tokio::test]
     async fn prefetch_keeps_about_a_window_of_bytes_on_the_way() {
         // 10 chunks of 400 kB, each its own batch: the window holds three at a time.
-        let mut cs = chunks(10);
-        for (i, (r, _)) in cs.iter_mut().enumerate() {
-            r.compressed = (i as u64 * 1_000_000)..(i as u64 * 1_000_000 + 400_000);
-        }
+        let cs = spread_chunks(10, 400_000, 1_000_000);
         let origin = Arc::new(Trickle::new(&cs, 0));
         let layered = Layered::builder()
             .level(origin.clone(), Duration::from_secs(5))

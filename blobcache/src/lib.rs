@@ -17,8 +17,10 @@ pub mod reference;
 pub mod registry;
 pub mod remote;
 pub mod source;
+#[cfg(test)]
+mod test_util;
 pub mod toc;
 pub mod zone;
 
 pub use digest::Digest;
-pub use error::{chain as error_chain, Error, Result};
+pub use error::{chain as error_chain, Error, Limit, Result};

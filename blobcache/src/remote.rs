@@ -1,28 +1,33 @@
 //! L4: chunks from the registry, by HTTP range reads of their compressed spans.
 //!
 //! Neighbouring chunks asked for together (prefetch, sequential reads) are coalesced into one
-//! range request up to a size limit, and requests per registry are bounded. Bytes are only
-//! decompressed here; the read path verifies them.
+//! range request up to a size limit, and requests per registry are bounded. Each chunk is
+//! decompressed and checked here as it arrives, so that a mirror that sends wrong bytes is
+//! passed over like one that fails: the rest of the read goes to the next source, finally the
+//! image's own registry, whose answer goes to the read path as it is (which counts and
+//! retries it).
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-use crate::chunk::ChunkRef;
+use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::layered::Priority;
 use crate::reference::Reference;
-use crate::registry::RegistryClient;
+use crate::registry::{RegistryClient, MAX_RANGE_BYTES};
 use crate::source::{Answer, ChunkSource, Found, SourceError};
 use crate::Digest;
 
 #[derive(Clone, Debug)]
 pub struct RemoteConfig {
-    /// Largest span fetched by one range request.
+    /// Largest span fetched by one range request (at most `registry::MAX_RANGE_BYTES`).
     pub coalesce_bytes: u64,
     /// Neighbours this far apart are still fetched together (the gap is read and dropped).
     pub max_gap: u64,
@@ -55,13 +60,21 @@ pub struct RegistrySource {
     blobs: RwLock<HashMap<Digest, Reference>>,
     /// One semaphore per registry host, created on first use.
     limits: RwLock<HashMap<String, Arc<Semaphore>>>,
-    /// Blob ranges fetched ahead of their TOC (see `preload`), by blob. A std lock: held only
-    /// to look up, insert or remove.
-    preloads: Mutex<HashMap<Digest, Vec<Arc<Preload>>>>,
-    /// Chunks handed out from a preload, with their blob: if one fails verification, every
-    /// preload of that blob is dropped and its chunks are fetched afresh.
-    preload_served: Mutex<HashMap<Digest, Digest>>,
+    /// Blob ranges fetched ahead of their TOC (see `preload`). A std lock: held only to look
+    /// up, insert or remove.
+    preloads: Mutex<Preloads>,
+    /// Mirror hosts that served bytes failing verification, until when they are passed over.
+    /// A std lock: held only to look up or insert.
+    shunned: Mutex<HashMap<String, Instant>>,
     stats: RemoteStats,
+}
+
+#[derive(Default)]
+struct Preloads {
+    by_blob: HashMap<Digest, Vec<Arc<Preload>>>,
+    /// Bytes the live preloads may grow to, all blobs together; at most
+    /// `PRELOADS_MAX_BYTES`. Held from `preload` until its task ends.
+    bytes: u64,
 }
 
 /// A blob range fetched before anyone asked for its chunks; chunk fetches inside it wait for
@@ -70,8 +83,12 @@ struct Preload {
     range: Range<u64>,
     /// The bytes received so far, from `range.start`.
     bytes: Mutex<Vec<u8>>,
-    /// How many bytes have arrived; `None` once the fetch has failed.
+    /// How many bytes have arrived; `None` once the fetch has failed or was dropped.
     arrived: watch::Sender<Option<u64>>,
+    /// The host the bytes came from, to pass over if they prove wrong.
+    served_by: Mutex<Option<Reference>>,
+    /// Cancelled when the blob's preloads are dropped: the fetch stops and the bytes go.
+    dropped: CancellationToken,
 }
 
 impl Preload {
@@ -103,7 +120,7 @@ impl Preload {
 }
 
 /// How long preloaded bytes are kept after their fetch ends, for the chunk fetches to come.
-const PRELOAD_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+const PRELOAD_KEEP: Duration = Duration::from_secs(60);
 
 /// Bytes of preloads still on their way before the next span starts (as for prefetch).
 const PRELOAD_WINDOW: u64 = 1 << 20;
@@ -111,15 +128,28 @@ const PRELOAD_WINDOW: u64 = 1 << 20;
 /// Bytes one blob's preloads may span at most.
 const PRELOAD_MAX_BYTES: u64 = 64 << 20;
 
+/// Bytes all preloads together may span at most, as much as the daemon's default memory
+/// cache holds (four blobs at their own limit). Preloaded bytes are held for a minute outside
+/// every cache's accounting, so without it a burst of image starts (or annotations claiming
+/// the most for every layer) would hold 64 MiB a layer. Spans past it are not preloaded:
+/// their chunks are fetched once the TOC is in, as without the annotation.
+const PRELOADS_MAX_BYTES: u64 = 256 << 20;
+
+const _: () = assert!(PRELOAD_MAX_BYTES <= MAX_RANGE_BYTES);
+
+/// How long a mirror that served wrong bytes is passed over (as a lying zone peer is).
+const SHUN: Duration = Duration::from_secs(60);
+
 impl RegistrySource {
-    pub fn new(client: Arc<RegistryClient>, config: RemoteConfig) -> Self {
+    pub fn new(client: Arc<RegistryClient>, mut config: RemoteConfig) -> Self {
+        config.coalesce_bytes = config.coalesce_bytes.min(MAX_RANGE_BYTES);
         Self {
             client,
             config,
             blobs: RwLock::default(),
             limits: RwLock::default(),
             preloads: Mutex::default(),
-            preload_served: Mutex::default(),
+            shunned: Mutex::default(),
             stats: RemoteStats::default(),
         }
     }
@@ -143,78 +173,115 @@ impl RegistrySource {
         &self.stats
     }
 
+    /// Bytes the live preloads of all blobs may grow to (what `PRELOADS_MAX_BYTES` bounds).
+    pub fn preload_bytes(&self) -> u64 {
+        self.preloads.lock().expect("not poisoned").bytes
+    }
+
     /// Starts fetching `spans` of `blob` now, in order, two at a time, before any chunk in them
     /// is asked for: a layer's start-up chunks can be on the way while its TOC is still being
-    /// fetched. Nothing is verified here; chunk fetches that fall inside a span take their bytes
-    /// from it, and the read path checks them like any other. Kept for a minute after arriving.
+    /// fetched. Chunk fetches that fall inside a span take their bytes from it and check them
+    /// like any other. Kept for a minute after arriving. Spans past `PRELOAD_MAX_BYTES` for
+    /// the blob, or `PRELOADS_MAX_BYTES` for all blobs, are left out.
     pub fn preload(self: &Arc<Self>, blob: Digest, reference: &Reference, spans: Vec<Range<u64>>) {
-        let mut total = 0;
-        let spans: Vec<Arc<Preload>> = spans
-            .into_iter()
-            .filter(|r| r.end > r.start)
-            .take_while(|r| {
-                total += r.end - r.start;
-                total <= PRELOAD_MAX_BYTES
-            })
-            .map(|range| {
-                Arc::new(Preload {
-                    range,
-                    bytes: Mutex::default(),
-                    arrived: watch::channel(Some(0)).0,
+        let dropped = CancellationToken::new();
+        let (spans, reserved) = {
+            let mut preloads = self.preloads.lock().expect("not poisoned");
+            let held: u64 = preloads
+                .by_blob
+                .get(&blob)
+                .into_iter()
+                .flatten()
+                .map(|p| p.range.end - p.range.start)
+                .sum();
+            let room = PRELOAD_MAX_BYTES
+                .saturating_sub(held)
+                .min(PRELOADS_MAX_BYTES.saturating_sub(preloads.bytes));
+            let mut total = 0;
+            let spans: Vec<Arc<Preload>> = spans
+                .into_iter()
+                .filter(|r| r.end > r.start)
+                .take(crate::toc::MAX_PREFETCH_SPANS)
+                .take_while(|r| {
+                    total += r.end - r.start;
+                    total <= room
                 })
-            })
-            .collect();
-        if spans.is_empty() {
-            return;
-        }
+                .map(|range| {
+                    Arc::new(Preload {
+                        range,
+                        bytes: Mutex::default(),
+                        arrived: watch::channel(Some(0)).0,
+                        served_by: Mutex::default(),
+                        dropped: dropped.clone(),
+                    })
+                })
+                .collect();
+            if spans.is_empty() {
+                if total > 0 {
+                    tracing::debug!(%blob, held, all = preloads.bytes, "preload limit reached; start-up chunks wait for the TOC");
+                }
+                return;
+            }
+            let reserved: u64 = spans.iter().map(|p| p.range.end - p.range.start).sum();
+            preloads.bytes += reserved;
+            preloads
+                .by_blob
+                .entry(blob)
+                .or_default()
+                .extend(spans.iter().cloned());
+            (spans, reserved)
+        };
         self.register_blob(blob, reference);
-        self.preloads
-            .lock()
-            .expect("not poisoned")
-            .entry(blob)
-            .or_default()
-            .extend(spans.iter().cloned());
         let this = self.clone();
         let reference = reference.clone();
         tokio::spawn(async move {
-            // Like prefetch: the next span starts once less than a window of the ones on the
-            // way is still to arrive, so the link stays busy and the front arrives first.
-            let progressed = Notify::new();
-            let mut pending = futures::stream::FuturesUnordered::new();
-            let mut queue = spans.iter().cloned();
-            let mut started: Vec<Arc<Preload>> = Vec::new();
-            loop {
-                let remaining: u64 = started.iter().map(|p| p.remaining()).sum();
-                if pending.is_empty() || remaining < PRELOAD_WINDOW {
-                    if let Some(p) = queue.next() {
-                        started.push(p.clone());
-                        pending.push(this.fill(&reference, &blob, p, &progressed));
-                        continue;
-                    }
-                }
-                if pending.is_empty() {
-                    break;
-                }
-                tokio::select! {
-                    _ = pending.next() => {}
-                    _ = progressed.notified() => {}
-                }
+            // Removes the spans and gives their bytes back however the task ends.
+            let _held = HeldPreloads {
+                source: &this,
+                blob,
+                spans: &spans,
+                bytes: reserved,
+            };
+            tokio::select! {
+                _ = this.fill_all(&reference, &blob, &spans) => {}
+                _ = dropped.cancelled() => {}
             }
-            tokio::time::sleep(PRELOAD_KEEP).await;
-            let mut preloads = this.preloads.lock().expect("not poisoned");
-            if let Some(held) = preloads.get_mut(&blob) {
-                held.retain(|p| !spans.iter().any(|s| Arc::ptr_eq(s, p)));
-                if held.is_empty() {
-                    preloads.remove(&blob);
-                    this.preload_served
-                        .lock()
-                        .expect("not poisoned")
-                        .retain(|_, b| *b != blob);
-                }
+            tokio::select! {
+                _ = tokio::time::sleep(PRELOAD_KEEP) => {}
+                _ = dropped.cancelled() => {}
             }
         });
     }
 
+    /// Fetches the spans of one `preload` call, keeping a window of bytes on the way.
+    async fn fill_all(&self, reference: &Reference, blob: &Digest, spans: &[Arc<Preload>]) {
+        // Like prefetch: the next span starts once less than a window of the ones on the
+        // way is still to arrive, so the link stays busy and the front arrives first.
+        let progressed = Notify::new();
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut queue = spans.iter().cloned();
+        let mut started: Vec<Arc<Preload>> = Vec::new();
+        loop {
+            let remaining: u64 = started.iter().map(|p| p.remaining()).sum();
+            if pending.is_empty() || remaining < PRELOAD_WINDOW {
+                if let Some(p) = queue.next() {
+                    started.push(p.clone());
+                    pending.push(self.fill(reference, blob, p, &progressed));
+                    continue;
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = pending.next() => {}
+                _ = progressed.notified() => {}
+            }
+        }
+    }
+
+    /// Fetches one preload span from the first source that answers (nothing can be checked
+    /// yet: the TOC that has the digests is still on its way).
     async fn fill(
         &self,
         reference: &Reference,
@@ -237,37 +304,66 @@ impl RegistrySource {
             p.arrived.send_replace(Some(len as u64));
             progressed.notify_one();
         };
-        let started = std::time::Instant::now();
-        match self
-            .range(reference, blob, p.range.clone(), &progress)
-            .await
-        {
-            Ok(span) => {
-                progress(&span);
-                tracing::debug!(%blob, start = p.range.start, bytes = span.len(), ms = started.elapsed().as_millis() as u64, "preload span arrived");
-            }
-            Err(err) => {
-                tracing::debug!(%blob, err = %crate::error::chain(&err), "preload failed; chunks will be fetched on their own");
-                p.arrived.send_replace(None);
-                progressed.notify_one();
+        let started = Instant::now();
+        let mut failure = None;
+        for source in self.sources(reference) {
+            *p.served_by.lock().expect("not poisoned") = Some(source.clone());
+            match self.range(&source, blob, p.range.clone(), &progress).await {
+                Ok(span) => {
+                    progress(&span);
+                    tracing::debug!(%blob, start = p.range.start, bytes = span.len(), ms = started.elapsed().as_millis() as u64, "preload span arrived");
+                    return;
+                }
+                Err(err) => failure = Some(err),
             }
         }
+        if let Some(err) = failure {
+            tracing::debug!(%blob, err = %crate::error::chain(&err), "preload failed; chunks will be fetched on their own");
+        }
+        p.arrived.send_replace(None);
+        progressed.notify_one();
     }
 
-    /// One range read of `blob`, within the registry's request limit and counted.
+    /// Where to read `reference`'s blobs, in order: its registry's mirrors, less those that
+    /// lately served wrong bytes, then the registry itself (never passed over).
+    fn sources(&self, reference: &Reference) -> Vec<Reference> {
+        let mut sources = self.client.read_sources(reference);
+        let registry = sources.pop().expect("the registry is always a source");
+        let now = Instant::now();
+        let mut shunned = self.shunned.lock().expect("not poisoned");
+        shunned.retain(|_, until| *until > now);
+        sources.retain(|s| !shunned.contains_key(&s.registry));
+        sources.push(registry);
+        sources
+    }
+
+    /// Passes `source` over for a while: it served bytes of `blob` that failed verification.
+    /// The image's own registry is never passed over; the read path retries it.
+    fn shun(&self, source: &Reference, reference: &Reference, blob: &Digest) {
+        if source.registry == reference.registry {
+            return;
+        }
+        tracing::warn!(mirror = %source.registry, %blob, "mirror served wrong bytes; passed over for a minute");
+        self.shunned
+            .lock()
+            .expect("not poisoned")
+            .insert(source.registry.clone(), Instant::now() + SHUN);
+    }
+
+    /// One range read of `blob` from `source`, within that host's request limit and counted.
     async fn range(
         &self,
-        reference: &Reference,
+        source: &Reference,
         blob: &Digest,
         range: Range<u64>,
         progress: &(dyn Fn(&[u8]) + Send + Sync),
     ) -> crate::Result<Bytes> {
-        let limit = self.limit(&reference.registry);
+        let limit = self.limit(&source.registry);
         let _permit = limit.acquire().await.expect("semaphore is never closed");
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let span = self
             .client
-            .get_blob_range_streamed(reference, blob, range, progress)
+            .get_blob_range_from(source, blob, range, progress)
             .await?;
         self.stats
             .bytes
@@ -275,15 +371,20 @@ impl RegistrySource {
         Ok(span)
     }
 
-    /// Drops every preload of `blob` (its bytes proved wrong once).
+    /// Drops every preload of `blob` (its bytes proved wrong once): their fetches stop and
+    /// their bytes go.
     fn drop_preloads(&self, blob: &Digest) {
-        if self
+        let dropped = self
             .preloads
             .lock()
             .expect("not poisoned")
-            .remove(blob)
-            .is_some()
-        {
+            .by_blob
+            .remove(blob);
+        if let Some(dropped) = dropped {
+            for p in &dropped {
+                p.dropped.cancel();
+                p.arrived.send_replace(None);
+            }
             tracing::warn!(%blob, "bytes fetched ahead of the TOC were wrong; dropped");
         }
     }
@@ -292,6 +393,7 @@ impl RegistrySource {
     fn preload_for(&self, chunk: &ChunkRef) -> Option<Arc<Preload>> {
         let preloads = self.preloads.lock().expect("not poisoned");
         preloads
+            .by_blob
             .get(&chunk.blob)?
             .iter()
             .find(|p| {
@@ -343,7 +445,10 @@ impl RegistrySource {
     }
 
     /// Fetches one coalesced span and cuts it into the chunks it holds, handing each chunk
-    /// (by its index in `chunks`) to `each` as soon as its last byte has arrived.
+    /// (by its index in `chunks`) to `each` as soon as its last byte has arrived and checked.
+    /// A source whose bytes fail the check is cut off and passed over, and the rest of the
+    /// span is read from the next one; the last source's answers go to the read path as they
+    /// are.
     async fn fetch_span(
         &self,
         reference: &Reference,
@@ -351,34 +456,118 @@ impl RegistrySource {
         chunks: &[&ChunkRef],
         each: &(dyn Fn(usize, Answer) + Send + Sync),
     ) {
-        let start = chunks.first().map_or(0, |c| c.compressed.start);
         let end = chunks.last().map_or(0, |c| c.compressed.end);
-        // Chunks handed over so far; a retry restarts the prefix but not the count.
+        // Chunks handed over so far; a retry or the next source starts after them.
         let next = AtomicUsize::new(0);
-        let cut = |prefix: &[u8]| loop {
-            let k = next.load(Ordering::SeqCst);
-            let Some(c) = chunks.get(k) else { break };
-            let hi = (c.compressed.end - start) as usize;
-            if hi > prefix.len() {
-                break;
-            }
-            let lo = (c.compressed.start - start) as usize;
-            let answer = zstd::bulk::decompress(&prefix[lo..hi], c.uncompressed_len as usize)
-                .map(|d| Some(Found::Bytes(Bytes::from(d))))
-                .map_err(SourceError::unavailable);
-            next.store(k + 1, Ordering::SeqCst);
-            each(k, answer);
-        };
-        match self.range(reference, blob, start..end, &cut).await {
-            Ok(span) => cut(&span),
-            Err(err) => {
-                let err = Arc::new(err);
-                for k in next.load(Ordering::SeqCst)..chunks.len() {
-                    each(k, Err(SourceError::unavailable(SharedError(err.clone()))));
+        let sources = self.sources(reference);
+        let mut failure = None;
+        for (n, source) in sources.iter().enumerate() {
+            let Some(start) = chunks.get(next.load(Ordering::SeqCst)) else {
+                return;
+            };
+            let start = start.compressed.start;
+            let last = n + 1 == sources.len();
+            let wrong = AtomicBool::new(false);
+            let cut_off = Notify::new();
+            let cut = |prefix: &[u8]| loop {
+                if wrong.load(Ordering::SeqCst) {
+                    break;
                 }
+                let k = next.load(Ordering::SeqCst);
+                let Some(c) = chunks.get(k) else { break };
+                let hi = (c.compressed.end - start) as usize;
+                if hi > prefix.len() {
+                    break;
+                }
+                let lo = (c.compressed.start - start) as usize;
+                let answer = match check(c, &prefix[lo..hi]) {
+                    Ok(verified) => Ok(Some(Found::Verified(verified))),
+                    Err(answer) if last => answer,
+                    Err(_) => {
+                        wrong.store(true, Ordering::SeqCst);
+                        cut_off.notify_one();
+                        break;
+                    }
+                };
+                next.store(k + 1, Ordering::SeqCst);
+                each(k, answer);
+            };
+            let fetched = tokio::select! {
+                fetched = self.range(source, blob, start..end, &cut) => Some(fetched),
+                // The rest of a wrong answer is not worth waiting for.
+                _ = cut_off.notified() => None,
+            };
+            match fetched {
+                Some(Ok(span)) => cut(&span),
+                Some(Err(err)) => {
+                    if !last {
+                        tracing::warn!(mirror = %source.registry, err = %crate::error::chain(&err), "mirror failed, trying the next source");
+                    }
+                    failure = Some(err);
+                }
+                None => {}
+            }
+            if wrong.load(Ordering::SeqCst) {
+                self.shun(source, reference, blob);
+                failure = None;
+            } else if next.load(Ordering::SeqCst) == chunks.len() {
+                return;
+            }
+        }
+        let err = Arc::new(failure.unwrap_or_else(|| crate::Error::ChunkUnavailable {
+            digest: chunks[next.load(Ordering::SeqCst)].digest,
+            reason: "no source sent the right bytes".into(),
+        }));
+        for k in next.load(Ordering::SeqCst)..chunks.len() {
+            each(k, Err(SourceError::unavailable(SharedError(err.clone()))));
+        }
+    }
+}
+
+/// Gives one `preload` call's bytes back, and takes its spans out of the table if they are
+/// still there, when its task ends (however it ends).
+struct HeldPreloads<'a> {
+    source: &'a RegistrySource,
+    blob: Digest,
+    spans: &'a [Arc<Preload>],
+    bytes: u64,
+}
+
+impl Drop for HeldPreloads<'_> {
+    fn drop(&mut self) {
+        for p in self.spans {
+            // Readers still waiting (a cancelled fetch) go to ordinary requests.
+            p.arrived.send_if_modified(|arrived| {
+                let done = p.range.end - p.range.start;
+                match arrived {
+                    Some(n) if *n < done => {
+                        *arrived = None;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+        }
+        let mut preloads = self.source.preloads.lock().expect("not poisoned");
+        preloads.bytes -= self.bytes;
+        if let Some(held) = preloads.by_blob.get_mut(&self.blob) {
+            held.retain(|p| !self.spans.iter().any(|s| Arc::ptr_eq(s, p)));
+            if held.is_empty() {
+                preloads.by_blob.remove(&self.blob);
             }
         }
     }
+}
+
+/// Decompresses one chunk and checks it against its reference. `Err` holds what the read
+/// path gets if these are the last bytes to be had: the wrong bytes (for it to count and
+/// discard) or why they do not decompress.
+fn check(chunk: &ChunkRef, compressed: &[u8]) -> Result<VerifiedChunk, Answer> {
+    // The reference was checked on the way in (`get_many_each`), so this buffer is bounded.
+    let data = zstd::bulk::decompress(compressed, chunk.uncompressed_len as usize)
+        .map_err(|e| Err(SourceError::unavailable(e)))?;
+    let data = Bytes::from(data);
+    VerifiedChunk::check(chunk, data.clone()).ok_or(Ok(Some(Found::Bytes(data))))
 }
 
 /// Groups request indexes into spans: same blob, ascending, gaps and total size bounded.
@@ -430,17 +619,6 @@ impl ChunkSource for RegistrySource {
         crate::source::get_one(self, chunk).await
     }
 
-    async fn discard(&self, digest: &Digest) {
-        let blob = self
-            .preload_served
-            .lock()
-            .expect("not poisoned")
-            .remove(digest);
-        if let Some(blob) = blob {
-            self.drop_preloads(&blob);
-        }
-    }
-
     async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
         let answers: Mutex<Vec<Answer>> = Mutex::new(chunks.iter().map(|_| Ok(None)).collect());
         self.get_many_each(chunks, Priority::OnDemand, &|i, answer| {
@@ -456,7 +634,16 @@ impl ChunkSource for RegistrySource {
         _priority: Priority,
         each: &(dyn Fn(usize, Answer) + Send + Sync),
     ) {
-        let (preloaded, rest): (Vec<_>, Vec<_>) = (0..chunks.len())
+        // A reference outside the limits never sizes a request or a buffer.
+        let mut valid = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            match c.check() {
+                Ok(()) => valid.push(i),
+                Err(err) => each(i, Err(SourceError::unavailable(err))),
+            }
+        }
+        let (preloaded, rest): (Vec<_>, Vec<_>) = valid
+            .into_iter()
             .map(|i| (i, self.preload_for(&chunks[i])))
             .partition(|(_, p)| p.is_some());
         let rest: Vec<usize> = rest.into_iter().map(|(i, _)| i).collect();
@@ -464,22 +651,22 @@ impl ChunkSource for RegistrySource {
             let taken = preloaded.into_iter().map(|(i, p)| async move {
                 let p = p.expect("partitioned on it");
                 let c = &chunks[i];
-                let decoded = p.take(c).await.and_then(|bytes| {
-                    zstd::bulk::decompress(&bytes, c.uncompressed_len as usize).ok()
-                });
-                match decoded {
-                    Some(data) => {
-                        self.preload_served
-                            .lock()
-                            .expect("not poisoned")
-                            .insert(c.digest, c.blob);
-                        each(i, Ok(Some(Found::Bytes(Bytes::from(data)))));
+                match p.take(c).await.map(|bytes| check(c, &bytes)) {
+                    Some(Ok(verified)) => {
+                        each(i, Ok(Some(Found::Verified(verified))));
                         None
                     }
-                    None => {
+                    Some(Err(_)) => {
+                        let served_by = p.served_by.lock().expect("not poisoned").clone();
+                        if let (Some(source), Some(reference)) =
+                            (served_by, self.repository_of(&c.blob))
+                        {
+                            self.shun(&source, &reference, &c.blob);
+                        }
                         self.drop_preloads(&c.blob);
                         Some(i)
                     }
+                    None => Some(i),
                 }
             });
             let failed: Vec<usize> = futures::future::join_all(taken)
@@ -487,7 +674,8 @@ impl ChunkSource for RegistrySource {
                 .into_iter()
                 .flatten()
                 .collect();
-            // A preload that failed leaves its chunks to ordinary requests.
+            // A preload that failed, or held wrong bytes, leaves its chunks to ordinary
+            // requests.
             self.fetch_indexes(chunks, &failed, each).await;
         };
         futures::join!(from_preloads, self.fetch_indexes(chunks, &rest, each));
@@ -497,6 +685,7 @@ impl ChunkSource for RegistrySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{client, respond, Reply};
 
     fn chunk(blob: &[u8], range: std::ops::Range<u64>) -> ChunkRef {
         ChunkRef {
@@ -527,5 +716,160 @@ mod tests {
         let mut expected = vec![vec![1, 0, 3], vec![2], vec![4], vec![5]];
         expected.sort();
         assert_eq!(spans, expected);
+    }
+
+    /// A blob of two zstd chunks, their references, and their decoded bytes.
+    fn two_chunk_blob() -> (Vec<u8>, Vec<ChunkRef>, Vec<Vec<u8>>) {
+        let plain: Vec<Vec<u8>> = (0..2u32)
+            .map(|k| {
+                (0..20_000u32)
+                    .map(|i| ((i * 7 + k * 13) % 251) as u8)
+                    .collect()
+            })
+            .collect();
+        let frames: Vec<Vec<u8>> = plain
+            .iter()
+            .map(|p| zstd::bulk::compress(p, 3).unwrap())
+            .collect();
+        let body = frames.concat();
+        let blob = Digest::sha256(&body);
+        let l0 = frames[0].len() as u64;
+        let refs = vec![
+            ChunkRef {
+                digest: Digest::sha256(&plain[0]),
+                blob,
+                compressed: 0..l0,
+                uncompressed_len: plain[0].len() as u64,
+            },
+            ChunkRef {
+                digest: Digest::sha256(&plain[1]),
+                blob,
+                compressed: l0..body.len() as u64,
+                uncompressed_len: plain[1].len() as u64,
+            },
+        ];
+        (body, refs, plain)
+    }
+
+    fn served(answer: &Answer) -> Option<&[u8]> {
+        match answer {
+            Ok(Some(Found::Verified(v))) => Some(v.data()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mirror_sending_wrong_bytes_is_passed_over_for_the_next_source() {
+        let (body, refs, plain) = two_chunk_blob();
+        // The mirror's first chunk is right and its second is not.
+        let mut lie = body.clone();
+        let last = lie.len() - 10;
+        lie[last] ^= 0xff;
+        let mirror = respond(move |req| Reply::range_of(&lie, req.range)).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let registry = respond(move |req| {
+            seen.lock().unwrap().push(req.range);
+            Reply::range_of(&body, req.range)
+        })
+        .await;
+        let source = Arc::new(RegistrySource::new(
+            client(&registry.host, &[&mirror.host]),
+            RemoteConfig::default(),
+        ));
+        let reference: Reference = format!("{}/test/app", registry.host).parse().unwrap();
+        source.register_blob(refs[0].blob, &reference);
+        let answers = source.get_many(&refs).await;
+        assert_eq!(served(&answers[0]), Some(&plain[0][..]));
+        assert_eq!(served(&answers[1]), Some(&plain[1][..]));
+        // Only what the mirror got wrong was asked of the registry.
+        let l0 = refs[0].compressed.end;
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [Some((l0, refs[1].compressed.end - 1))]
+        );
+        assert_eq!(mirror.count(), 1);
+        // And the mirror is passed over for the next read; the read path saw nothing wrong.
+        let layered = crate::layered::Layered::builder()
+            .level(source.clone(), Duration::from_secs(5))
+            .build();
+        let again = layered.read(&refs[1], Priority::OnDemand).await.unwrap();
+        assert_eq!(again.data(), &plain[1][..]);
+        assert_eq!((mirror.count(), registry.count()), (1, 2));
+        assert_eq!(layered.report()[0].corrupt, 0);
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_from_the_registry_itself_go_to_the_read_path_to_count() {
+        let (body, refs, _) = two_chunk_blob();
+        let mut lie = body.clone();
+        lie[5] ^= 0xff;
+        let registry = respond(move |req| Reply::range_of(&lie, req.range)).await;
+        let source = RegistrySource::new(client(&registry.host, &[]), RemoteConfig::default());
+        let reference: Reference = format!("{}/test/app", registry.host).parse().unwrap();
+        source.register_blob(refs[0].blob, &reference);
+        let answers = source.get_many(&refs).await;
+        assert!(
+            !matches!(answers[0], Ok(Some(Found::Verified(_)))),
+            "the wrong chunk is not passed off as checked"
+        );
+        assert!(served(&answers[1]).is_some());
+        assert!(source.shunned.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reference_outside_the_limits_makes_no_request() {
+        let registry = respond(|_| Reply::Hang).await;
+        let source = RegistrySource::new(client(&registry.host, &[]), RemoteConfig::default());
+        let wild = chunk(b"a", 0..1 << 40);
+        let reference: Reference = format!("{}/test/app", registry.host).parse().unwrap();
+        source.register_blob(wild.blob, &reference);
+        let answers = source.get_many(std::slice::from_ref(&wild)).await;
+        let err = answers[0].as_ref().err().map(|e| crate::error::chain(e));
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("compressed chunk size")),
+            "{err:?}"
+        );
+        assert_eq!(registry.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn preloads_of_all_blobs_together_stop_at_the_global_limit() {
+        // A registry that never answers: every preload stays live, holding its reservation.
+        let registry = respond(|_| Reply::Hang).await;
+        let source = Arc::new(RegistrySource::new(
+            client(&registry.host, &[]),
+            RemoteConfig::default(),
+        ));
+        let reference: Reference = format!("{}/test/app", registry.host).parse().unwrap();
+        let blobs: Vec<Digest> = (0..6u8).map(|i| Digest::sha256(&[i])).collect();
+        let span = |r: Range<u64>| std::iter::once(r).collect::<Vec<_>>();
+        let whole = || span(0..PRELOAD_MAX_BYTES);
+        source.preload(blobs[0], &reference, whole());
+        // One blob stops at its own limit, with room left for others.
+        let more = PRELOAD_MAX_BYTES..PRELOAD_MAX_BYTES + 1;
+        source.preload(blobs[0], &reference, span(more));
+        assert_eq!(source.preload_bytes(), PRELOAD_MAX_BYTES);
+        for blob in &blobs[1..4] {
+            source.preload(*blob, &reference, whole());
+        }
+        assert_eq!(source.preload_bytes(), PRELOADS_MAX_BYTES);
+        // All blobs together stop at theirs: a fifth blob gets nothing.
+        source.preload(blobs[4], &reference, whole());
+        assert_eq!(source.preload_bytes(), PRELOADS_MAX_BYTES);
+        let held = source.preloads.lock().unwrap().by_blob.len();
+        assert_eq!(held, 4);
+        // Dropping one blob's preloads gives its bytes back (once its task has ended).
+        source.drop_preloads(&blobs[0]);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while source.preload_bytes() > PRELOADS_MAX_BYTES - PRELOAD_MAX_BYTES {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the dropped preload's bytes come back");
+        source.preload(blobs[5], &reference, whole());
+        assert_eq!(source.preload_bytes(), PRELOADS_MAX_BYTES);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use crate::error::chain;
 use crate::{Error, Result};
 
 /// A parsed `WWW-Authenticate` header.
@@ -98,6 +99,14 @@ pub fn lookup(registry: &str) -> Option<Credentials> {
     }
 }
 
+/// A token response is a small JSON object (real tokens are a few KiB); a larger body is
+/// refused rather than buffered.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+/// The whole token exchange, body included: a token endpoint that trickles its answer would
+/// otherwise hold the request forever, since each read only has to make some progress.
+const TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Deserialize)]
 struct TokenResponse {
     token: Option<String>,
@@ -138,6 +147,7 @@ pub(crate) async fn fetch_token(
         None => http.get(realm).query(&query),
     };
     let resp = req
+        .timeout(TOKEN_TIMEOUT)
         .send()
         .await
         .map_err(|e| auth_err(format!("token request failed: {e}")))?;
@@ -147,10 +157,11 @@ pub(crate) async fn fetch_token(
             resp.status()
         )));
     }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| auth_err(format!("token response failed: {e}")))?;
+    let bytes = match super::read_limited(resp, realm, MAX_TOKEN_RESPONSE).await {
+        Ok(bytes) => bytes,
+        Err(e @ Error::OverLimit { .. }) => return Err(e),
+        Err(e) => return Err(auth_err(format!("token response failed: {}", chain(&e)))),
+    };
     let body: TokenResponse =
         serde_json::from_slice(&bytes).map_err(|e| auth_err(format!("bad token response: {e}")))?;
     body.token

@@ -23,10 +23,19 @@ pub use auth::{Challenge, Credentials};
 use crate::digest::Hasher;
 use crate::error::chain;
 use crate::reference::Reference;
-use crate::{media, Digest, Error, Result};
+use crate::{media, Digest, Error, Limit, Result};
 
 /// Manifests and configs are small; anything larger is refused rather than buffered.
 const MAX_MANIFEST_SIZE: usize = 8 * 1024 * 1024;
+
+/// The longest byte range one read may ask for; a longer one is refused before the request,
+/// since its buffer is sized from it. It covers every legitimate caller: the registry level's
+/// coalesced spans (16 MiB by default, clamped to this), preloaded spans (at most 64 MiB a
+/// blob) and a TOC (at most `toc::MAX_TOC_COMPRESSED_SIZE`).
+pub const MAX_RANGE_BYTES: u64 = 64 << 20;
+
+const _: () = assert!(crate::toc::MAX_TOC_COMPRESSED_SIZE <= MAX_RANGE_BYTES);
+const _: () = assert!(crate::toc::MAX_CHUNK_COMPRESSED_SIZE <= MAX_RANGE_BYTES);
 
 #[derive(Clone, Debug)]
 pub struct RegistryConfig {
@@ -275,6 +284,12 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        Error::check_limit(
+            || format!("Range {}..{} of blob {digest}", range.start, range.end),
+            Limit::RangeLength,
+            len,
+            MAX_RANGE_BYTES,
+        )?;
         let url = format!("{}/blobs/{digest}", self.base(r));
         let value = format!("bytes={}-{}", range.start, range.end - 1);
         self.retrying(|| async {
@@ -292,6 +307,17 @@ impl RegistryClient {
             } else {
                 range.start
             };
+            // A whole blob too short to hold the range is not read through to find that out.
+            if let Some(body) = resp.content_length().filter(|&l| l < skip + len) {
+                return Ok(Attempt::Retry(Error::SizeMismatch {
+                    what: format!(
+                        "response to range {}..{} of blob {digest}",
+                        range.start, range.end
+                    ),
+                    expected: skip + len,
+                    actual: body,
+                }));
+            }
             match read_window(resp, skip, len, progress).await {
                 Ok(b) if b.len() as u64 == len => Ok(Attempt::Done(b)),
                 Ok(b) => Ok(Attempt::Retry(Error::SizeMismatch {
@@ -474,18 +500,44 @@ impl RegistryClient {
         .await
     }
 
-    /// Runs a read against each configured mirror of `r`'s registry in turn, then against the
-    /// registry itself. A mirror that fails is only logged: the next candidate is tried.
+    /// Where reads of `r` go, in order: each configured mirror of its registry (as `r` with
+    /// the mirror's host), then `r` itself, always last.
+    pub fn read_sources(&self, r: &Reference) -> Vec<Reference> {
+        let mirrors = self.config.mirrors.get(&r.registry).into_iter().flatten();
+        mirrors
+            .map(|mirror| Reference {
+                registry: mirror.clone(),
+                ..r.clone()
+            })
+            .chain(std::iter::once(r.clone()))
+            .collect()
+    }
+
+    /// `get_blob_range_streamed` from exactly `source` (one of `read_sources`), with no other
+    /// source to fall back on: for callers that check the bytes themselves and pass a source
+    /// that served wrong ones over for the next.
+    pub async fn get_blob_range_from(
+        &self,
+        source: &Reference,
+        digest: &Digest,
+        range: Range<u64>,
+        progress: &(dyn Fn(&[u8]) + Send + Sync),
+    ) -> Result<Bytes> {
+        self.get_blob_range_direct(source, digest, range, progress)
+            .await
+    }
+
+    /// Runs a read against each of `read_sources(r)` in turn. A mirror that fails is only
+    /// logged: the next candidate is tried.
     async fn via_mirrors<T, F, Fut>(&self, r: &Reference, op: F) -> Result<T>
     where
         F: Fn(Reference) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        for mirror in self.config.mirrors.get(&r.registry).into_iter().flatten() {
-            let via = Reference {
-                registry: mirror.clone(),
-                ..r.clone()
-            };
+        let mut sources = self.read_sources(r);
+        let last = sources.pop().expect("the registry is always a source");
+        for via in sources {
+            let mirror = via.registry.clone();
             match op(via).await {
                 Ok(v) => return Ok(v),
                 Err(err) => {
@@ -493,7 +545,7 @@ impl RegistryClient {
                 }
             }
         }
-        op(r.clone()).await
+        op(last).await
     }
 
     /// Uploads a small blob held in memory.
@@ -707,13 +759,18 @@ fn fastrand_fraction() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The whole body of `resp`, refused (`OverLimit`) as soon as it is known to pass `limit`
+/// bytes: from its `Content-Length`, or once that many have arrived. Nothing past the limit
+/// is buffered.
 async fn read_limited(resp: Response, url: &str, limit: usize) -> Result<Bytes> {
-    if resp.content_length().is_some_and(|l| l as usize > limit) {
-        return Err(Error::SizeMismatch {
-            what: format!("response of {url}"),
-            expected: limit as u64,
-            actual: resp.content_length().unwrap_or(0),
-        });
+    let over = |value: u64| Error::OverLimit {
+        what: format!("Response of {url}"),
+        limit: Limit::ResponseSize,
+        value,
+        max: limit as u64,
+    };
+    if let Some(len) = resp.content_length().filter(|&l| l > limit as u64) {
+        return Err(over(len));
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
@@ -724,25 +781,25 @@ async fn read_limited(resp: Response, url: &str, limit: usize) -> Result<Bytes> 
             source,
         })?;
         if out.len() + piece.len() > limit {
-            return Err(Error::SizeMismatch {
-                what: format!("response of {url}"),
-                expected: limit as u64,
-                actual: (out.len() + piece.len()) as u64,
-            });
+            return Err(over((out.len() + piece.len()) as u64));
         }
         out.extend_from_slice(&piece);
     }
     Ok(out.into())
 }
 
-/// Reads `len` bytes after skipping `skip`, then stops reading (the rest is never fetched).
+/// Reads `len` bytes after skipping `skip`, then stops reading: whatever else the server
+/// sends is never fetched, let alone buffered. `len` is at most `MAX_RANGE_BYTES`; the
+/// buffer starts at no more than the body the server announced.
 async fn read_window(
     resp: Response,
     mut skip: u64,
     len: u64,
     progress: &(dyn Fn(&[u8]) + Send + Sync),
 ) -> std::result::Result<Bytes, reqwest::Error> {
-    let mut out = Vec::with_capacity(len as usize);
+    debug_assert!(len <= MAX_RANGE_BYTES);
+    let announced = resp.content_length().unwrap_or(0).saturating_sub(skip);
+    let mut out = Vec::with_capacity(len.min(announced) as usize);
     let mut stream = resp.bytes_stream();
     while let Some(piece) = stream.next().await {
         let mut piece = piece?;
@@ -762,3 +819,6 @@ async fn read_window(
     }
     Ok(out.into())
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{Error, Result};
+use super::{MAX_TOC_COMPRESSED_SIZE, MAX_TOC_SIZE};
+use crate::error::short;
+use crate::{Error, Limit, Result};
 
 /// Skippable-frame magic for the TOC frame. Any of 0x184D2A50..=0x184D2A5F is skippable;
 /// Brisk uses two fixed values so a dump of the blob shows which frame is which.
@@ -47,25 +49,12 @@ impl fmt::Display for TocPosition {
 impl FromStr for TocPosition {
     type Err = Error;
 
+    /// Parses the annotation form; a position claiming a TOC over the limits is refused here,
+    /// before anything is fetched for it.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::bad_toc(format!("invalid TOC position {s:?}"));
-        let mut parts = s.split(':');
-        let mut next = || {
-            parts
-                .next()
-                .ok_or_else(bad)?
-                .parse::<u64>()
-                .map_err(|_| bad())
-        };
-        let pos = TocPosition {
-            offset: next()?,
-            size: next()?,
-            uncompressed_size: next()?,
-            version: u32::try_from(next()?).map_err(|_| bad())?,
-        };
-        if parts.next().is_some() {
-            return Err(bad());
-        }
+        let pos = Self::parse_fields(s)
+            .ok_or_else(|| Error::bad_toc(format!("invalid TOC position {:?}", short(s))))?;
+        pos.check_limits()?;
         Ok(pos)
     }
 }
@@ -122,11 +111,47 @@ impl Footer {
 }
 
 impl TocPosition {
-    /// The TOC frame header sits just before `offset`, and the footer just after the TOC.
+    /// The four fields of the annotation form, unchecked; `None` if it is not that form.
+    pub(crate) fn parse_fields(s: &str) -> Option<Self> {
+        let mut parts = s.split(':');
+        let mut next = || parts.next()?.parse::<u64>().ok();
+        let pos = TocPosition {
+            offset: next()?,
+            size: next()?,
+            uncompressed_size: next()?,
+            version: u32::try_from(next()?).ok()?,
+        };
+        parts.next().is_none().then_some(pos)
+    }
+
+    /// Refuses a position whose TOC is larger than a reader fetches or decodes
+    /// (`MAX_TOC_COMPRESSED_SIZE`, `MAX_TOC_SIZE`), or whose blob would end past `u64::MAX`.
+    pub fn check_limits(&self) -> Result<()> {
+        let what = || format!("TOC position {self}");
+        Error::check_limit(
+            what,
+            Limit::TocCompressedSize,
+            self.size,
+            MAX_TOC_COMPRESSED_SIZE,
+        )?;
+        Error::check_limit(what, Limit::TocSize, self.uncompressed_size, MAX_TOC_SIZE)?;
+        self.blob_size()
+            .map(drop)
+            .ok_or_else(|| Error::bad_toc(format!("TOC position {self} overflows")))
+    }
+
+    /// The size of the blob this position implies: the TOC frame and the footer end it.
+    pub fn blob_size(&self) -> Option<u64> {
+        self.offset
+            .checked_add(self.size)?
+            .checked_add(FOOTER_SIZE as u64)
+    }
+
+    /// The TOC frame header sits just before `offset`, and the footer just after the TOC;
+    /// the TOC is within the limits.
     pub fn check_within(&self, blob_size: u64) -> Result<()> {
-        let end = self.offset.checked_add(self.size);
-        if self.offset < 8 || end.and_then(|e| e.checked_add(FOOTER_SIZE as u64)) != Some(blob_size)
-        {
+        self.check_limits()?;
+        if self.offset < 8 || self.blob_size() != Some(blob_size) {
             return Err(Error::bad_toc(format!(
                 "TOC position {self} does not fit a blob of {blob_size} bytes"
             )));
@@ -140,8 +165,10 @@ impl TocPosition {
         Ok(())
     }
 
+    /// The compressed TOC's range in the blob (checked positions never overflow; others are
+    /// cut at `u64::MAX` rather than wrap).
     pub fn range(&self) -> std::ops::Range<u64> {
-        self.offset..self.offset + self.size
+        self.offset..self.offset.saturating_add(self.size)
     }
 }
 

@@ -6,6 +6,7 @@
 //! Nothing here does I/O against a registry: callers fetch bytes and hand them in.
 
 mod footer;
+mod limits;
 mod path;
 mod writer;
 
@@ -14,9 +15,16 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Digest, Error, Result};
+use crate::error::short;
+use crate::{Digest, Error, Limit, Result};
 
 pub use footer::{Footer, TocPosition, FOOTER_SIZE};
+pub use limits::{
+    compressed_bound, worst_case_toc_memory, MAX_CHUNKS, MAX_CHUNK_COMPRESSED_SIZE, MAX_CHUNK_SIZE,
+    MAX_ENTRIES, MAX_LINK_LEN, MAX_NAME_LEN, MAX_PATH_DEPTH, MAX_PATH_LEN, MAX_PREFETCH,
+    MAX_PREFETCH_SPANS, MAX_TOC_COMPRESSED_SIZE, MAX_TOC_SIZE, MAX_TOC_XATTRS, MAX_XATTRS,
+    MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_SIZE,
+};
 pub use path::normalize_name;
 pub use writer::{
     convert_layer, ConvertOptions, ConvertedLayer, DEFAULT_PREFETCH_CHUNK_SIZE,
@@ -99,10 +107,6 @@ pub fn layer_annotations(
     out
 }
 
-/// Spans kept in the prefetch annotation at most; the rest of the list is still prefetched,
-/// after the TOC.
-pub const MAX_PREFETCH_SPANS: usize = 256;
-
 /// The prefetch annotation's value for `spans`.
 pub fn format_spans(spans: &[std::ops::Range<u64>]) -> String {
     spans
@@ -113,20 +117,22 @@ pub fn format_spans(spans: &[std::ops::Range<u64>]) -> String {
 }
 
 /// Reads a prefetch annotation, keeping only well-formed spans inside a blob of `size` bytes,
-/// at most `MAX_PREFETCH_SPANS` of them. A malformed value yields nothing: the annotation is
-/// an optimization, never a reason to refuse a layer.
+/// at most `MAX_PREFETCH_SPANS` of them (the rest is read, to see that it is well-formed,
+/// but not kept). A malformed value yields nothing: the annotation is an optimization, never
+/// a reason to refuse a layer.
 pub fn parse_spans(value: &str, size: u64) -> Vec<std::ops::Range<u64>> {
-    let parsed: Option<Vec<std::ops::Range<u64>>> = value
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            let (a, b) = s.split_once('-')?;
+    let mut spans = Vec::new();
+    for s in value.split(',').filter(|s| !s.is_empty()) {
+        let span = s.split_once('-').and_then(|(a, b)| {
             let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
             (a < b && b <= size).then_some(a..b)
-        })
-        .collect();
-    let mut spans = parsed.unwrap_or_default();
-    spans.truncate(MAX_PREFETCH_SPANS);
+        });
+        match span {
+            Some(span) if spans.len() < MAX_PREFETCH_SPANS => spans.push(span),
+            Some(_) => {}
+            None => return Vec::new(),
+        }
+    }
     spans
 }
 
@@ -137,13 +143,6 @@ const TOC_LEVEL: i32 = 19;
 
 /// Chunk size the converter aims for; see `docs/format.md` for how it was chosen.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
-
-/// No chunk may decode to more than this. A TOC that claims more is rejected before any
-/// buffer is sized from it.
-pub const MAX_CHUNK_SIZE: u64 = 16 * 1024 * 1024;
-
-/// The decoded TOC may not exceed this; it bounds the memory a lying footer can demand.
-pub const MAX_TOC_SIZE: u64 = 512 * 1024 * 1024;
 
 /// The table of contents of one converted layer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,12 +255,20 @@ impl Toc {
 
     /// Decodes the compressed TOC payload. When `expected` is given (the manifest annotation),
     /// the bytes are checked before they are decompressed, so unauthenticated input never
-    /// reaches the decoder.
+    /// reaches the decoder. Sizes and counts are bounded (`limits`) before anything is
+    /// allocated from them.
     pub fn decode(
         payload: &[u8],
         uncompressed_len: u64,
         expected: Option<&Digest>,
     ) -> Result<Self> {
+        let toc = || "TOC".to_owned();
+        Error::check_limit(
+            toc,
+            Limit::TocCompressedSize,
+            payload.len() as u64,
+            MAX_TOC_COMPRESSED_SIZE,
+        )?;
         if let Some(expected) = expected {
             let actual = Digest::sha256(payload);
             if actual != *expected {
@@ -271,11 +278,7 @@ impl Toc {
                 });
             }
         }
-        if uncompressed_len > MAX_TOC_SIZE {
-            return Err(Error::bad_toc(format!(
-                "claims {uncompressed_len} bytes, more than the limit"
-            )));
-        }
+        Error::check_limit(toc, Limit::TocSize, uncompressed_len, MAX_TOC_SIZE)?;
         // Stream rather than preallocate: the claimed length is only trusted as an upper bound.
         let mut json = Vec::new();
         let decoder = zstd::stream::read::Decoder::new(payload)
@@ -290,14 +293,16 @@ impl Toc {
                 "decompressed length differs from the footer",
             ));
         }
+        limits::prescan(&json)?;
         let toc: Toc = serde_json::from_slice(&json).map_err(|e| Error::json("TOC", e))?;
         toc.validate()?;
         Ok(toc)
     }
 
     /// Checks everything a reader relies on, so later code can index without re-checking:
-    /// chunks tile the tar stream and the blob from offset 0, sizes are bounded, entry names
-    /// are normalized, and every file's content lies inside the tar stream.
+    /// counts and sizes are within `limits`, chunks tile the tar stream and the blob from
+    /// offset 0, the prefetch list names each chunk at most once, entry names and hardlink
+    /// targets are normalized, and every file's content lies inside the tar stream.
     pub fn validate(&self) -> Result<()> {
         if self.version != FORMAT_VERSION {
             return Err(Error::bad_toc(format!(
@@ -305,6 +310,22 @@ impl Toc {
                 self.version
             )));
         }
+        let toc = || "TOC".to_owned();
+        let (chunks, entries) = (self.chunks.len() as u64, self.entries.len() as u64);
+        Error::check_limit(toc, Limit::Chunks, chunks, MAX_CHUNKS as u64)?;
+        Error::check_limit(toc, Limit::Entries, entries, MAX_ENTRIES as u64)?;
+        Error::check_limit(toc, Limit::Prefetch, self.prefetch.len() as u64, chunks)?;
+        let xattrs: usize = self.entries.iter().map(|e| e.xattrs.len()).sum();
+        Error::check_limit(toc, Limit::TocXattrs, xattrs as u64, MAX_TOC_XATTRS as u64)?;
+        self.validate_chunks()?;
+        self.validate_prefetch()?;
+        for (i, e) in self.entries.iter().enumerate() {
+            self.validate_entry(i, e)?;
+        }
+        Ok(())
+    }
+
+    fn validate_chunks(&self) -> Result<()> {
         let (mut offset, mut tar_offset) = (0u64, 0u64);
         for (i, c) in self.chunks.iter().enumerate() {
             if c.offset != offset || c.tar_offset != tar_offset {
@@ -312,9 +333,17 @@ impl Toc {
                     "chunk {i} does not follow the previous one"
                 )));
             }
-            if c.size == 0 || c.tar_size == 0 || c.tar_size > MAX_CHUNK_SIZE {
-                return Err(Error::bad_toc(format!("chunk {i} has an impossible size")));
+            if c.size == 0 || c.tar_size == 0 {
+                return Err(Error::bad_toc(format!("chunk {i} is empty")));
             }
+            let what = || format!("TOC chunk {i}");
+            Error::check_limit(what, Limit::ChunkSize, c.tar_size, MAX_CHUNK_SIZE)?;
+            Error::check_limit(
+                what,
+                Limit::ChunkCompressedSize,
+                c.size,
+                compressed_bound(c.tar_size),
+            )?;
             offset = c
                 .offset
                 .checked_add(c.size)
@@ -326,48 +355,69 @@ impl Toc {
         if tar_offset != self.tar_size {
             return Err(Error::bad_toc("chunks do not cover the tar stream"));
         }
-        if self
-            .prefetch
-            .iter()
-            .any(|&i| i as usize >= self.chunks.len())
-        {
-            return Err(Error::bad_toc(
-                "prefetch list names a chunk that does not exist",
-            ));
-        }
-        for e in &self.entries {
-            if normalize_name(&e.name)? != e.name {
-                return Err(Error::bad_toc(format!(
-                    "entry name {:?} is not normalized",
-                    e.name
-                )));
-            }
-            match (e.kind, e.offset) {
-                (EntryKind::Reg, Some(o)) => {
-                    let end = o
-                        .checked_add(e.size)
-                        .ok_or_else(|| Error::bad_toc("overflow"))?;
-                    if end > self.tar_size || e.size == 0 {
-                        return Err(Error::bad_toc(format!(
-                            "{:?} lies outside the tar stream",
-                            e.name
-                        )));
-                    }
+        Ok(())
+    }
+
+    /// Every index names a chunk, and none twice: our writer lists each chunk once, so a
+    /// repeat means the TOC was not written by it (refused rather than cleaned up, like any
+    /// other TOC that breaks the format).
+    fn validate_prefetch(&self) -> Result<()> {
+        let mut seen = vec![false; self.chunks.len()];
+        for &i in &self.prefetch {
+            match seen.get_mut(i as usize) {
+                None => {
+                    return Err(Error::bad_toc(
+                        "prefetch list names a chunk that does not exist",
+                    ))
                 }
-                (EntryKind::Reg, None) if e.size == 0 => {}
-                (_, None) if e.size == 0 => {}
-                _ => {
+                Some(true) => {
                     return Err(Error::bad_toc(format!(
-                        "{:?} has content it cannot have",
-                        e.name
+                        "prefetch list names chunk {i} twice"
                     )))
                 }
-            }
-            if matches!(e.kind, EntryKind::Symlink | EntryKind::Hardlink) && e.link.is_none() {
-                return Err(Error::bad_toc(format!("link {:?} has no target", e.name)));
+                Some(seen) => *seen = true,
             }
         }
         Ok(())
+    }
+
+    fn validate_entry(&self, i: usize, e: &Entry) -> Result<()> {
+        let name = short(&e.name);
+        if normalize_name(&e.name)? != e.name {
+            return Err(Error::bad_toc(format!(
+                "entry name {name:?} is not normalized"
+            )));
+        }
+        limits::check_entry(e, &|| format!("TOC entry {i} ({name:?})"))?;
+        match (e.kind, e.offset) {
+            (EntryKind::Reg, Some(o)) => {
+                let end = o
+                    .checked_add(e.size)
+                    .ok_or_else(|| Error::bad_toc("overflow"))?;
+                if end > self.tar_size || e.size == 0 {
+                    return Err(Error::bad_toc(format!(
+                        "{name:?} lies outside the tar stream"
+                    )));
+                }
+            }
+            (_, None) if e.size == 0 => {}
+            _ => {
+                return Err(Error::bad_toc(format!(
+                    "{name:?} has content it cannot have"
+                )))
+            }
+        }
+        match (e.kind, &e.link) {
+            (EntryKind::Symlink | EntryKind::Hardlink, None) => {
+                Err(Error::bad_toc(format!("link {name:?} has no target")))
+            }
+            (EntryKind::Hardlink, Some(target)) if normalize_name(target)? != *target => {
+                Err(Error::bad_toc(format!(
+                    "hardlink {name:?} has a target that is not normalized"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The indexes of the chunks holding `range` of the tar stream (empty for an empty range).

@@ -58,6 +58,18 @@ impl TarBuilder {
         self.file(name, data)
     }
 
+    /// A file carrying every (key, value) of `xattrs` in one PAX header.
+    pub fn xattrs_file(mut self, name: &str, xattrs: &[(String, Vec<u8>)]) -> Self {
+        let pax: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+            .collect();
+        self.0
+            .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        self.file(name, b"x")
+    }
+
     /// A raw header with an arbitrary name, bypassing the builder's own path checks.
     pub fn raw(
         mut self,
@@ -82,7 +94,7 @@ impl TarBuilder {
     }
 }
 
-fn convert(tar: &[u8], chunk_size: u32) -> (ConvertedLayer, Vec<u8>) {
+pub(super) fn convert(tar: &[u8], chunk_size: u32) -> (ConvertedLayer, Vec<u8>) {
     convert_layer(
         tar,
         Vec::new(),
@@ -95,7 +107,7 @@ fn convert(tar: &[u8], chunk_size: u32) -> (ConvertedLayer, Vec<u8>) {
 }
 
 /// Reads the TOC back the way a lazy reader does: footer from the tail, then the TOC range.
-fn read_toc(blob: &[u8], layer: &ConvertedLayer) -> Toc {
+pub(super) fn read_toc(blob: &[u8], layer: &ConvertedLayer) -> Toc {
     let footer = Footer::decode(&blob[blob.len() - FOOTER_SIZE..], blob.len() as u64).unwrap();
     assert_eq!(footer.toc, layer.toc);
     let r = footer.toc.range();
@@ -116,7 +128,7 @@ fn zstd_decode_all(blob: &[u8]) -> Vec<u8> {
     out
 }
 
-fn sample_tar() -> Vec<u8> {
+pub(super) fn sample_tar() -> Vec<u8> {
     let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
     TarBuilder::new()
         .dir("./")
@@ -465,6 +477,8 @@ proptest! {
         let mut chunks = Vec::new();
         let (mut off, mut tar_off) = (0, 0);
         for (i, (size, tar_size)) in sizes.into_iter().enumerate() {
+            // Within what a frame of `tar_size` bytes can compress to.
+            let size = 1 + size % compressed_bound(tar_size);
             chunks.push(Chunk { offset: off, size, tar_offset: tar_off, tar_size, digest: Digest::sha256(&i.to_le_bytes()) });
             off += size;
             tar_off += tar_size;

@@ -15,9 +15,13 @@ use base64::Engine as _;
 use tar::EntryType;
 
 use super::footer::{skippable_header, Footer, TocPosition, TOC_FRAME_MAGIC};
-use super::{normalize_name, Chunk, Entry, EntryKind, Toc, DEFAULT_CHUNK_SIZE, FORMAT_VERSION};
+use super::{
+    limits, normalize_name, Chunk, Entry, EntryKind, Toc, DEFAULT_CHUNK_SIZE, FORMAT_VERSION,
+    MAX_CHUNKS, MAX_ENTRIES,
+};
 use crate::digest::{Hasher, HashingWriter};
-use crate::{Digest, Error, Result};
+use crate::error::short;
+use crate::{Digest, Error, Limit, Result};
 
 /// zstd level for start-up chunks: past it, smaller frames cost far more time (about 14% smaller
 /// than level 3 on binaries and bytecode in 256 KiB frames; level 19 gains under 1% more).
@@ -108,12 +112,15 @@ pub fn convert_layer<R: Read, W: Write>(
         frames: frames.clone(),
     };
     let mut archive = tar::Archive::new(tee);
-    let mut entries = EntryTable::default();
-    for entry in archive.entries().map_err(Error::Tar)? {
-        let mut entry = entry.map_err(Error::Tar)?;
+    let mut entries = EntryTable::new(MAX_ENTRIES);
+    for entry in archive.entries().map_err(tar_error)? {
+        let mut entry = entry.map_err(tar_error)?;
         let Some(toc_entry) = toc_entry(&mut entry)? else {
             continue;
         };
+        limits::check_entry(&toc_entry, &|| {
+            format!("Tar entry {:?}", short(&toc_entry.name))
+        })?;
         if let Some(range) = toc_entry.tar_range() {
             let read = opts
                 .prefetch_ranges
@@ -135,7 +142,7 @@ pub fn convert_layer<R: Read, W: Write>(
             };
             frames
                 .plan_content(entry.raw_header_position(), range, &cuts)
-                .map_err(Error::Write)?;
+                .map_err(write_error)?;
         }
         entries.insert(toc_entry)?;
         // Dropping the entry makes the archive read past its content, through the tee.
@@ -143,7 +150,7 @@ pub fn convert_layer<R: Read, W: Write>(
     // The archive stops at the end-of-archive marker; the rest (the second zero block, record
     // padding) belongs to the tar stream as well and must pass through unchanged.
     let mut tee = archive.into_inner();
-    io::copy(&mut tee, &mut io::sink()).map_err(Error::Tar)?;
+    io::copy(&mut tee, &mut io::sink()).map_err(tar_error)?;
     drop(tee);
     let frames = Rc::try_unwrap(frames)
         .ok()
@@ -154,6 +161,29 @@ pub fn convert_layer<R: Read, W: Write>(
         &opts.prefetch_files,
         &opts.prefetch_ranges,
     )
+}
+
+/// A failure reading the tar stream; a limit the frame writer hit while the tar parser read
+/// through it comes back as itself, not as a tar error.
+fn tar_error(err: io::Error) -> Error {
+    limit_error(err).unwrap_or_else(Error::Tar)
+}
+
+fn write_error(err: io::Error) -> Error {
+    limit_error(err).unwrap_or_else(Error::Write)
+}
+
+/// The crate error inside `err`, if the frame writer put one there (its writes run inside the
+/// tar parser's reads, which only pass `io::Error`s on).
+fn limit_error(err: io::Error) -> std::result::Result<Error, io::Error> {
+    if !err.get_ref().is_some_and(|e| e.is::<Error>()) {
+        return Err(err);
+    }
+    Ok(*err
+        .into_inner()
+        .expect("checked above")
+        .downcast::<Error>()
+        .expect("checked above"))
 }
 
 /// File-relative `ranges` as tar offsets inside `content`, clipped to it.
@@ -214,6 +244,8 @@ struct FrameWriter<W: Write> {
     planned_cuts: std::collections::VecDeque<u64>,
     chunk_size: u64,
     chunks: Vec<Chunk>,
+    /// `MAX_CHUNKS`, as a field so that tests can reach it without a gigabyte of tar.
+    max_chunks: usize,
     diff_id: Hasher,
 }
 
@@ -230,6 +262,7 @@ impl<W: Write> FrameWriter<W> {
             planned_cuts: std::collections::VecDeque::new(),
             chunk_size,
             chunks: Vec::new(),
+            max_chunks: MAX_CHUNKS,
             diff_id: Hasher::new(),
         })
     }
@@ -303,6 +336,14 @@ impl<W: Write> FrameWriter<W> {
         if len == 0 {
             return Ok(());
         }
+        if self.chunks.len() >= self.max_chunks {
+            return Err(io::Error::other(Error::OverLimit {
+                what: "Layer".into(),
+                limit: Limit::Chunks,
+                value: self.chunks.len() as u64 + 1,
+                max: self.max_chunks as u64,
+            }));
+        }
         let data = &self.buf[..len];
         self.compressed.clear();
         let (start, end) = (self.frame_start, self.frame_start + len as u64);
@@ -332,7 +373,7 @@ impl<W: Write> FrameWriter<W> {
         prefetch_files: &[String],
         prefetch_ranges: &HashMap<String, Vec<std::ops::Range<u64>>>,
     ) -> Result<(ConvertedLayer, W)> {
-        self.flush_frame(self.buf.len()).map_err(Error::Write)?;
+        self.flush_frame(self.buf.len()).map_err(write_error)?;
         let toc = Toc {
             version: FORMAT_VERSION,
             tar_size: self.frame_start,
@@ -433,14 +474,30 @@ fn prefetch_chunks(
 
 /// Entries in tar order, where a later entry of the same name replaces the earlier one (what
 /// `tar -x` and containerd's unpacker do with duplicates).
-#[derive(Default)]
 struct EntryTable {
     entries: Vec<Option<Entry>>,
     by_name: HashMap<(bool, String), usize>,
+    /// Tar entries taken at most (`MAX_ENTRIES`; a field so tests can reach it). Replaced
+    /// duplicates count too: their slots are held until the end.
+    max: usize,
 }
 
 impl EntryTable {
+    fn new(max: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            by_name: HashMap::new(),
+            max,
+        }
+    }
+
     fn insert(&mut self, entry: Entry) -> Result<()> {
+        Error::check_limit(
+            || "Layer".into(),
+            Limit::Entries,
+            self.entries.len() as u64 + 1,
+            self.max as u64,
+        )?;
         if entry.kind == EntryKind::Hardlink {
             let target = entry.link.clone().unwrap_or_default();
             let ok = self
@@ -615,4 +672,65 @@ fn utf8(bytes: Vec<u8>, context: &str) -> Result<String> {
         },
         reason: "names and link targets must be UTF-8",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::TarBuilder;
+    use super::*;
+
+    fn limit_of(err: Error) -> (Limit, u64, u64) {
+        match err {
+            Error::OverLimit {
+                limit, value, max, ..
+            } => (limit, value, max),
+            other => panic!("expected a limit error, got {other}"),
+        }
+    }
+
+    fn entry(name: &str) -> Entry {
+        Entry {
+            kind: EntryKind::Reg,
+            name: name.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            link: None,
+            offset: None,
+            dev_major: None,
+            dev_minor: None,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_entry_table_stops_at_its_limit_duplicates_included() {
+        let mut table = EntryTable::new(3);
+        for name in ["a", "b", "a"] {
+            table.insert(entry(name)).unwrap();
+        }
+        let err = table.insert(entry("c")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Layer: entry count 4 is over the limit of 3"
+        );
+        assert_eq!(limit_of(err), (Limit::Entries, 4, 3));
+        assert_eq!(MAX_ENTRIES, 1 << 19);
+    }
+
+    #[test]
+    fn the_frame_writer_stops_at_the_chunk_limit_and_the_limit_comes_back_as_itself() {
+        let mut frames = FrameWriter::new(Vec::new(), 4096, 1).unwrap();
+        frames.max_chunks = 2;
+        frames.write(&[1u8; 8192]).unwrap();
+        let err = frames.write(&[2u8; 4096]).unwrap_err();
+        assert_eq!(limit_of(write_error(err)), (Limit::Chunks, 3, 2));
+        // Through the tar parser, which only passes `io::Error`s on: a plain failure stays a
+        // tar error.
+        let cut = TarBuilder::new().file("f", &[0u8; 10_000]).finish();
+        let err = convert_layer(&cut[..700], Vec::new(), &ConvertOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Tar(_)), "{err}");
+    }
 }
