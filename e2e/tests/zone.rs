@@ -175,10 +175,15 @@ fn addrs(first: u8, n: u8) -> Result<Vec<SocketAddr>> {
     (0..n).map(|i| free_addr(ip(first + i))).collect()
 }
 
-/// A request for `method` stamped with `key`.
-fn stamped<T>(key: &ZoneKey, method: &str, message: T) -> Request<T> {
+/// A request for `method` at the member `to`, stamped with `key`.
+fn stamped<T: prost::Message>(
+    key: &ZoneKey,
+    to: SocketAddr,
+    method: &str,
+    message: T,
+) -> Request<T> {
     let mut request = Request::new(message);
-    key.sign(&mut request, method);
+    key.sign(&mut request, method, to);
     request
 }
 
@@ -324,7 +329,11 @@ struct Liar {
 type Replies = Pin<Box<dyn futures::Stream<Item = Result<FetchReply, Status>> + Send>>;
 
 impl Liar {
-    fn proof<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
+    fn proof<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<String, Status> {
         self.verifier
             .authorize(request, method)
             .map_err(|_| Status::unauthenticated("no"))
@@ -384,7 +393,7 @@ async fn start_liar(
     let key = ZoneKey::from_file(token)?;
     let lies = Arc::new(AtomicU64::new(0));
     let liar = Liar {
-        verifier: Verifier::new(key.clone()),
+        verifier: Verifier::new(key.clone(), addr),
         lies: lies.clone(),
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -468,7 +477,7 @@ fn callers_without_the_zone_token_get_nothing() -> Result<()> {
                 digests: vec![format!("sha256:{}", "0".repeat(64))],
             };
             match key {
-                Some(k) => stamped(k, "Has", message),
+                Some(k) => stamped(k, a, "Has", message),
                 None => Request::new(message),
             }
         };
@@ -487,7 +496,7 @@ fn callers_without_the_zone_token_get_nothing() -> Result<()> {
         let good = client.has(ask(Some(&key))).await?;
         ensure!(good.get_ref().present == vec![false]);
         let refused = client
-            .fetch(stamped(&other, "Fetch", FetchRequest::default()))
+            .fetch(stamped(&other, a, "Fetch", FetchRequest::default()))
             .await;
         ensure!(
             matches!(&refused, Err(s) if s.code() == tonic::Code::Unauthenticated),
@@ -652,7 +661,7 @@ fn a_zone_with_mutual_tls_serves_members_and_refuses_strangers() -> Result<()> {
 
         // With the token but without a certificate, in the clear or over TLS, nothing.
         let key = ZoneKey::from_file(&fx.token)?;
-        let has = |k: &ZoneKey| stamped(k, "Has", HasRequest::default());
+        let has = |k: &ZoneKey| stamped(k, addrs[0], "Has", HasRequest::default());
         let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))?
             .connect()
             .await;
@@ -776,6 +785,7 @@ fn one_caller_cannot_hold_more_than_its_share_of_a_peer() -> Result<()> {
         for i in 0..40 {
             let r = stamped(
                 &key,
+                a,
                 "Fetch",
                 FetchRequest {
                     chunks: locators.clone(),

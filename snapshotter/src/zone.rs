@@ -9,10 +9,10 @@ use brisk_blobcache::layered::Layered;
 use brisk_blobcache::remote::RegistrySource;
 use brisk_blobcache::zone::auth::ZoneKey;
 use brisk_blobcache::zone::client::{PeerConfig, PeerSource};
+use brisk_blobcache::zone::listen::{ListenLimits, PeerPort};
 use brisk_blobcache::zone::server::{PeerService, ServeLimits, TraceLookup};
 use brisk_blobcache::zone::{gossip, Zone, ZoneTls};
 use brisk_blobcache::Digest;
-use brisk_proto::brisk::v1::peer_server::PeerServer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PeerSettings;
@@ -106,7 +106,9 @@ impl TraceLookup for TraceStore {
 }
 
 impl Membership {
-    /// Serves the peer service until [`Membership::leave`].
+    /// Serves the peer service until [`Membership::leave`]. The service knows itself as the
+    /// zone's `me` (the resolved listen address gossip announces), so it accepts only stamps
+    /// made for that member.
     pub fn serve(
         &mut self,
         cache: Arc<Layered>,
@@ -117,6 +119,7 @@ impl Membership {
             cache,
             registry,
             self.key.clone(),
+            self.source.zone().me(),
             Some(Arc::new(TraceStore(traces))),
             ServeLimits::default(),
         );
@@ -125,17 +128,11 @@ impl Membership {
             .take()
             .expect("the peer service is served once");
         let cancel = self.cancel.clone();
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &self.tls {
-            builder = builder
-                .tls_config(tls.server())
-                .map_err(|e| Error::InvalidArgument(format!("peer TLS: {e}")))?;
-        }
+        let port = PeerPort::new(self.tls.as_ref(), ListenLimits::default())
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         Ok(tokio::spawn(async move {
-            let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let served = builder
-                .add_service(PeerServer::new(service))
-                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+            let served = port
+                .serve(listener, service, cancel.cancelled_owned())
                 .await;
             if let Err(err) = served {
                 tracing::error!(%err, "zone peer service stopped");

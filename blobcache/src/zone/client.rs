@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::ZoneKey;
+use super::limits::{self, Bound};
 use super::Zone;
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::layered::Priority;
@@ -156,7 +157,11 @@ impl PeerSource {
                 Arc::new(Semaphore::new(self.config.streams_per_peer)),
             )
         });
-        (PeerClient::new(channel.clone()), slots.clone())
+        // Replies are bounded like requests: a member is not trusted to keep them small.
+        let client = PeerClient::new(channel.clone())
+            .max_decoding_message_size(limits::MAX_REPLY_MESSAGE)
+            .max_encoding_message_size(limits::MAX_REQUEST_MESSAGE);
+        (client, slots.clone())
     }
 
     /// The peers to ask for `key`, best first: those ranked above this host, up to the
@@ -176,6 +181,8 @@ impl PeerSource {
             .registry
             .repository_of(&chunk.blob)
             .map(|r| format!("{}/{}", r.registry, r.repository))
+            // Too long to send: the peer fetches the blob only if it knows where it lives.
+            .filter(|r| r.len() <= limits::MAX_REPOSITORY_LEN)
             .unwrap_or_default();
         ChunkLocator {
             digest: chunk.digest.to_string(),
@@ -187,10 +194,24 @@ impl PeerSource {
         }
     }
 
-    /// A request for `method` carrying a fresh stamp; the stamp, to check the answer's proof.
-    fn stamped<T>(&self, message: T, method: &str) -> (tonic::Request<T>, String) {
+    /// Whether a peer may be asked for `chunk` at all: its locator is within the bounds a
+    /// server checks (a chunk that is not goes to the registry).
+    fn askable(&self, chunk: &ChunkRef) -> bool {
+        let compressed = chunk.compressed.end.saturating_sub(chunk.compressed.start);
+        compressed <= limits::max_compressed(chunk.uncompressed_len)
+            && chunk.uncompressed_len <= self.config.request_bytes
+    }
+
+    /// A request for `method` at member `to` carrying a fresh stamp; the stamp, to check the
+    /// answer's proof.
+    fn stamped<T: prost::Message>(
+        &self,
+        message: T,
+        method: &str,
+        to: SocketAddr,
+    ) -> (tonic::Request<T>, String) {
         let mut request = tonic::Request::new(message);
-        let stamp = self.key.sign(&mut request, method);
+        let stamp = self.key.sign(&mut request, method, to);
         (request, stamp)
     }
 
@@ -235,6 +256,7 @@ impl PeerSource {
                 prefetch,
             },
             "Fetch",
+            peer,
         );
         let call = |status| PeerError::Call { peer, status };
         let silent = || PeerError::Silent(peer);
@@ -327,6 +349,7 @@ impl PeerSource {
                     image: image.to_string(),
                 },
                 "GetTrace",
+                peer,
             );
             let reply = tokio::time::timeout(self.config.idle_timeout, client.get_trace(request));
             match reply.await {
@@ -336,6 +359,12 @@ impl PeerSource {
                         continue;
                     }
                     let r = r.into_inner();
+                    let size = r.trace.len() as u64;
+                    let max = limits::MAX_TRACE_BYTES as u64;
+                    if let Err(over) = limits::check(Bound::TraceBytes, size, max) {
+                        tracing::warn!(%peer, %over, "trace from a peer ignored");
+                        continue;
+                    }
                     if r.found {
                         return Some(r.trace);
                     }
@@ -363,7 +392,7 @@ impl ChunkSource for PeerSource {
     }
 
     fn forwards(&self, chunk: &ChunkRef) -> bool {
-        !self.candidates(chunk.digest.as_bytes()).is_empty()
+        self.askable(chunk) && !self.candidates(chunk.digest.as_bytes()).is_empty()
     }
 
     async fn get_many_for(&self, chunks: &[ChunkRef], priority: Priority) -> Vec<Answer> {
@@ -377,21 +406,25 @@ impl PeerSource {
         let mut answers: Vec<Answer> = chunks.iter().map(|_| Ok(None)).collect();
         let candidates: Vec<Vec<SocketAddr>> = chunks
             .iter()
-            .map(|c| self.candidates(c.digest.as_bytes()))
+            .map(|c| match self.askable(c) {
+                true => self.candidates(c.digest.as_bytes()),
+                false => Vec::new(),
+            })
             .collect();
         let mut pending: Vec<usize> = (0..chunks.len()).collect();
         for round in 0..self.config.candidates {
-            // Requests by peer, each within the size bound.
+            // Requests by peer, each within the size and count bounds.
             let mut requests: Vec<(SocketAddr, Vec<usize>, u64)> = Vec::new();
             for &i in &pending {
                 let Some(&peer) = candidates[i].get(round) else {
                     continue;
                 };
                 let size = chunks[i].uncompressed_len;
-                match requests
-                    .iter_mut()
-                    .find(|(p, _, b)| *p == peer && b + size <= self.config.request_bytes)
-                {
+                match requests.iter_mut().find(|(p, idx, b)| {
+                    *p == peer
+                        && b + size <= self.config.request_bytes
+                        && idx.len() < limits::MAX_FETCH_CHUNKS
+                }) {
                     Some((_, idx, bytes)) => {
                         idx.push(i);
                         *bytes += size;

@@ -2,11 +2,14 @@
 //! decides who is alive; this module moves its packets, runs its timers, keeps knocking on
 //! seeds that are not members yet, and tells the [`Zone`] what changed.
 //!
-//! Every datagram is sealed with the zone key; datagrams that do not open are dropped, so a
-//! host without the token can neither join nor spread false news about members.
+//! Every datagram is sealed with the zone key and carries the sender's clock and a nonce
+//! (`zone::seal`); datagrams that do not open, are stale, were seen before or are larger
+//! than gossip sends are dropped, so a host without the token can neither join nor spread
+//! false news about members, and a captured datagram cannot be played again. Members a
+//! packet names are bounded by the packet's size; the zone view by `limits::MAX_MEMBERS`.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,12 +21,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::ZoneKey;
+use super::refusals::RefusalLog;
+use super::seal::{self, Gate};
 use super::Zone;
 use crate::{Error, Result};
 
 /// How often seeds that are not members yet are asked to let this host in.
 const KNOCK_EVERY: Duration = Duration::from_secs(1);
-const MAX_DATAGRAM: usize = 64 * 1024;
+/// The receive buffer: larger than any datagram accepted, so an oversized one is seen whole
+/// (and dropped as such) rather than cut to a size that might pass.
+const RECEIVE_BUFFER: usize = 64 * 1024;
 
 /// A member as gossip knows it: its peer address and when it booted, so a restarted host
 /// is a new identity that wins over its old, possibly declared-down one.
@@ -74,6 +81,7 @@ pub async fn start(
     let config = foca::Config {
         probe_period: Duration::from_millis(500),
         probe_rtt: Duration::from_millis(250),
+        max_packet_size: NonZeroUsize::new(seal::MAX_PACKET).expect("not zero"),
         ..foca::Config::new_lan(size)
     };
     let swim: Swim = Foca::new(
@@ -84,7 +92,9 @@ pub async fn start(
     );
     let driver = Driver {
         zone,
+        gate: Gate::new(key.clone()),
         key,
+        refusals: RefusalLog::default(),
         socket,
         swim,
         runtime: AccumulatingRuntime::new(),
@@ -96,6 +106,9 @@ pub async fn start(
 struct Driver {
     zone: Arc<Zone>,
     key: ZoneKey,
+    /// Opens incoming datagrams, once each.
+    gate: Gate,
+    refusals: RefusalLog,
     socket: UdpSocket,
     swim: Swim,
     runtime: AccumulatingRuntime<MemberId>,
@@ -106,7 +119,7 @@ impl Driver {
     async fn run(mut self, cancel: CancellationToken) {
         let (timer_tx, mut timers) = mpsc::unbounded_channel::<Timer<MemberId>>();
         let mut knock = tokio::time::interval(KNOCK_EVERY);
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut buf = vec![0u8; RECEIVE_BUFFER];
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -117,15 +130,14 @@ impl Driver {
                     }
                 }
                 got = self.socket.recv_from(&mut buf) => match got {
-                    Ok((n, from)) => match self.key.open(&buf[..n]) {
-                        Some(packet) => {
+                    Ok((n, from)) => match self.gate.admit(&buf[..n]) {
+                        Ok(packet) => {
                             if let Err(err) = self.swim.handle_data(packet, &mut self.runtime) {
                                 tracing::debug!(%from, %err, "bad gossip packet");
                             }
                         }
-                        None => {
-                            metrics::counter!("brisk_zone_unauthenticated_total", "kind" => "gossip").increment(1);
-                            tracing::debug!(%from, "gossip packet without the zone's seal dropped");
+                        Err(dropped) => {
+                            self.refusals.refuse(Some(from.ip()), dropped.reason(), &dropped);
                         }
                     },
                     Err(err) => tracing::debug!(%err, "gossip receive"),
@@ -171,14 +183,17 @@ impl Driver {
             });
         }
         while let Some(news) = self.runtime.to_notify() {
-            match news {
-                OwnedNotification::MemberUp(m) => self.zone.set_alive(m.addr, true),
-                OwnedNotification::MemberDown(m) => self.zone.set_alive(m.addr, false),
+            let (addr, alive) = match news {
+                OwnedNotification::MemberUp(m) => (m.addr, true),
+                OwnedNotification::MemberDown(m) => (m.addr, false),
                 OwnedNotification::Rename(_, m) => {
                     let alive = self.swim.iter_members().any(|x| x.id() == &m);
-                    self.zone.set_alive(m.addr, alive);
+                    (m.addr, alive)
                 }
-                _ => {}
+                _ => continue,
+            };
+            if let Err(over) = self.zone.set_alive(addr, alive) {
+                self.refusals.refuse(Some(addr.ip()), "over_limit", &over);
             }
         }
     }

@@ -9,6 +9,11 @@
 pub mod auth;
 pub mod client;
 pub mod gossip;
+pub mod limits;
+pub mod listen;
+pub mod refusals;
+mod replay;
+pub mod seal;
 pub mod server;
 
 use std::collections::{BTreeSet, HashMap};
@@ -17,6 +22,8 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
+
+use limits::{Bound, OverBound};
 
 /// Mutual TLS for the peer service: the zone's CA and this host's certificate and key (PEM).
 /// Every member presents a certificate the CA signed, and a host's certificate names its peer
@@ -97,11 +104,21 @@ impl Zone {
             .collect()
     }
 
-    pub(crate) fn set_alive(&self, addr: SocketAddr, alive: bool) {
+    /// Records what gossip says about `addr`. A new member past [`limits::MAX_MEMBERS`] is
+    /// not added (gossip keeps probing it; the view just stops growing).
+    pub(crate) fn set_alive(&self, addr: SocketAddr, alive: bool) -> Result<(), OverBound> {
         if addr == self.me {
-            return;
+            return Ok(());
         }
         let mut live = self.live.write().expect("not poisoned");
+        if alive && !live.contains(&addr) {
+            // This host counts as a member too.
+            limits::check(
+                Bound::Members,
+                live.len() as u64 + 2,
+                limits::MAX_MEMBERS as u64,
+            )?;
+        }
         let changed = if alive {
             live.insert(addr)
         } else {
@@ -111,6 +128,7 @@ impl Zone {
             tracing::info!(peer = %addr, alive, members = live.len() + 1, "zone membership changed");
             metrics::gauge!("brisk_zone_members").set((live.len() + 1) as f64);
         }
+        Ok(())
     }
 
     /// Passes `addr` over for `period` (it served wrong bytes or stopped answering).
@@ -172,13 +190,13 @@ mod tests {
     fn a_member_leaving_moves_only_the_keys_it_was_home_for() {
         let zone = Zone::new(addr(1));
         for i in 2..=5 {
-            zone.set_alive(addr(i), true);
+            zone.set_alive(addr(i), true).unwrap();
         }
         let keys: Vec<[u8; 4]> = (0u32..2000).map(|k| k.to_be_bytes()).collect();
         let before: Vec<SocketAddr> = keys.iter().map(|k| zone.ranked(k)[0]).collect();
         let homes: BTreeSet<SocketAddr> = before.iter().copied().collect();
         assert_eq!(homes.len(), 5, "every member is home for some keys");
-        zone.set_alive(addr(3), false);
+        zone.set_alive(addr(3), false).unwrap();
         for (k, old) in keys.iter().zip(&before) {
             let new = zone.ranked(k)[0];
             if *old == addr(3) {
@@ -192,8 +210,8 @@ mod tests {
     #[test]
     fn avoided_members_are_passed_over_without_reshuffling_the_rest() {
         let zone = Zone::new(addr(1));
-        zone.set_alive(addr(2), true);
-        zone.set_alive(addr(3), true);
+        zone.set_alive(addr(2), true).unwrap();
+        zone.set_alive(addr(3), true).unwrap();
         let key = (0u32..)
             .map(|k| k.to_be_bytes())
             .find(|k| zone.ranked(k)[0] == addr(2))
@@ -208,5 +226,20 @@ mod tests {
             zone.ranked(&key).contains(&addr(1)),
             "this host is never avoided"
         );
+    }
+
+    #[test]
+    fn the_view_stops_growing_at_its_bound() {
+        let zone = Zone::new(addr(1));
+        let member = |i: usize| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 7600));
+        for i in 0..limits::MAX_MEMBERS - 1 {
+            zone.set_alive(member(i), true).unwrap();
+        }
+        let over = zone.set_alive(member(5000), true).unwrap_err();
+        assert_eq!(over.bound, Bound::Members);
+        assert_eq!(zone.members().len(), limits::MAX_MEMBERS - 1);
+        zone.set_alive(member(0), true).unwrap();
+        zone.set_alive(member(0), false).unwrap();
+        zone.set_alive(member(5000), true).unwrap();
     }
 }

@@ -1,12 +1,15 @@
 //! The peer service: serves this host's chunks (and what it fetches for the zone as a home)
 //! and its start-up traces to authenticated zone members.
 //!
-//! Memory is bounded per caller: a request may ask for a bounded number of bytes, a caller
-//! may hold a bounded number of requests, all callers together a bounded number more, and
-//! replies go out through a small queue that waits for the caller to read.
+//! Memory is bounded per caller: a request may ask for a bounded number of chunks and bytes
+//! (`zone::limits`, checked before anything is looked up or fetched), a caller may hold a
+//! bounded number of requests, all callers together a bounded number more, and replies go
+//! out through a small queue that waits for the caller to read. Every refusal is logged
+//! through a rate limit. What reaches this service before a stamp is checked (connections,
+//! streams, message sizes) is bounded in `zone::listen`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +25,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use super::auth::{Verifier, ZoneKey, PROOF_HEADER};
+use super::limits::{self, Bound, OverBound};
+use super::refusals::RefusalLog;
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::layered::{Layered, Priority};
 use crate::reference::Reference;
@@ -61,6 +66,9 @@ impl Default for ServeLimits {
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// Callers remembered with their request counts before idle ones are forgotten.
+const CALLERS: usize = 1024;
+
 pub struct PeerService {
     cache: Arc<Layered>,
     registry: Arc<RegistrySource>,
@@ -70,58 +78,79 @@ pub struct PeerService {
     streams: Arc<Semaphore>,
     /// Open requests by caller. A std mutex: held only to look up or insert.
     callers: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+    refusals: RefusalLog,
 }
 
 impl PeerService {
+    /// The service of the member whose identity (peer address, `Zone::me()`) is `me`: only
+    /// stamps made for `me` are accepted.
     pub fn new(
         cache: Arc<Layered>,
         registry: Arc<RegistrySource>,
         key: ZoneKey,
+        me: SocketAddr,
         traces: Option<Arc<dyn TraceLookup>>,
         limits: ServeLimits,
     ) -> Self {
         Self {
             cache,
             registry,
-            verifier: Arc::new(Verifier::new(key)),
+            verifier: Arc::new(Verifier::new(key, me)),
             traces,
             streams: Arc::new(Semaphore::new(limits.streams)),
             limits,
             callers: Mutex::default(),
+            refusals: RefusalLog::default(),
         }
     }
 
     /// Checks the caller's stamp; the proof for the reply on success.
-    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<String, Status> {
-        match self.verifier.authorize(request, method) {
-            Ok(proof) => Ok(proof),
-            Err(why) => {
-                metrics::counter!("brisk_zone_unauthenticated_total", "kind" => "request")
-                    .increment(1);
-                tracing::warn!(caller = ?request.remote_addr(), ?why, method, "zone request refused");
-                Err(Status::unauthenticated("zone authentication required"))
-            }
-        }
+    fn authorize<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<String, Status> {
+        self.verifier.authorize(request, method).map_err(|why| {
+            let reason = why.reason();
+            let why = format!("{method}: {why}");
+            self.refusals.refuse(source(request), reason, &why);
+            Status::unauthenticated("zone authentication required")
+        })
+    }
+
+    /// Logs (rate-limited) and returns a request refused for being over a bound.
+    fn over<T>(&self, request: &Request<T>, over: OverBound) -> Status {
+        self.refusals.refuse(source(request), "over_limit", &over);
+        over.into()
     }
 
     fn caller_slot<T>(&self, request: &Request<T>) -> Result<OwnedSemaphorePermit, Status> {
-        let ip = request
-            .remote_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let slots = self
-            .callers
-            .lock()
-            .expect("not poisoned")
-            .entry(ip)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.limits.streams_per_caller)))
-            .clone();
-        slots
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many requests from this peer"))
+        let ip = source(request).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let per_caller = self.limits.streams_per_caller;
+        let slots = {
+            let mut callers = self.callers.lock().expect("not poisoned");
+            if callers.len() >= CALLERS && !callers.contains_key(&ip) {
+                // Forget callers with nothing open, so the table does not grow forever.
+                callers.retain(|_, s| s.available_permits() < per_caller);
+            }
+            callers
+                .entry(ip)
+                .or_insert_with(|| Arc::new(Semaphore::new(per_caller)))
+                .clone()
+        };
+        slots.try_acquire_owned().map_err(|_| {
+            let over = OverBound {
+                bound: Bound::CallerRequests,
+                got: per_caller as u64 + 1,
+                max: per_caller as u64,
+            };
+            self.over(request, over)
+        })
     }
 
+    /// The chunks `request` asks for, once every size and count in it is within bounds.
     fn chunk_refs(&self, request: &FetchRequest) -> Result<Vec<ChunkRef>, Status> {
-        let mut total = 0u64;
+        check_fetch(request, self.limits.request_bytes)?;
         let mut refs = Vec::with_capacity(request.chunks.len());
         for l in &request.chunks {
             let bad = |what: &str| Status::invalid_argument(format!("chunk locator: {what}"));
@@ -131,13 +160,6 @@ impl PeerService {
                 .compressed_offset
                 .checked_add(l.compressed_length)
                 .ok_or_else(|| bad("range"))?;
-            total = total.saturating_add(l.uncompressed_length);
-            if total > self.limits.request_bytes {
-                return Err(Status::invalid_argument(format!(
-                    "a request may ask for at most {} bytes",
-                    self.limits.request_bytes
-                )));
-            }
             if !l.repository.is_empty() && self.registry.repository_of(&blob).is_none() {
                 if let Ok(r) = l.repository.parse::<Reference>() {
                     self.registry.register_blob(blob, &r);
@@ -152,6 +174,36 @@ impl PeerService {
         }
         Ok(refs)
     }
+}
+
+/// Checks a fetch's counts and sizes against [`limits`], before any of it is used: the
+/// caller (`PeerSource`) applies the same checks before it asks.
+fn check_fetch(request: &FetchRequest, request_bytes: u64) -> Result<(), OverBound> {
+    let chunks = &request.chunks;
+    limits::check(
+        Bound::FetchChunks,
+        chunks.len() as u64,
+        limits::MAX_FETCH_CHUNKS as u64,
+    )?;
+    let mut total = 0u64;
+    for l in chunks {
+        limits::check(
+            Bound::RepositoryLen,
+            l.repository.len() as u64,
+            limits::MAX_REPOSITORY_LEN as u64,
+        )?;
+        limits::check(
+            Bound::CompressedBytes,
+            l.compressed_length,
+            limits::max_compressed(l.uncompressed_length),
+        )?;
+        total = total.saturating_add(l.uncompressed_length);
+    }
+    limits::check(Bound::RequestBytes, total, request_bytes)
+}
+
+fn source<T>(request: &Request<T>) -> Option<IpAddr> {
+    request.remote_addr().map(|a| a.ip())
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<FetchReply, Status>> + Send>>;
@@ -178,7 +230,14 @@ impl Peer for PeerService {
     ) -> Result<Response<Self::FetchStream>, Status> {
         let proof = self.authorize(&request, "Fetch")?;
         let caller = self.caller_slot(&request)?;
-        let refs = self.chunk_refs(request.get_ref())?;
+        let refs = match self.chunk_refs(request.get_ref()) {
+            Ok(refs) => refs,
+            Err(status) => {
+                let why = format!("Fetch: {}", status.message());
+                self.refusals.refuse(source(&request), "bad_request", &why);
+                return Err(status);
+            }
+        };
         let priority = if request.get_ref().prefetch {
             Priority::Prefetch
         } else {
@@ -232,6 +291,9 @@ impl Peer for PeerService {
 
     async fn has(&self, request: Request<HasRequest>) -> Result<Response<HasReply>, Status> {
         let proof = self.authorize(&request, "Has")?;
+        let digests = request.get_ref().digests.len() as u64;
+        limits::check(Bound::HasDigests, digests, limits::MAX_HAS_DIGESTS as u64)
+            .map_err(|over| self.over(&request, over))?;
         let mut present = Vec::with_capacity(request.get_ref().digests.len());
         for d in &request.get_ref().digests {
             present.push(match d.parse::<Digest>() {
@@ -253,6 +315,19 @@ impl Peer for PeerService {
             .parse()
             .map_err(|_| Status::invalid_argument("image must be a manifest digest"))?;
         let trace = self.traces.as_ref().and_then(|t| t.trace(&image));
+        // A trace too large to send is one this host does not offer; the caller gets it
+        // from the registry.
+        let trace = trace.filter(|t| {
+            let fits = limits::check(
+                Bound::TraceBytes,
+                t.len() as u64,
+                limits::MAX_TRACE_BYTES as u64,
+            );
+            if let Err(over) = &fits {
+                tracing::warn!(%image, %over, "trace not offered to the zone");
+            }
+            fits.is_ok()
+        });
         Ok(with_proof(
             PeerTraceReply {
                 found: trace.is_some(),

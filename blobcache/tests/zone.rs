@@ -1,0 +1,508 @@
+//! The peer service's attack surface with real servers on loopback: request stamps bound to
+//! one member and one body, per-source connection and request caps that refuse the excess
+//! and serve everyone else, silent connections closed, message bounds, rate-limited refusal
+//! logs, and an honest zone (gossip and peers) working through all of it. No root needed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brisk_blobcache::chunk::{ChunkRef, VerifiedChunk};
+use brisk_blobcache::layered::Layered;
+use brisk_blobcache::memory::MemoryCache;
+use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
+use brisk_blobcache::source::{Answer, ChunkSource, Found};
+use brisk_blobcache::zone::auth::{ZoneKey, STAMP_HEADER};
+use brisk_blobcache::zone::client::{PeerConfig, PeerSource};
+use brisk_blobcache::zone::limits::MAX_FETCH_CHUNKS;
+use brisk_blobcache::zone::listen::{ListenLimits, PeerPort};
+use brisk_blobcache::zone::server::{PeerService, ServeLimits};
+use brisk_blobcache::zone::{gossip, Zone};
+use brisk_blobcache::Digest;
+use brisk_proto::brisk::v1::fetch_reply::Event;
+use brisk_proto::brisk::v1::peer_client::PeerClient;
+use brisk_proto::brisk::v1::{ChunkLocator, FetchRequest, HasRequest};
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn key() -> ZoneKey {
+    ZoneKey::new(b"zone-secret-for-the-tests-0123").unwrap()
+}
+
+fn chunk(seed: u8, len: usize) -> (ChunkRef, VerifiedChunk) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let r = ChunkRef {
+        digest: Digest::sha256(&data),
+        blob: Digest::sha256(b"layer"),
+        compressed: 0..len as u64,
+        uncompressed_len: len as u64,
+    };
+    let v = VerifiedChunk::check(&r, Bytes::from(data)).unwrap();
+    (r, v)
+}
+
+fn locator(c: &ChunkRef) -> ChunkLocator {
+    ChunkLocator {
+        digest: c.digest.to_string(),
+        blob: c.blob.to_string(),
+        repository: String::new(),
+        compressed_offset: c.compressed.start,
+        compressed_length: c.compressed.end - c.compressed.start,
+        uncompressed_length: c.uncompressed_len,
+    }
+}
+
+fn fetch_of(chunks: &[&ChunkRef]) -> FetchRequest {
+    FetchRequest {
+        chunks: chunks.iter().map(|c| locator(c)).collect(),
+        prefetch: false,
+    }
+}
+
+/// A level that never answers: a fetch of anything not in memory stays open.
+struct Hang;
+
+#[async_trait::async_trait]
+impl ChunkSource for Hang {
+    fn name(&self) -> &'static str {
+        "hang"
+    }
+
+    async fn get(&self, _chunk: &ChunkRef) -> Answer {
+        futures::future::pending().await
+    }
+}
+
+/// A real peer server on 127.0.0.1:0 holding `held` in memory; stops when dropped.
+struct Peer {
+    addr: SocketAddr,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn start_peer(held: &[&VerifiedChunk], listen: ListenLimits, serve: ServeLimits) -> Peer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let memory = MemoryCache::new(16 << 20);
+    for c in held {
+        memory.put(c).await;
+    }
+    let cache = Layered::builder()
+        .level(Arc::new(memory), Duration::from_secs(1))
+        .level(Arc::new(Hang), Duration::from_secs(600))
+        .build();
+    let client = RegistryClient::new(RegistryConfig::default()).unwrap();
+    let registry = Arc::new(RegistrySource::new(
+        Arc::new(client),
+        RemoteConfig::default(),
+    ));
+    // The member's identity is the address it listens on, as the zone config says.
+    let service = PeerService::new(cache, registry, key(), addr, None, serve);
+    let port = PeerPort::new(None, listen).unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(port.serve(listener, service, cancel.clone().cancelled_owned()));
+    Peer {
+        addr,
+        _stop: cancel.drop_guard(),
+    }
+}
+
+/// A connection to `peer` from the loopback address `from`.
+async fn connect(peer: SocketAddr, from: [u8; 4]) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{peer}"))
+        .unwrap()
+        .local_address(Some(IpAddr::from(from)))
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+fn signed<T: prost::Message>(message: T, method: &str, to: SocketAddr) -> Request<T> {
+    let mut request = Request::new(message);
+    key().sign(&mut request, method, to);
+    request
+}
+
+/// Copies `request`'s stamp onto a request for `message`.
+fn restamped<T, U>(request: &Request<T>, message: U) -> Request<U> {
+    let mut other = Request::new(message);
+    let stamp = request.metadata().get(STAMP_HEADER).unwrap().clone();
+    other.metadata_mut().insert(STAMP_HEADER, stamp);
+    other
+}
+
+/// The bytes a fetch of one chunk returned.
+async fn fetched(client: &mut PeerClient<Channel>, request: Request<FetchRequest>) -> Vec<u8> {
+    let mut stream = client.fetch(request).await.unwrap().into_inner();
+    let mut data = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        match message.event {
+            Some(Event::Piece(p)) => {
+                data.extend_from_slice(&p.data);
+                if p.last {
+                    break;
+                }
+            }
+            Some(Event::Missing(m)) => panic!("missing: {}", m.reason),
+            _ => {}
+        }
+    }
+    data
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test]
+async fn honest_requests_are_served_and_their_stamps_work_once() {
+    let (r, v) = chunk(3, 100_000);
+    let a = start_peer(&[&v], ListenLimits::default(), ServeLimits::default()).await;
+    let mut client = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    let request = signed(fetch_of(&[&r]), "Fetch", a.addr);
+    let replay = restamped(&request, fetch_of(&[&r]));
+    assert_eq!(fetched(&mut client, request).await, v.data().to_vec());
+    assert_eq!(code(client.fetch(replay).await), Code::Unauthenticated);
+    let has = HasRequest {
+        digests: vec![r.digest.to_string()],
+    };
+    let reply = client.has(signed(has, "Has", a.addr)).await.unwrap();
+    assert_eq!(reply.get_ref().present, vec![true]);
+}
+
+#[tokio::test]
+async fn a_stamp_replayed_to_another_member_is_refused() {
+    let (r, v) = chunk(5, 10_000);
+    let a = start_peer(&[&v], ListenLimits::default(), ServeLimits::default()).await;
+    let b = start_peer(&[&v], ListenLimits::default(), ServeLimits::default()).await;
+    let mut to_b = PeerClient::new(connect(b.addr, [127, 0, 0, 1]).await.unwrap());
+    // Captured on its way to a, played to b first: b is not the member it was made for.
+    let for_a = signed(fetch_of(&[&r]), "Fetch", a.addr);
+    let captured = restamped(&for_a, fetch_of(&[&r]));
+    assert_eq!(code(to_b.fetch(captured).await), Code::Unauthenticated);
+    let has = |to| signed(HasRequest::default(), "Has", to);
+    let captured = restamped(&has(a.addr), HasRequest::default());
+    assert_eq!(code(to_b.has(captured).await), Code::Unauthenticated);
+    // The same stamp is still good where it was meant to go, and b serves its own callers.
+    let mut to_a = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    assert_eq!(fetched(&mut to_a, for_a).await, v.data().to_vec());
+    assert_eq!(code(to_b.has(has(b.addr)).await), Code::Ok);
+}
+
+#[tokio::test]
+async fn a_stamp_with_another_body_or_an_old_version_is_refused() {
+    let (r, v) = chunk(7, 10_000);
+    let (other, _) = chunk(9, 10_000);
+    let a = start_peer(&[&v], ListenLimits::default(), ServeLimits::default()).await;
+    let mut client = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    let honest = signed(fetch_of(&[&r]), "Fetch", a.addr);
+    for body in [
+        fetch_of(&[&other]),
+        fetch_of(&[&r, &r]),
+        FetchRequest {
+            prefetch: true,
+            ..fetch_of(&[&r])
+        },
+    ] {
+        let tampered = restamped(&honest, body);
+        assert_eq!(code(client.fetch(tampered).await), Code::Unauthenticated);
+    }
+    let mut old = Request::new(HasRequest::default());
+    let v1 = format!("v1:{}:{}:{}", now(), "0".repeat(32), "0".repeat(64));
+    old.metadata_mut().insert(STAMP_HEADER, v1.parse().unwrap());
+    assert_eq!(code(client.has(old).await), Code::Unauthenticated);
+    assert_eq!(fetched(&mut client, honest).await, v.data().to_vec());
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_source_over_its_connection_cap_is_refused_and_others_are_served() {
+    let limits = ListenLimits {
+        connections_per_source: 2,
+        ..ListenLimits::default()
+    };
+    let a = start_peer(&[], limits, ServeLimits::default()).await;
+    let has = || signed(HasRequest::default(), "Has", a.addr);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+        assert_eq!(code(c.has(has()).await), Code::Ok);
+        held.push(c);
+    }
+    // A third connection from the same source is closed as soon as it is accepted.
+    let third = connect(a.addr, [127, 0, 0, 1]).await;
+    if let Ok(channel) = third {
+        assert_ne!(code(PeerClient::new(channel).has(has()).await), Code::Ok);
+    }
+    // Another source is served, and so are the connections the first one holds.
+    let mut other = PeerClient::new(connect(a.addr, [127, 0, 0, 2]).await.unwrap());
+    assert_eq!(code(other.has(has()).await), Code::Ok);
+    for c in &mut held {
+        assert_eq!(code(c.has(has()).await), Code::Ok);
+    }
+    // A closed connection gives its slot back.
+    held.pop();
+    let started = Instant::now();
+    loop {
+        if let Ok(channel) = connect(a.addr, [127, 0, 0, 1]).await {
+            if code(PeerClient::new(channel).has(has()).await) == Code::Ok {
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "slot not freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_and_frees_its_slot() {
+    let limits = ListenLimits {
+        connections_per_source: 1,
+        first_byte_timeout: Duration::from_millis(200),
+        ..ListenLimits::default()
+    };
+    let a = start_peer(&[], limits, ServeLimits::default()).await;
+    let mut silent = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        // The server may send its HTTP/2 settings first; then it hangs up.
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection that said nothing stayed open");
+    let mut c = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    let has = signed(HasRequest::default(), "Has", a.addr);
+    assert_eq!(code(c.has(has).await), Code::Ok);
+}
+
+#[tokio::test]
+async fn a_caller_over_its_request_share_is_refused_and_others_are_served() {
+    let (fast, v) = chunk(11, 10_000);
+    let (slow, _) = chunk(13, 10_000);
+    let serve = ServeLimits {
+        streams_per_caller: 2,
+        ..ServeLimits::default()
+    };
+    let a = start_peer(&[&v], ListenLimits::default(), serve).await;
+    let mut greedy = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    let fetch = |c: &ChunkRef| signed(fetch_of(&[c]), "Fetch", a.addr);
+    // Two requests the server cannot finish (the chunk is on a level that never answers).
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(greedy.fetch(fetch(&slow)).await.unwrap());
+    }
+    let status = greedy.fetch(fetch(&fast)).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    let mut other = PeerClient::new(connect(a.addr, [127, 0, 0, 3]).await.unwrap());
+    assert_eq!(fetched(&mut other, fetch(&fast)).await, v.data().to_vec());
+    // Giving up a request gives its share back.
+    drop(open.pop());
+    let started = Instant::now();
+    loop {
+        match greedy.fetch(fetch(&fast)).await {
+            Ok(_) => break,
+            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "share not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn counts_and_sizes_over_their_bounds_are_refused() {
+    let (r, v) = chunk(17, 1000);
+    let a = start_peer(&[&v], ListenLimits::default(), ServeLimits::default()).await;
+    let mut client = PeerClient::new(connect(a.addr, [127, 0, 0, 1]).await.unwrap());
+    let many = FetchRequest {
+        chunks: vec![locator(&r); MAX_FETCH_CHUNKS + 1],
+        prefetch: false,
+    };
+    let status = client
+        .fetch(signed(many, "Fetch", a.addr))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("chunks in a fetch"), "{status}");
+    let mut huge = locator(&r);
+    huge.compressed_length = 1 << 40;
+    let request = FetchRequest {
+        chunks: vec![huge],
+        prefetch: false,
+    };
+    let status = client
+        .fetch(signed(request, "Fetch", a.addr))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    let digests = vec![r.digest.to_string(); 1025];
+    let has = signed(HasRequest { digests }, "Has", a.addr);
+    assert_eq!(code(client.has(has).await), Code::InvalidArgument);
+    // A message larger than any honest request is refused before it is decoded.
+    let digests = vec!["x".repeat(1 << 10); 2048];
+    let has = signed(HasRequest { digests }, "Has", a.addr);
+    assert_ne!(code(client.has(has).await), Code::Ok);
+    // And the caller is still served.
+    assert_eq!(
+        fetched(&mut client, signed(fetch_of(&[&r]), "Fetch", a.addr)).await,
+        v.data().to_vec()
+    );
+}
+
+/// Log lines written while a test runs (a current-thread runtime: the servers' tasks log on
+/// the test's thread).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_logged_with_their_reason_once_a_period_per_source() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let a = start_peer(&[], ListenLimits::default(), ServeLimits::default()).await;
+    let b = start_peer(&[], ListenLimits::default(), ServeLimits::default()).await;
+    let mut flood = PeerClient::new(connect(b.addr, [127, 0, 0, 1]).await.unwrap());
+    for _ in 0..200 {
+        let captured = signed(HasRequest::default(), "Has", a.addr);
+        assert_eq!(code(flood.has(captured).await), Code::Unauthenticated);
+    }
+    let mut other = PeerClient::new(connect(b.addr, [127, 0, 0, 4]).await.unwrap());
+    let honest = signed(HasRequest::default(), "Has", b.addr);
+    let tampered = restamped(
+        &honest,
+        HasRequest {
+            digests: vec!["x".into()],
+        },
+    );
+    assert_eq!(code(other.has(tampered).await), Code::Unauthenticated);
+    let text = logs.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("zone peer traffic refused"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("127.0.0.1"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&format!("Made for another member, {}", a.addr)),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("127.0.0.4"), "{}", lines[1]);
+    assert!(lines[1].contains("another request body"), "{}", lines[1]);
+}
+
+/// A host with gossip and the peer service on one loopback address, and its peer level.
+struct Host {
+    source: PeerSource,
+    _peer: Peer,
+    _gossip: tokio_util::sync::DropGuard,
+}
+
+async fn start_host(held: &[&VerifiedChunk], seeds: Vec<SocketAddr>) -> Host {
+    let peer = start_peer(held, ListenLimits::default(), ServeLimits::default()).await;
+    // Gossip uses the same port over UDP; the member's identity is that one address.
+    let zone = Arc::new(Zone::new(peer.addr));
+    let cancel = CancellationToken::new();
+    gossip::start(zone.clone(), key(), seeds, cancel.clone())
+        .await
+        .unwrap();
+    let client = RegistryClient::new(RegistryConfig::default()).unwrap();
+    let registry = Arc::new(RegistrySource::new(
+        Arc::new(client),
+        RemoteConfig::default(),
+    ));
+    let source = PeerSource::new(zone, key(), registry, PeerConfig::default());
+    Host {
+        source,
+        _peer: peer,
+        _gossip: cancel.drop_guard(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_zone_serves_more_chunks_than_one_request_may_ask_for() {
+    let chunks: Vec<(ChunkRef, VerifiedChunk)> = (0..3000u32)
+        .map(|i| {
+            let data = Bytes::from(format!("chunk {i}").into_bytes());
+            let r = ChunkRef {
+                digest: Digest::sha256(&data),
+                blob: Digest::sha256(b"layer"),
+                compressed: 0..data.len() as u64,
+                uncompressed_len: data.len() as u64,
+            };
+            let v = VerifiedChunk::check(&r, data).unwrap();
+            (r, v)
+        })
+        .collect();
+    let held: Vec<&VerifiedChunk> = chunks.iter().map(|(_, v)| v).collect();
+    let a = start_host(&held, Vec::new()).await;
+    let a_addr = a.source.zone().me();
+    let b = start_host(&[], vec![a_addr]).await;
+    let started = Instant::now();
+    while b.source.zone().members() != vec![a_addr] {
+        assert!(started.elapsed() < Duration::from_secs(10), "b never saw a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refs: Vec<ChunkRef> = chunks.iter().map(|(r, _)| r.clone()).collect();
+    let homed_at_a = refs.iter().filter(|r| b.source.forwards(r)).count();
+    assert!(
+        homed_at_a > MAX_FETCH_CHUNKS,
+        "{homed_at_a} chunks homed at a"
+    );
+    let answers = b.source.get_many(&refs).await;
+    let got = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Some(Found::Verified(_)))))
+        .count();
+    let stats = b.source.stats();
+    assert_eq!(got, homed_at_a);
+    assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
+    assert!(
+        stats.requests.load(Ordering::Relaxed) >= 2,
+        "split by count"
+    );
+}
