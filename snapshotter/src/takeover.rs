@@ -185,11 +185,7 @@ pub fn open_cache(dir: &Path, capacity: u64) -> Result<brisk_blobcache::disk::Di
 
 /// Takes over every committed lazy layer whose connection the holder kept, and mounts the
 /// others again, before the socket accepts requests.
-pub async fn remount(
-    snapshotter: &Snapshotter,
-    config: &Config,
-    held: &mut Kept,
-) -> Result<()> {
+pub async fn remount(snapshotter: &Snapshotter, config: &Config, held: &mut Kept) -> Result<()> {
     let snapshots: Vec<_> = snapshotter
         .store()
         .all()?

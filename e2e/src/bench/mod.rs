@@ -23,6 +23,7 @@ pub mod memory;
 pub mod prefetch;
 pub mod reads;
 pub mod report;
+pub mod restart;
 pub mod stack;
 pub mod stargz;
 pub mod wan;

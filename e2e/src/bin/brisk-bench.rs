@@ -77,6 +77,13 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         mbit: u64,
     },
+    /// The daemon killed and restarted, and upgraded, under a running reader with 50 lazy
+    /// layers mounted: the longest read, failures, and the takeover time. Writes
+    /// DIR/restart.json and BENCHMARKS-restart.md at the workspace root.
+    Restart {
+        #[arg(long, default_value = "target/brisk-bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +109,20 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let (quick, repetitions, cold_only, out, rtt_ms, mbit) = match command {
+        Cmd::Restart { out } => {
+            let out = absolute(out);
+            std::fs::create_dir_all(&out)?;
+            let report = bench::restart::run(&out, invocation.trim_end())
+                .context("Restart benchmark failed")?;
+            std::fs::write(
+                out.join("restart.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let markdown = workspace_root().join("BENCHMARKS-restart.md");
+            std::fs::write(&markdown, bench::restart::markdown(&report))?;
+            eprintln!("wrote {}", markdown.display());
+            return Ok(());
+        }
         Cmd::ColdStart {
             quick,
             repetitions,
