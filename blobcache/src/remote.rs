@@ -55,9 +55,12 @@ pub struct RemoteStats {
 pub struct RegistrySource {
     client: Arc<RegistryClient>,
     config: RemoteConfig,
-    /// Which repository serves each blob; the snapshotter registers layers as it mounts them.
-    /// A std lock: held only to clone a reference out.
-    blobs: RwLock<HashMap<Digest, Reference>>,
+    /// The repositories that named each blob, the one that last served it right first; the
+    /// snapshotter registers layers as it mounts them. A list, not one entry: an image that
+    /// merely names another image's blob must not redirect that image's reads to its own
+    /// registry, so every repository is tried in turn (wrong bytes and failures fall through,
+    /// `fetch_span`). A std lock: held only to clone references out.
+    blobs: RwLock<HashMap<Digest, Vec<Reference>>>,
     /// One semaphore per registry host, created on first use.
     limits: RwLock<HashMap<String, Arc<Semaphore>>>,
     /// Blob ranges fetched ahead of their TOC (see `preload`). A std lock: held only to look
@@ -119,6 +122,10 @@ impl Preload {
     }
 }
 
+/// Repositories remembered per blob: images that name one blob are few, and an image that
+/// names many blobs it does not hold only costs each its own failed request.
+const MAX_REPOSITORIES_PER_BLOB: usize = 8;
+
 /// How long preloaded bytes are kept after their fetch ends, for the chunk fetches to come.
 const PRELOAD_KEEP: Duration = Duration::from_secs(60);
 
@@ -161,12 +168,46 @@ impl RegistrySource {
             digest: None,
             ..reference.clone()
         };
-        self.blobs.write().expect("not poisoned").insert(blob, r);
+        let mut blobs = self.blobs.write().expect("not poisoned");
+        let repos = blobs.entry(blob).or_default();
+        if repos.contains(&r) {
+            return;
+        }
+        // The first (the one that served it last) is kept; a newcomer takes the last place.
+        if repos.len() >= MAX_REPOSITORIES_PER_BLOB {
+            repos.pop();
+        }
+        repos.push(r);
     }
 
-    /// The repository registered for `blob`, if any.
+    /// The repository that serves `blob` first, if any.
     pub fn repository_of(&self, blob: &Digest) -> Option<Reference> {
-        self.blobs.read().expect("not poisoned").get(blob).cloned()
+        self.blobs
+            .read()
+            .expect("not poisoned")
+            .get(blob)
+            .and_then(|r| r.first().cloned())
+    }
+
+    /// Every repository registered for `blob`, in the order they are tried.
+    pub fn repositories_of(&self, blob: &Digest) -> Vec<Reference> {
+        self.blobs
+            .read()
+            .expect("not poisoned")
+            .get(blob)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `repo` served `blob` right: it is tried first from now on.
+    fn promote(&self, blob: &Digest, repo: &Reference) {
+        let mut blobs = self.blobs.write().expect("not poisoned");
+        if let Some(repos) = blobs.get_mut(blob) {
+            if let Some(i) = repos.iter().position(|r| r == repo) {
+                let r = repos.remove(i);
+                repos.insert(0, r);
+            }
+        }
     }
 
     pub fn stats(&self) -> &RemoteStats {
@@ -413,10 +454,13 @@ impl RegistrySource {
         let spans = plan_spans(&picked, &self.config);
         let fetches = spans.iter().filter_map(|span| {
             let blob = picked[span[0]].blob;
-            let reference = self.repository_of(&blob)?;
+            let repos = self.repositories_of(&blob);
+            if repos.is_empty() {
+                return None;
+            }
             let refs: Vec<&ChunkRef> = span.iter().map(|&k| &picked[k]).collect();
             Some(async move {
-                self.fetch_span(&reference, &blob, &refs, &|k, answer| {
+                self.fetch_span(&repos, &blob, &refs, &|k, answer| {
                     each(indexes[span[k]], answer)
                 })
                 .await
@@ -451,7 +495,7 @@ impl RegistrySource {
     /// are.
     async fn fetch_span(
         &self,
-        reference: &Reference,
+        repos: &[Reference],
         blob: &Digest,
         chunks: &[&ChunkRef],
         each: &(dyn Fn(usize, Answer) + Send + Sync),
@@ -459,9 +503,14 @@ impl RegistrySource {
         let end = chunks.last().map_or(0, |c| c.compressed.end);
         // Chunks handed over so far; a retry or the next source starts after them.
         let next = AtomicUsize::new(0);
-        let sources = self.sources(reference);
+        // Every registered repository's sources (its mirrors, then its registry), in turn.
+        let sources: Vec<(&Reference, Reference)> = repos
+            .iter()
+            .flat_map(|r| self.sources(r).into_iter().map(move |s| (r, s)))
+            .collect();
         let mut failure = None;
-        for (n, source) in sources.iter().enumerate() {
+        for (n, (reference, source)) in sources.iter().enumerate() {
+            let reference = *reference;
             let Some(start) = chunks.get(next.load(Ordering::SeqCst)) else {
                 return;
             };
@@ -511,6 +560,9 @@ impl RegistrySource {
                 self.shun(source, reference, blob);
                 failure = None;
             } else if next.load(Ordering::SeqCst) == chunks.len() {
+                if repos.len() > 1 {
+                    self.promote(blob, reference);
+                }
                 return;
             }
         }
@@ -797,6 +849,30 @@ mod tests {
         assert_eq!(again.data(), &plain[1][..]);
         assert_eq!((mirror.count(), registry.count()), (1, 2));
         assert_eq!(layered.report()[0].corrupt, 0);
+    }
+
+    #[tokio::test]
+    async fn an_image_naming_another_images_blob_cannot_redirect_its_reads() {
+        let (body, refs, plain) = two_chunk_blob();
+        let mut lie = body.clone();
+        lie[5] ^= 0xff;
+        let evil = respond(move |req| Reply::range_of(&lie, req.range)).await;
+        let good = respond(move |req| Reply::range_of(&body, req.range)).await;
+        let source = RegistrySource::new(client(&good.host, &[]), RemoteConfig::default());
+        let evil_repo: Reference = format!("{}/evil/app", evil.host).parse().unwrap();
+        let good_repo: Reference = format!("{}/good/app", good.host).parse().unwrap();
+        // The liar names the blob first.
+        source.register_blob(refs[0].blob, &evil_repo);
+        source.register_blob(refs[0].blob, &good_repo);
+        let answers = source.get_many(&refs).await;
+        assert_eq!(served(&answers[0]), Some(&plain[0][..]));
+        assert_eq!(served(&answers[1]), Some(&plain[1][..]));
+        assert_eq!(evil.count(), 1, "the liar was tried once");
+        // The repository that served it right is tried first from now on.
+        assert_eq!(source.repository_of(&refs[0].blob), Some(good_repo));
+        let again = source.get_many(&refs[1..]).await;
+        assert_eq!(served(&again[0]), Some(&plain[1][..]));
+        assert_eq!(evil.count(), 1, "the liar is not asked again");
     }
 
     #[tokio::test]
