@@ -117,6 +117,11 @@ struct Node {
 impl Node {
     /// A node with `images` lazy images pulled, `restart-0:lazy` and on.
     fn start(images: u64) -> Result<Self> {
+        // Off: the background hash of a layer would fetch what the workloads are to read.
+        Self::start_with(images, &["--verify", "off"])
+    }
+
+    fn start_with(images: u64, snapshotter_args: &[&str]) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
         let registry = Registry::start()?;
         for n in 0..images {
@@ -131,8 +136,7 @@ impl Node {
             push_image(&oci, &registry.image(&format!("restart-{n}:lazy")))?;
         }
         let proxy = Proxy::start(&registry.addr())?;
-        // Off: the background hash of the layer would fetch what the workloads are to read.
-        let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), &["--verify", "off"])?;
+        let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), snapshotter_args)?;
         let containerd = Containerd::start(
             &tmp.path().join("containerd"),
             &snapshotter.socket,
@@ -257,6 +261,43 @@ fn issue_15_running_containers_survive_kill_restart_and_upgrade() -> Result<()> 
             bail!("the holder did not stop with a clean stop");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn issue_15_running_containers_survive_a_kill_while_a_prefetch_is_in_flight() -> Result<()> {
+    if !snapshotter_gate() {
+        return Ok(());
+    }
+    // The background hash reads the whole layer at prefetch priority, from its mount on.
+    let mut node = Node::start_with(1, &["--verify", "background", "--verify-delay-secs", "0"])?;
+    node.proxy
+        .inject(Injection::blobs(Fault::Delay(Duration::from_millis(800))));
+    node.proxy.reset_counts();
+    let running = node.start_workloads(0, "prefetching")?;
+    node.wait_for_reads_in_flight()?;
+    node.snapshotter.kill9();
+    node.snapshotter.respawn()?;
+    finish(running, || node.snapshotter.log())?;
+    // The successor takes the unfinished hash up again and completes it.
+    let socket = node
+        .snapshotter
+        .socket
+        .to_str()
+        .context("socket")?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&brisk(&["status", "--snapshotter", &socket, "--json"])?)?;
+        if status["verify"]["proven"] == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the layer was never proven after the restart: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
 }
