@@ -96,6 +96,12 @@ fn busybox_tar(dir: &Path, hostname: &str) -> Result<Vec<u8>> {
     std::fs::create_dir_all(root.join("etc"))?;
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("Copying /bin/busybox")?;
     std::fs::write(root.join("etc/hostname"), format!("{hostname}\n"))?;
+    tar_dir(&root)
+}
+
+/// An uncompressed tar of the tree at `root`, owned by root, every time zero: the same tree
+/// always gives the same bytes.
+pub(crate) fn tar_dir(root: &Path) -> Result<Vec<u8>> {
     let out = Command::new("tar")
         .args([
             "--numeric-owner",
@@ -104,7 +110,7 @@ fn busybox_tar(dir: &Path, hostname: &str) -> Result<Vec<u8>> {
             "--mtime=@0",
             "-C",
         ])
-        .arg(&root)
+        .arg(root)
         .args(["-cf", "-", "."])
         .output()?;
     ensure!(out.status.success(), "tar failed");

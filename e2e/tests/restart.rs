@@ -17,7 +17,7 @@ use tempfile::TempDir;
 
 use brisk_e2e::image::seeded_bytes;
 
-use crate::hostile::{layout, Lazy};
+use crate::hostile::{layout, tar_dir, Lazy};
 
 const SMALL_FILES: usize = 160;
 const BIG: usize = 24 << 20;
@@ -33,19 +33,7 @@ fn image_tar(dir: &std::path::Path, n: u64) -> Result<Vec<u8>> {
     for i in 0..SMALL_FILES {
         std::fs::write(root.join(format!("data/small/{i}")), small(n, i))?;
     }
-    let out = Command::new("tar")
-        .args([
-            "--numeric-owner",
-            "--owner=0",
-            "--group=0",
-            "--mtime=@0",
-            "-C",
-        ])
-        .arg(&root)
-        .args(["-cf", "-", "."])
-        .output()?;
-    ensure!(out.status.success(), "tar failed");
-    Ok(out.stdout)
+    tar_dir(&root)
 }
 
 fn big(n: u64) -> Vec<u8> {
