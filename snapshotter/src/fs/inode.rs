@@ -199,6 +199,14 @@ impl InodeTable {
         };
         let mut hardlinks = Vec::new();
         for e in &toc.entries {
+            // The root is the mount's root: it can only be a directory (containerd's unpacker
+            // refuses anything else there too).
+            if e.name.is_empty() && !matches!(e.kind, EntryKind::Dir | EntryKind::Opaque) {
+                return Err(Error::InvalidArgument(format!(
+                    "the layer's root is a {:?} entry, not a directory",
+                    e.kind
+                )));
+            }
             match e.kind {
                 EntryKind::Hardlink => hardlinks.push(e),
                 EntryKind::Dir => {
@@ -504,6 +512,23 @@ mod tests {
             .expect("no stack overflow")
             .unwrap();
         assert_eq!(t, 2_002, "root, 2,000 directories and the file");
+    }
+
+    #[test]
+    fn a_root_that_is_not_a_directory_is_refused() {
+        for kind in [
+            EntryKind::Reg,
+            EntryKind::Symlink,
+            EntryKind::Whiteout,
+            EntryKind::Fifo,
+        ] {
+            let mut e = entry(kind, "");
+            e.link = Some("x".into());
+            let err = table(vec![e]).err().expect("refused");
+            assert!(err.to_string().contains("root"), "{kind:?}: {err}");
+        }
+        let t = table(vec![entry(EntryKind::Dir, ""), entry(EntryKind::Reg, "f")]).unwrap();
+        assert_eq!(t.get(1).unwrap().kind, FileType::Directory);
     }
 
     #[test]
