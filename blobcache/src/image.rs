@@ -218,4 +218,44 @@ mod tests {
             expected
         );
     }
+
+    /// Found while fuzzing (`toc_json`): a valid TOC whose chunks end within 8 bytes of
+    /// u64::MAX overflowed the check that the TOC frame follows them.
+    #[test]
+    fn chunks_ending_at_the_top_of_u64_are_refused_without_overflow() {
+        let toc = Toc {
+            version: toc::FORMAT_VERSION,
+            tar_size: 1,
+            chunks: vec![toc::Chunk {
+                offset: 0,
+                size: u64::MAX - 3,
+                tar_offset: 0,
+                tar_size: 1,
+                digest: Digest::sha256(b"x"),
+            }],
+            entries: Vec::new(),
+            prefetch: Vec::new(),
+        };
+        assert!(
+            toc.validate().is_err(),
+            "a chunk that large is over the limits"
+        );
+        let (payload, len) = toc.encode().unwrap();
+        let layer = LazyLayer {
+            blob: Digest::sha256(b"layer"),
+            size: 0,
+            toc_digest: Digest::sha256(&payload),
+            position: None,
+            prefetch_spans: Vec::new(),
+        };
+        let position = TocPosition {
+            offset: 8,
+            size: payload.len() as u64,
+            uncompressed_size: len,
+            version: toc::FORMAT_VERSION,
+        };
+        // Refused with an error (validation, or the checked frame check), never a panic.
+        let outcome = std::panic::catch_unwind(|| layer.decode_toc(&payload, &position));
+        assert!(outcome.expect("no panic").is_err());
+    }
 }

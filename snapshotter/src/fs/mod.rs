@@ -8,6 +8,7 @@
 //! for long. This module does not stack layers (overlayfs does) and does not fetch or verify
 //! the TOC (the caller hands in a verified one). It is the only place errors become errnos.
 
+pub mod fuzz;
 mod inode;
 mod read;
 mod readahead;

@@ -96,7 +96,7 @@ fn refs(toc: &Toc, blob: Digest, chunks: Range<usize>) -> Vec<ChunkRef> {
 }
 
 /// The bytes of `range` (of the tar stream) out of the chunks that hold it.
-fn cut(chunks: &[Chunk], got: &[VerifiedChunk], range: &Range<u64>) -> Result<Bytes> {
+pub(super) fn cut(chunks: &[Chunk], got: &[VerifiedChunk], range: &Range<u64>) -> Result<Bytes> {
     let part = |c: &Chunk, v: &VerifiedChunk| -> Result<Bytes> {
         let lo = (range.start.max(c.tar_offset) - c.tar_offset) as usize;
         let hi = (range.end.min(c.tar_offset + c.tar_size) - c.tar_offset) as usize;

@@ -1,0 +1,5 @@
+//! The TOC's JSON into the filesystem's inode table and every FUSE metadata call and read
+//! plan on it. See `brisk_snapshotter_fuzz::inode_json`.
+#![cfg_attr(feature = "libfuzzer", no_main)]
+
+brisk_blobcache_fuzz::fuzz_main!(brisk_snapshotter_fuzz::inode_json);
