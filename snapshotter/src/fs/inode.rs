@@ -7,7 +7,7 @@
 //! does that through the chunk cache. The table never changes after it is built (layers are
 //! immutable), so lookups need no lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -78,9 +78,10 @@ impl Inode {
     }
 
     /// A directory the tar omits but a deeper entry needs. Same defaults as containerd's
-    /// unpacker: 0755, owned by root, mtime 0.
-    fn synthetic_dir(path: &str, parent: u64) -> Self {
-        let mut dir = Self::new(FileType::Directory, path, parent);
+    /// unpacker: 0755, owned by root, mtime 0. It keeps no path: paths are for the read
+    /// traces of files, and a chain of omitted parents would otherwise hold every prefix.
+    fn synthetic_dir(parent: u64) -> Self {
+        let mut dir = Self::new(FileType::Directory, "", parent);
         dir.perm = 0o755;
         dir
     }
@@ -191,9 +192,8 @@ pub(crate) struct InodeTable {
 impl InodeTable {
     pub fn build(toc: &Toc) -> Result<Self> {
         let mut b = Builder {
-            nodes: vec![Inode::synthetic_dir("", 1)],
+            nodes: vec![Inode::synthetic_dir(1)],
             children: vec![BTreeMap::new()],
-            by_path: HashMap::from([(String::new(), 1)]),
             whiteouts: HashSet::new(),
             opaque: Vec::new(),
         };
@@ -273,7 +273,6 @@ struct Builder {
     nodes: Vec<Inode>,
     /// Directory entries while building, by inode index; sorted into `Inode::children` at the end.
     children: Vec<BTreeMap<String, u64>>,
-    by_path: HashMap<String, u64>,
     whiteouts: HashSet<u64>,
     opaque: Vec<u64>,
 }
@@ -285,23 +284,38 @@ impl Builder {
         self.nodes.len() as u64
     }
 
+    /// The inode at `path`, walking the tree built so far from the root, one component at a
+    /// time. Paths are looked up through the directories, never kept whole: a table of every
+    /// prefix of every path would grow with the square of path depth.
+    fn find(&self, path: &str) -> Option<u64> {
+        if path.is_empty() {
+            return Some(1);
+        }
+        path.split('/').try_fold(1u64, |ino, name| {
+            self.children[ino as usize - 1].get(name).copied()
+        })
+    }
+
     /// The directory at `path`, made (with its parents) if the tar omitted it. A loop, not
     /// recursion: the TOC bounds path depth, but the stack must not depend on that bound.
     fn dir(&mut self, path: &str) -> Result<u64> {
-        // The nearest existing ancestor (or `path` itself), then the missing ones below it.
-        let mut missing = Vec::new();
-        let mut at = path;
-        let mut ino = loop {
-            if let Some(&ino) = self.by_path.get(at) {
-                break self.existing_dir(at, ino)?;
-            }
-            missing.push(at);
-            at = parent_of(at);
-        };
-        for p in missing.into_iter().rev() {
-            let child = self.push(Inode::synthetic_dir(p, ino));
-            self.link(ino, p, child);
-            ino = child;
+        let mut ino = 1u64;
+        if path.is_empty() {
+            return Ok(ino);
+        }
+        let mut end = 0;
+        for name in path.split('/') {
+            end += name.len();
+            let at = &path[..end];
+            end += 1;
+            ino = match self.children[ino as usize - 1].get(name).copied() {
+                Some(child) => self.existing_dir(at, child)?,
+                None => {
+                    let child = self.push(Inode::synthetic_dir(ino));
+                    self.children[ino as usize - 1].insert(name.to_owned(), child);
+                    child
+                }
+            };
         }
         Ok(ino)
     }
@@ -316,7 +330,7 @@ impl Builder {
         // the directory also has content, so it wins.
         if self.whiteouts.remove(&ino) {
             let parent = self.nodes[i].parent;
-            self.nodes[i] = Inode::synthetic_dir(path, parent);
+            self.nodes[i] = Inode::synthetic_dir(parent);
             return Ok(ino);
         }
         // containerd's unpacker refuses this too (a file cannot hold entries).
@@ -327,7 +341,6 @@ impl Builder {
 
     fn link(&mut self, parent: u64, path: &str, ino: u64) {
         self.children[parent as usize - 1].insert(base_of(path).to_owned(), ino);
-        self.by_path.insert(path.to_owned(), ino);
     }
 
     /// Any entry but a directory, opaque marker or hardlink.
@@ -336,7 +349,10 @@ impl Builder {
         let mut node = Inode::new(file_type(e.kind), &e.name, parent);
         node.set_meta(e)?;
         let whiteout = e.kind == EntryKind::Whiteout;
-        match self.by_path.get(&e.name).copied() {
+        let existing = self.children[parent as usize - 1]
+            .get(base_of(&e.name))
+            .copied();
+        match existing {
             // A real entry and a whiteout of one name: the real entry wins, in either order.
             Some(ino) if whiteout && !self.whiteouts.contains(&ino) => {}
             Some(ino) => {
@@ -362,8 +378,8 @@ impl Builder {
 
     fn hardlink(&mut self, e: &Entry) -> Result<()> {
         let target = e.link.as_deref().unwrap_or_default();
-        let ino = match self.by_path.get(target) {
-            Some(&ino)
+        let ino = match self.find(target) {
+            Some(ino)
                 if self.nodes[ino as usize - 1].kind != FileType::Directory
                     && !self.whiteouts.contains(&ino) =>
             {
@@ -512,6 +528,27 @@ mod tests {
             .expect("no stack overflow")
             .unwrap();
         assert_eq!(t, 2_002, "root, 2,000 directories and the file");
+    }
+
+    #[test]
+    fn paths_kept_grow_with_the_toc_not_with_the_square_of_depth() {
+        // 200 files, each 250 omitted directories deep under a top directory of its own.
+        let entries: Vec<Entry> = (0..200)
+            .map(|i| {
+                let name = format!("{i}/{}/f", vec!["d"; 250].join("/"));
+                entry(EntryKind::Reg, &name)
+            })
+            .collect();
+        let names: usize = entries.iter().map(|e| e.name.len()).sum();
+        let t = table(entries).unwrap();
+        assert_eq!(t.len(), 1 + 200 * 252);
+        let kept: usize = t.nodes.iter().map(|n| n.path.len()).sum();
+        assert!(
+            kept <= names,
+            "{kept} path bytes kept for {names} in the TOC"
+        );
+        let deep = resolve(&t, &format!("7/{}/f", vec!["d"; 250].join("/")));
+        assert_eq!(deep.kind, FileType::RegularFile);
     }
 
     #[test]
