@@ -372,8 +372,9 @@ async fn counts_and_sizes_over_their_bounds_are_refused() {
     );
 }
 
-/// Log lines written while a test runs (a current-thread runtime: the servers' tasks log on
-/// the test's thread).
+/// Log lines written by every test of this binary. One global subscriber, not one per test:
+/// a thread-scoped one misses events whose callsite another test's thread registered first
+/// with no subscriber (tracing caches that interest), which made the test below flaky.
 #[derive(Clone, Default)]
 struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -389,6 +390,20 @@ impl std::io::Write for Logs {
 }
 
 impl Logs {
+    fn global() -> &'static Logs {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+            logs
+        })
+    }
+
     fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
@@ -396,13 +411,7 @@ impl Logs {
 
 #[tokio::test]
 async fn refusals_are_logged_with_their_reason_once_a_period_per_source() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    let logs = Logs::global();
     let a = start_peer(&[], ListenLimits::default(), ServeLimits::default()).await;
     let b = start_peer(&[], ListenLimits::default(), ServeLimits::default()).await;
     let mut flood = PeerClient::new(connect(b.addr, [127, 0, 0, 1]).await.unwrap());
@@ -420,9 +429,12 @@ async fn refusals_are_logged_with_their_reason_once_a_period_per_source() {
     );
     assert_eq!(code(other.has(tampered).await), Code::Unauthenticated);
     let text = logs.text();
+    // Other tests' refusals are in the log too: this test's are the ones naming its peers
+    // (`a`'s address in the reason, the only caller from 127.0.0.4).
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("zone peer traffic refused"))
+        .filter(|l| l.contains(&a.addr.to_string()) || l.contains("127.0.0.4"))
         .collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].contains("127.0.0.1"), "{}", lines[0]);
