@@ -23,7 +23,11 @@ SNAP_PID=
 CTD_PID=
 cleanup() {
     [[ -n $CTD_PID ]] && kill "$CTD_PID" 2>/dev/null && wait "$CTD_PID" 2>/dev/null || true
-    [[ -n $SNAP_PID ]] && kill "$SNAP_PID" 2>/dev/null && wait "$SNAP_PID" 2>/dev/null || true
+    # SIGINT: the clean stop (unmounts every lazy layer and stops the holder); SIGTERM would
+    # leave them to a successor.
+    [[ -n $SNAP_PID ]] && kill -INT "$SNAP_PID" 2>/dev/null && wait "$SNAP_PID" 2>/dev/null || true
+    # The holder of FUSE connections the daemon started, if a clean stop did not end it.
+    [[ -f $WORK/brisk/holder.pid ]] && kill "$(cat "$WORK/brisk/holder.pid")" 2>/dev/null || true
     [[ -n $REG_PID ]] && kill "$REG_PID" 2>/dev/null || true
     # Anything still mounted under the work directory (container rootfs, FUSE layers).
     grep -o " $WORK[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
