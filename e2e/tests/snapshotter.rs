@@ -299,6 +299,50 @@ fn removing_the_image_leaves_no_mount_or_directory() -> Result<()> {
 }
 
 #[test]
+fn a_mirror_that_corrupts_every_blob_is_passed_over_and_the_layer_stays_lazy() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let RegisteredSample { registry, .. } = sample_in_registry(tmp.path(), false, &[])?;
+    // The mirror answers every blob read (TOC and chunks) with one bit flipped.
+    let mirror = Proxy::start(&registry.addr())?;
+    mirror.inject(brisk_e2e::Injection::blobs(brisk_e2e::Fault::FlipBit));
+    let certs = tmp.path().join("certs.d");
+    let host = registry.addr();
+    std::fs::create_dir_all(certs.join(&host))?;
+    std::fs::write(
+        certs.join(&host).join("hosts.toml"),
+        format!("server = \"http://{host}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror.addr()),
+    )?;
+    let config = tmp.path().join("brisk.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\nconfig_path = \"{}\"\n", certs.display()),
+    )?;
+    let snapshotter = Snapshotter::start(
+        &tmp.path().join("brisk"),
+        &["--config", config.to_str().context("path")?],
+    )?;
+    let containerd = Containerd::start(
+        &tmp.path().join("containerd"),
+        &snapshotter.socket,
+        &unique("brisk-lying-mirror"),
+    )?;
+    let image = registry.image("sample:lazy");
+    containerd.brisk_pull(&image, &["--hosts-dir", certs.to_str().context("path")?])?;
+    let out = containerd
+        .run_busybox(&image, &unique("c"), &["cat", "/etc/hostname"])
+        .with_context(|| snapshotter.log())?;
+    assert_eq!(out, "sample-v2\n");
+    let log = snapshotter.log();
+    assert!(log.contains("lazy layer mounted"), "{log}");
+    assert!(log.contains("a mirror's TOC was refused"), "{log}");
+    assert!(mirror.counts().faults > 0, "the mirror was asked");
+    Ok(())
+}
+
+#[test]
 fn layers_are_read_through_a_mirror_from_containerd_hosts_config() -> Result<()> {
     if !enabled() {
         return Ok(());
