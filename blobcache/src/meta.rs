@@ -43,10 +43,14 @@ impl MetaStore {
         let digest = Digest::sha256(data);
         let dest = self.path(&digest);
         if !dest.exists() {
+            // A temp name of its own per write: two tasks keeping the same TOC at once (a
+            // layer's Prepare and its image's prefetch) must not rename each other's file.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tmp =
                 self.root
                     .join("tmp")
-                    .join(format!("{}.{}", digest.hex(), std::process::id()));
+                    .join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
             std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
             std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         }
@@ -116,6 +120,27 @@ mod tests {
         std::fs::write(dir.path().join("sha256").join(d.hex()), b"tampered").unwrap();
         assert!(store.get(&d).is_none());
         assert!(!dir.path().join("sha256").join(d.hex()).exists());
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_digest_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(MetaStore::open(dir.path()).unwrap());
+        let data = vec![7u8; 1 << 20];
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, data) = (store.clone(), data.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        store.put(&data).unwrap();
+                        let _ = store.remove(&Digest::sha256(&data));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
