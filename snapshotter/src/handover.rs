@@ -399,14 +399,19 @@ mod tests {
         let path = dir.path().join("holder.sock");
         let p = path.clone();
         std::thread::spawn(move || serve(&p, Duration::from_secs(60)));
+        // The socket file appears at bind, a moment before the holder listens.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
-            assert!(Instant::now() < deadline);
+        let sock = loop {
+            let sock = seqpacket().unwrap();
+            if let Ok(addr) = UnixAddr::new(&path) {
+                if socket::connect(sock.as_raw_fd(), &addr).is_ok() {
+                    break sock;
+                }
+            }
+            assert!(Instant::now() < deadline, "the holder never listened");
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         // A holder of version 1 answers hello with its own version, whatever was asked.
-        let sock = seqpacket().unwrap();
-        socket::connect(sock.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
         send(sock.as_fd(), &Request::Hello { version: 99 }, &[]).unwrap();
         let (bytes, _) = recv(sock.as_fd()).unwrap().unwrap();
         let reply: Reply = serde_json::from_slice(&bytes).unwrap();
