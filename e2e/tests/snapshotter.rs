@@ -298,6 +298,38 @@ fn removing_the_image_leaves_no_mount_or_directory() -> Result<()> {
     Ok(())
 }
 
+/// A snapshotter and containerd under `dir` that read registry `host` through `mirror`
+/// (containerd's `certs.d/<host>/hosts.toml`), with `image` pulled by `brisk pull` the same way.
+fn pull_through_mirror(
+    dir: &std::path::Path,
+    host: &str,
+    mirror: &str,
+    image: &str,
+) -> Result<(Snapshotter, Containerd)> {
+    let certs = dir.join("certs.d");
+    std::fs::create_dir_all(certs.join(host))?;
+    std::fs::write(
+        certs.join(host).join("hosts.toml"),
+        format!("server = \"http://{host}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )?;
+    let config = dir.join("brisk.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\nconfig_path = \"{}\"\n", certs.display()),
+    )?;
+    let snapshotter = Snapshotter::start(
+        &dir.join("brisk"),
+        &["--config", config.to_str().context("path")?],
+    )?;
+    let containerd = Containerd::start(
+        &dir.join("containerd"),
+        &snapshotter.socket,
+        &unique("brisk-mirror"),
+    )?;
+    containerd.brisk_pull(image, &["--hosts-dir", certs.to_str().context("path")?])?;
+    Ok((snapshotter, containerd))
+}
+
 #[test]
 fn a_mirror_that_corrupts_every_blob_is_passed_over_and_the_layer_stays_lazy() -> Result<()> {
     if !enabled() {
@@ -308,29 +340,9 @@ fn a_mirror_that_corrupts_every_blob_is_passed_over_and_the_layer_stays_lazy() -
     // The mirror answers every blob read (TOC and chunks) with one bit flipped.
     let mirror = Proxy::start(&registry.addr())?;
     mirror.inject(brisk_e2e::Injection::blobs(brisk_e2e::Fault::FlipBit));
-    let certs = tmp.path().join("certs.d");
-    let host = registry.addr();
-    std::fs::create_dir_all(certs.join(&host))?;
-    std::fs::write(
-        certs.join(&host).join("hosts.toml"),
-        format!("server = \"http://{host}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror.addr()),
-    )?;
-    let config = tmp.path().join("brisk.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\nconfig_path = \"{}\"\n", certs.display()),
-    )?;
-    let snapshotter = Snapshotter::start(
-        &tmp.path().join("brisk"),
-        &["--config", config.to_str().context("path")?],
-    )?;
-    let containerd = Containerd::start(
-        &tmp.path().join("containerd"),
-        &snapshotter.socket,
-        &unique("brisk-lying-mirror"),
-    )?;
     let image = registry.image("sample:lazy");
-    containerd.brisk_pull(&image, &["--hosts-dir", certs.to_str().context("path")?])?;
+    let (snapshotter, containerd) =
+        pull_through_mirror(tmp.path(), &registry.addr(), &mirror.addr(), &image)?;
     let out = containerd
         .run_busybox(&image, &unique("c"), &["cat", "/etc/hostname"])
         .with_context(|| snapshotter.log())?;
@@ -355,29 +367,8 @@ fn layers_are_read_through_a_mirror_from_containerd_hosts_config() -> Result<()>
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .to_string();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir_all(certs.join(&dead))?;
-    std::fs::write(
-        certs.join(&dead).join("hosts.toml"),
-        format!("server = \"http://{dead}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", mirror.addr()),
-    )?;
-    let config = tmp.path().join("brisk.toml");
-    std::fs::write(
-        &config,
-        format!("[registry]\nconfig_path = \"{}\"\n", certs.display()),
-    )?;
-    let snapshotter = Snapshotter::start(
-        &tmp.path().join("brisk"),
-        &["--config", config.to_str().context("path")?],
-    )?;
-    let containerd = Containerd::start(
-        &tmp.path().join("containerd"),
-        &snapshotter.socket,
-        &unique("brisk-mirror"),
-    )?;
     let image = format!("{dead}/sample:lazy");
-    let certs_arg = certs.to_str().context("path")?;
-    containerd.brisk_pull(&image, &["--hosts-dir", certs_arg])?;
+    let (snapshotter, containerd) = pull_through_mirror(tmp.path(), &dead, &mirror.addr(), &image)?;
     let out = containerd
         .run_busybox(&image, &unique("c"), &["cat", "/etc/hostname"])
         .with_context(|| snapshotter.log())?;
