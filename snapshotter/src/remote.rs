@@ -321,33 +321,19 @@ impl RemoteLayers {
             None => {
                 // Each source in turn (the registry's mirrors, then the registry): a mirror
                 // whose TOC does not check is passed over like one that fails.
-                let sources = self.client.read_sources(reference);
-                let last = sources.len().saturating_sub(1);
-                for (i, source) in sources.iter().enumerate() {
-                    let fetched = self
-                        .client
-                        .get_blob_range_from(source, &lazy.blob, position.range(), &|_| {})
-                        .await
-                        .map_err(Error::from)
-                        .and_then(|p| Ok((lazy.decode_toc(&p, position)?, p)));
-                    match fetched {
-                        Ok((toc, p)) => {
-                            // Kept only once it checked: an unverified payload never reaches
-                            // the disk.
-                            self.manifests.put(&p)?;
-                            return Ok(toc);
-                        }
-                        Err(err) if i < last => {
-                            tracing::warn!(mirror = %source.registry, blob = %lazy.blob, err = %chain(&err), "a mirror's TOC was refused; trying the next source");
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-                // `read_sources` always ends with the registry itself; not reached.
-                return Err(Error::FailedPrecondition(format!(
-                    "no source to read the TOC of {} from",
-                    lazy.blob
-                )));
+                let (toc, p) = self
+                    .client
+                    .via_mirrors(reference, |source| async move {
+                        let p = self
+                            .client
+                            .get_blob_range_from(&source, &lazy.blob, position.range(), &|_| {})
+                            .await?;
+                        Ok((lazy.decode_toc(&p, position)?, p))
+                    })
+                    .await?;
+                // Kept only once it checked: an unverified payload never reaches the disk.
+                self.manifests.put(&p)?;
+                return Ok(toc);
             }
         };
         Ok(lazy.decode_toc(&payload, position)?)

@@ -527,9 +527,9 @@ impl RegistryClient {
             .await
     }
 
-    /// Runs a read against each of `read_sources(r)` in turn. A mirror that fails is only
-    /// logged: the next candidate is tried.
-    async fn via_mirrors<T, F, Fut>(&self, r: &Reference, op: F) -> Result<T>
+    /// Runs a read against each of `read_sources(r)` in turn. A mirror that fails (`op`
+    /// may fail it for bytes that do not check) is only logged: the next candidate is tried.
+    pub async fn via_mirrors<T, F, Fut>(&self, r: &Reference, op: F) -> Result<T>
     where
         F: Fn(Reference) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
