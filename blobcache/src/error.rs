@@ -66,6 +66,8 @@ pub enum Error {
     BlobNotFound(Digest),
     #[error("Manifest {0} not found")]
     ManifestNotFound(String),
+    #[error("Image index {index} has no manifest for platform {platform}")]
+    NoPlatform { index: Digest, platform: String },
     #[error("Chunk {digest} could not be read from any cache level: {reason}")]
     ChunkUnavailable { digest: Digest, reason: String },
     #[error("Zone: {0}")]
@@ -109,6 +111,8 @@ pub enum Limit {
     Prefetch,
     RangeLength,
     ResponseSize,
+    Layers,
+    IndexManifests,
 }
 
 impl std::fmt::Display for Limit {
@@ -131,6 +135,8 @@ impl std::fmt::Display for Limit {
             Limit::Prefetch => "prefetch list length",
             Limit::RangeLength => "range length",
             Limit::ResponseSize => "response size",
+            Limit::Layers => "layer count",
+            Limit::IndexManifests => "manifest count",
         })
     }
 }

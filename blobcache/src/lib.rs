@@ -10,6 +10,7 @@ pub mod disk;
 mod error;
 pub mod image;
 pub mod layered;
+pub mod lazy;
 pub mod media;
 pub mod memory;
 pub mod meta;

@@ -272,7 +272,6 @@ impl RegistrySource {
                 .extend(spans.iter().cloned());
             (spans, reserved)
         };
-        self.register_blob(blob, reference);
         let this = self.clone();
         let reference = reference.clone();
         tokio::spawn(async move {

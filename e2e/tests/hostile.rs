@@ -126,6 +126,16 @@ pub(crate) fn layout(
     annotations: &BTreeMap<String, String>,
     diff_id: &Digest,
 ) -> Result<OciImage> {
+    layout_layers(dir, tag, &[(layer, annotations, diff_id)])
+}
+
+/// Writes an OCI layout at `dir`, tagged `tag`, of `layers` (bottom first), each with the
+/// annotations on its descriptor and the diff_id its config claims for it.
+pub(crate) fn layout_layers(
+    dir: &Path,
+    tag: &str,
+    layers: &[(&Lazy, &BTreeMap<String, String>, &Digest)],
+) -> Result<OciImage> {
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let put = |data: &[u8]| -> Result<Digest> {
@@ -133,12 +143,21 @@ pub(crate) fn layout(
         std::fs::write(dir.join("blobs/sha256").join(d.hex()), data)?;
         Ok(d)
     };
-    let blob = put(&layer.blob)?;
+    let mut descriptors = Vec::new();
+    for (layer, annotations, _) in layers {
+        descriptors.push(json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
+            "digest": put(&layer.blob)?.to_string(),
+            "size": layer.blob.len(),
+            "annotations": annotations,
+        }));
+    }
+    let diff_ids: Vec<String> = layers.iter().map(|(_, _, d)| d.to_string()).collect();
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {},
-        "rootfs": { "type": "layers", "diff_ids": [diff_id.to_string()] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))?;
     let config_digest = put(&config)?;
     let manifest = serde_json::to_vec(&json!({
@@ -149,12 +168,7 @@ pub(crate) fn layout(
             "digest": config_digest.to_string(),
             "size": config.len(),
         },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+zstd",
-            "digest": blob.to_string(),
-            "size": layer.blob.len(),
-            "annotations": annotations,
-        }],
+        "layers": descriptors,
     }))?;
     let manifest_digest = put(&manifest)?;
     let index = json!({
@@ -235,22 +249,23 @@ impl Node {
 
     /// `cat /etc/hostname` in a new container of `image` in `namespace`.
     fn hostname(&self, namespace: &str, image: &str) -> Result<String> {
+        self.run(namespace, image, &["cat", "/etc/hostname"])
+    }
+
+    /// Busybox applet `args` in a new container of `image` in `namespace`: its stdout.
+    fn run(&self, namespace: &str, image: &str, args: &[&str]) -> Result<String> {
         let id = format!("c-{}-{}", std::process::id(), rand::random::<u32>());
-        run_ctr(
-            &self.containerd,
-            namespace,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "brisk",
-                image,
-                &id,
-                "/bin/busybox",
-                "cat",
-                "/etc/hostname",
-            ],
-        )
+        let mut ctr = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "brisk",
+            image,
+            &id,
+            "/bin/busybox",
+        ];
+        ctr.extend_from_slice(args);
+        run_ctr(&self.containerd, namespace, &ctr)
     }
 
     fn status(&self) -> Result<Value> {
@@ -456,5 +471,103 @@ fn issue_14_an_honest_image_pulled_first_keeps_its_files_when_a_liar_comes() -> 
     // GOOD reads its own files throughout.
     assert_eq!(node.hostname(a, &good)?, "good\n");
     node.status().context("the daemon answers")?;
+    Ok(())
+}
+
+/// Paths of the files a trace lists, without a leading `/`.
+fn trace_files(node: &Node, image: &str) -> Result<Vec<String>> {
+    let file = node
+        .tmp
+        .path()
+        .join(format!("trace-{}.json", rand::random::<u32>()));
+    let socket = node.snapshotter.socket.to_str().context("socket path")?;
+    let path = file.to_str().context("path")?;
+    brisk(&["trace", "export", image, path, "--snapshotter", socket])?;
+    let trace: Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    Ok(trace["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["path"].as_str())
+        .map(|p| p.trim_start_matches('/').to_owned())
+        .collect())
+}
+
+#[test]
+fn issue_14_reads_of_a_shared_base_by_another_images_containers_stay_out_of_its_trace() -> Result<()>
+{
+    if !snapshotter_gate() {
+        return Ok(());
+    }
+    let config = tempfile::tempdir()?;
+    let config = config.path().join("brisk.toml");
+    std::fs::write(&config, "[trace]\nquiet_secs = 3\n")?;
+    let node = Node::start(&["--config", config.to_str().context("path")?])?;
+    // One base layer (busybox, and a file each image's start reads), under two images.
+    let base_root = node.tmp.path().join("base");
+    std::fs::create_dir_all(base_root.join("bin"))?;
+    std::fs::create_dir_all(base_root.join("etc"))?;
+    std::fs::create_dir_all(base_root.join("shared"))?;
+    std::fs::copy("/bin/busybox", base_root.join("bin/busybox"))?;
+    std::fs::write(base_root.join("etc/hostname"), "base\n")?;
+    std::fs::write(base_root.join("shared/good-reads"), "g\n")?;
+    std::fs::write(base_root.join("shared/evil-reads"), "e\n")?;
+    let base = Lazy::convert(&tar_dir(&base_root)?)?;
+    let top = |name: &str| -> Result<Lazy> {
+        let root = node.tmp.path().join(name);
+        std::fs::create_dir_all(root.join("app"))?;
+        std::fs::write(root.join("app").join(format!("{name}.txt")), name)?;
+        Lazy::convert(&tar_dir(&root)?)
+    };
+    let push = |name: &str, top: &Lazy| -> Result<String> {
+        let dir = node.tmp.path().join("layouts").join(name);
+        let (a, b) = (base.annotations(), top.annotations());
+        let image = layout_layers(
+            &dir,
+            "t",
+            &[(&base, &a, &base.diff_id), (top, &b, &top.diff_id)],
+        )?;
+        let reference = node.registry.image(&format!("{name}:lazy"));
+        push_image(&image, &reference)?;
+        Ok(reference)
+    };
+    let good = push("good", &top("good")?)?;
+    let evil = push("evil", &top("evil")?)?;
+    let ns = "tenant-a";
+    node.pull(ns, &good)?;
+    node.pull(ns, &evil)?;
+    // Both images are being recorded; each container reads its own file of the base.
+    let evil_out = node.run(ns, &evil, &["cat", "/shared/evil-reads", "/app/evil.txt"])?;
+    assert_eq!(evil_out, "e\nevil");
+    let good_out = node.run(ns, &good, &["cat", "/shared/good-reads", "/app/good.txt"])?;
+    assert_eq!(good_out, "g\ngood");
+
+    let socket = node.snapshotter.socket.to_str().context("socket path")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed: Value =
+            serde_json::from_str(&brisk(&["trace", "ls", "--json", "--snapshotter", socket])?)?;
+        if listed["traces"].as_array().is_some_and(|t| t.len() >= 2) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "two traces were not recorded: {listed}; log:\n{}",
+                node.snapshotter.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let good_files = trace_files(&node, &good)?;
+    let evil_files = trace_files(&node, &evil)?;
+    for (files, own, other) in [(&good_files, "good", "evil"), (&evil_files, "evil", "good")] {
+        let has = |p: &str| files.iter().any(|f| f == p);
+        assert!(has(&format!("shared/{own}-reads")), "{own}: {files:?}");
+        assert!(has(&format!("app/{own}.txt")), "{own}: {files:?}");
+        assert!(
+            !has(&format!("shared/{other}-reads")),
+            "{other}'s read of the shared base entered {own}'s trace: {files:?}"
+        );
+    }
     Ok(())
 }

@@ -99,7 +99,7 @@ impl api::control_server::Control for ControlService {
                 Some(api::LazyLayerStatus {
                     chain_id: s.key.clone(),
                     blob: r.blob.to_string(),
-                    image: r.image.clone(),
+                    image: r.image.to_string(),
                     proof: r.proof.as_str().to_owned(),
                     mounted: remote.is_mounted(s.id),
                 })

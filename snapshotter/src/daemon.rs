@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brisk_blobcache::layered::Layered;
+use brisk_blobcache::lazy::LazyImages;
 use brisk_blobcache::memory::MemoryCache;
-use brisk_blobcache::meta::MetaStore as ManifestStore;
+use brisk_blobcache::meta::MetaStore;
 use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
 use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
 use brisk_proto::brisk::v1::control_server::ControlServer;
@@ -87,7 +88,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
         levels = levels.level(zone.source.clone(), origin_deadline);
     }
     let cache = levels.level(source.clone(), origin_deadline).build();
-    let manifests = ManifestStore::open(root.join("meta"))?;
+    let images = Arc::new(
+        LazyImages::new(client.clone(), Some(MetaStore::open(root.join("meta"))?))
+            .serving(source.clone()),
+    );
     let store = SnapshotStore::open(&root.join("metadata"))?;
     for (key, err) in store.set_aside_damaged()? {
         tracing::error!(snapshot = %key, %err, "snapshot record is damaged and cannot be recovered; it was set aside");
@@ -114,8 +118,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
     }
     let remote = Arc::new(
         RemoteLayers::new(
-            client,
-            manifests,
+            images,
             source,
             cache,
             tokio::runtime::Handle::current(),

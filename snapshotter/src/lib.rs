@@ -14,6 +14,7 @@ pub mod handover;
 mod meta;
 mod metrics;
 mod proof;
+mod readers;
 mod remote;
 mod service;
 mod snapshots;

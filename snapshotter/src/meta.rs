@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use brisk_blobcache::reference::Reference;
+use brisk_blobcache::toc::TocPosition;
 use brisk_blobcache::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -25,16 +27,18 @@ pub enum Kind {
 /// the chain ID containerd committed it under has been earned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteLayer {
-    /// Image reference (registry/repository) the blob is fetched from.
-    pub image: String,
+    /// The repository (registry/repository) the blob is fetched from.
+    #[serde(with = "as_text")]
+    pub image: Reference,
     pub manifest: Digest,
     /// The layer blob (compressed digest): it covers every byte, TOC included, so a Prepare
     /// naming the same blob may reuse this snapshot.
     pub blob: Digest,
     pub blob_size: u64,
     pub toc_digest: Digest,
-    /// `dev.brisk.toc.position` of the layer.
-    pub toc_position: String,
+    /// Where the TOC lies in the blob (`dev.brisk.toc.position`'s form on disk).
+    #[serde(with = "as_text")]
+    pub toc_position: TocPosition,
     /// The chain ID of the parent layer (`None` for a bottom layer): with the diff_id the
     /// layer's tar stream hashes to, it gives the chain ID the layer really has.
     #[serde(default)]
@@ -320,6 +324,25 @@ impl SnapshotStore {
         self.put(&s)?;
         self.flush()?;
         Ok(s)
+    }
+}
+
+/// A field stored in its text form (`Display` / `FromStr`), as records always stored it.
+mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -13,15 +13,14 @@ use std::time::Duration;
 
 use brisk_blobcache::image::LazyLayer;
 use brisk_blobcache::layered::Layered;
-use brisk_blobcache::meta::MetaStore as ManifestStore;
+use brisk_blobcache::lazy::{self, LazyImages};
 use brisk_blobcache::reference::Reference;
-use brisk_blobcache::registry::RegistryClient;
 use brisk_blobcache::remote::RegistrySource;
-use brisk_blobcache::toc::{Toc, TocPosition};
+use brisk_blobcache::toc::Toc;
 use brisk_blobcache::Digest;
 
 use crate::meta::RemoteLayer;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The committed snapshot name a remote-snapshotter client wants (the chain id).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -45,31 +44,24 @@ pub struct TracePolicy {
     pub skip: Vec<String>,
 }
 
-/// Layers a lazy image may list: more than any real image has (overlayfs stacks at most
-/// about 500 lower directories), and few enough that one manifest cannot start thousands of
-/// TOC fetches.
-const MAX_LAYERS: usize = 512;
-
 /// Largest prefetch batch (one range request of neighbouring chunks, compressed bytes): the
 /// registry level's coalescing limit, so a baked start-up set arrives as one ordered stream.
 const PREFETCH_BATCH: u64 = 16 << 20;
 
 pub struct RemoteLayers {
-    client: Arc<RegistryClient>,
+    /// Manifests and TOCs, fetched once and kept; opening a layer there makes its chunks
+    /// fetchable through `source`.
+    images: Arc<LazyImages>,
     traces: Arc<crate::traces::Traces>,
     policy: TracePolicy,
-    manifests: ManifestStore,
     source: Arc<RegistrySource>,
     cache: Arc<Layered>,
     rt: tokio::runtime::Handle,
+    /// Which mounted layers a reading process's root is stacked from (for traces).
+    readers: Arc<crate::readers::Readers>,
     /// Live FUSE sessions by snapshot id; dropping one unmounts it. A std mutex: held only
     /// to insert, look up or remove.
     sessions: Mutex<HashMap<u64, Mounted>>,
-    /// TOCs Prepare decoded, by blob, while a mount holds them: prefetch on first sight of
-    /// the image starts from them instead of reading and verifying each TOC again.
-    /// Keyed by blob and TOC digest: an image that names another's blob with a TOC of its
-    /// own never gets (or replaces) the other's TOC.
-    tocs: Mutex<HashMap<(Digest, Digest), std::sync::Weak<Toc>>>,
     /// The holder of FUSE connections (`crate::handover`); `None` when there is none. A std
     /// mutex: calls are short local round trips.
     holder: Mutex<Option<crate::handover::Client>>,
@@ -103,8 +95,7 @@ struct BakedStarted {
 
 impl RemoteLayers {
     pub fn new(
-        client: Arc<RegistryClient>,
-        manifests: ManifestStore,
+        images: Arc<LazyImages>,
         source: Arc<RegistrySource>,
         cache: Arc<Layered>,
         rt: tokio::runtime::Handle,
@@ -112,15 +103,14 @@ impl RemoteLayers {
         policy: TracePolicy,
     ) -> Self {
         Self {
-            client,
+            images,
             traces,
             policy,
-            manifests,
             source,
             cache,
             rt,
+            readers: Arc::default(),
             sessions: Mutex::default(),
-            tocs: Mutex::default(),
             zone: None,
             holder: Mutex::default(),
             baked: Mutex::default(),
@@ -232,117 +222,43 @@ impl RemoteLayers {
         // the manifest round trip is not on the way to the mount.
         let lazy = match LazyLayer::from_labels(blob, labels)? {
             Some(lazy) => lazy,
-            None => match self.lazy_from_manifest(&reference, manifest, blob).await? {
-                Some(lazy) => lazy,
-                None => return Ok(None),
-            },
+            None => {
+                let m = self.images.manifest(&reference, manifest).await?;
+                match lazy::layer_of(&m, &blob)? {
+                    Some(lazy) => lazy,
+                    None => return Ok(None),
+                }
+            }
         };
-        let size = lazy.size;
         // A layer never seen here (its TOC is not held) that names where its start-up chunks
         // lie: they start on their way now, while the TOC is fetched and checked.
-        let repo = format!("{}/{}", reference.registry, reference.repository);
         if !lazy.prefetch_spans.is_empty()
-            && self.policy.prefetch
-            && !self.policy.skip.contains(&repo)
-            && self.manifests.get(&lazy.toc_digest).is_none()
+            && self.prefetch_allowed(&reference)
+            && !self.images.holds_toc(&lazy)
         {
             tracing::debug!(%blob, spans = lazy.prefetch_spans.len(), "fetching the start-up chunks ahead of the TOC");
             self.source
                 .preload(blob, &reference, lazy.prefetch_spans.clone());
         }
-        let position = lazy
-            .toc_position(|r| self.client.get_blob_range(&reference, &blob, r))
-            .await?;
-        reference.digest = None;
-        let toc = Arc::new(self.toc(&reference, &lazy, &position).await?);
-        self.source.register_blob(blob, &reference);
-        {
-            let mut tocs = self.tocs.lock().expect("not poisoned");
-            tocs.retain(|_, t| t.strong_count() > 0);
-            tocs.insert((blob, lazy.toc_digest), Arc::downgrade(&toc));
-        }
+        let handle = self.images.open(&reference, &lazy).await?;
         let remote = RemoteLayer {
-            image: reference.to_string(),
+            image: handle.repository,
             manifest,
             blob,
-            blob_size: size,
+            blob_size: lazy.size,
             toc_digest: lazy.toc_digest,
-            toc_position: position.to_string(),
+            toc_position: handle.position,
             parent_chain: None,
             proof: crate::meta::Proof::Unproven,
         };
-        Ok(Some((remote, toc)))
-    }
-
-    /// The layer `blob` as the manifest describes it (from the local store, or fetched and
-    /// kept); `None` if the manifest does not list it or does not make it lazy.
-    async fn lazy_from_manifest(
-        &self,
-        reference: &Reference,
-        manifest: Digest,
-        blob: Digest,
-    ) -> Result<Option<LazyLayer>> {
-        let bytes = match self.manifests.get(&manifest) {
-            Some(b) => b,
-            None => {
-                let m = self.client.get_manifest(reference).await?;
-                self.manifests.put(&m.bytes)?;
-                m.bytes
-            }
-        };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
-        let layer = blob.to_string();
-        let Some(desc) = value["layers"]
-            .as_array()
-            .and_then(|l| l.iter().find(|d| d["digest"] == layer.as_str()))
-        else {
-            return Ok(None);
-        };
-        let size = desc["size"].as_u64().unwrap_or(0);
-        let annotations: Option<HashMap<String, String>> =
-            serde_json::from_value(desc["annotations"].clone()).ok();
-        Ok(LazyLayer::from_descriptor(
-            blob,
-            size,
-            annotations.as_ref(),
-        )?)
-    }
-
-    /// The TOC from the local store, or from the registry (then kept), authenticated.
-    async fn toc(
-        &self,
-        reference: &Reference,
-        lazy: &LazyLayer,
-        position: &TocPosition,
-    ) -> Result<Toc> {
-        let payload = match self.manifests.get(&lazy.toc_digest) {
-            Some(p) => p,
-            None => {
-                // Each source in turn (the registry's mirrors, then the registry): a mirror
-                // whose TOC does not check is passed over like one that fails.
-                let (toc, p) = self
-                    .client
-                    .via_mirrors(reference, |source| async move {
-                        let p = self
-                            .client
-                            .get_blob_range_from(&source, &lazy.blob, position.range(), &|_| {})
-                            .await?;
-                        Ok((lazy.decode_toc(&p, position)?, p))
-                    })
-                    .await?;
-                // Kept only once it checked: an unverified payload never reaches the disk.
-                self.manifests.put(&p)?;
-                return Ok(toc);
-            }
-        };
-        Ok(lazy.decode_toc(&payload, position)?)
+        Ok(Some((remote, handle.toc)))
     }
 
     /// The filesystem serving `layer`, with its reads recorded for traces.
     fn layer_fs(&self, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<crate::fs::LayerFs> {
         let blob = layer.blob;
         let recorder = self.traces.recorder().clone();
+        let readers = self.readers.clone();
         let chunks = toc.clone();
         let record: crate::fs::Recorder = Arc::new(move |ev: crate::fs::ReadEvent| {
             if !recorder.any_active() {
@@ -358,6 +274,7 @@ impl RemoteLayers {
                 range: ev.offset..ev.offset + ev.len as u64,
                 path: ev.path,
                 at: std::time::Instant::now(),
+                reader: readers.reader(ev.pid),
             });
         });
         let fs = crate::fs::LayerFs::new(toc, blob, self.cache.clone(), self.rt.clone())?
@@ -373,9 +290,11 @@ impl RemoteLayers {
         &self,
         id: u64,
         path: &Path,
+        blob: Digest,
         fs_flags: (Arc<std::sync::atomic::AtomicBool>, u64),
         m: crate::fs::MountedLayer,
     ) {
+        self.readers.mounted(id, path, blob);
         if let Some(holder) = &*self.holder.lock().expect("not poisoned") {
             let held = crate::handover::Held {
                 id,
@@ -403,7 +322,7 @@ impl RemoteLayers {
         let fs = self.layer_fs(layer, toc)?;
         let flags = (fs.refuted_flag(), fs.inodes());
         let m = crate::fs::mount(fs, path)?;
-        self.keep(id, path, flags, m);
+        self.keep(id, path, layer.blob, flags, m);
         Ok(())
     }
 
@@ -421,7 +340,7 @@ impl RemoteLayers {
         let fs = self.layer_fs(layer, toc.clone())?;
         let flags = (fs.refuted_flag(), fs.inodes());
         let m = crate::fs::adopt(fs, fd, connection, path)?;
-        self.keep(id, path, flags, m);
+        self.keep(id, path, layer.blob, flags, m);
         Ok(toc)
     }
 
@@ -435,6 +354,7 @@ impl RemoteLayers {
     }
 
     pub fn unmount(&self, id: u64) {
+        self.readers.unmounted(id);
         let mounted = self.sessions.lock().expect("not poisoned").remove(&id);
         if let Some(m) = mounted {
             if !m.owns_mount {
@@ -456,19 +376,14 @@ impl RemoteLayers {
 
     /// A committed lazy layer's TOC, from the local store (the registry only if it is gone).
     async fn toc_of(&self, layer: &RemoteLayer) -> Result<Arc<Toc>> {
-        let reference: Reference = layer.image.parse()?;
-        let blob = layer.blob;
-        let position: TocPosition = layer.toc_position.parse()?;
         let lazy = LazyLayer {
-            blob,
+            blob: layer.blob,
             size: layer.blob_size,
             toc_digest: layer.toc_digest,
-            position: Some(position),
+            position: Some(layer.toc_position),
             prefetch_spans: Vec::new(),
         };
-        let toc = Arc::new(self.toc(&reference, &lazy, &position).await?);
-        self.source.register_blob(blob, &reference);
-        Ok(toc)
+        Ok(self.images.open(&layer.image, &lazy).await?.toc)
     }
 
     /// A layer just mounted: its baked start-up chunks go to prefetch at once (they need no
@@ -476,9 +391,7 @@ impl RemoteLayers {
     /// else from a zone peer or the registry), or record one if there is none. Runs in the
     /// background; Prepare returns.
     pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer, toc: &Toc) {
-        let Ok(reference) = layer.image.parse::<Reference>() else {
-            return;
-        };
+        let reference = layer.image.clone();
         let (manifest, blob) = (layer.manifest, layer.blob);
         self.prefetch_baked(&reference, manifest, blob, toc);
         if !self.traces.first_sight(&manifest) {
@@ -534,7 +447,9 @@ impl RemoteLayers {
             }
         }
         if trace.is_none() && self.policy.fetch_from_registry {
-            match brisk_trace_recorder::share::fetch(&self.client, reference, &manifest).await {
+            match brisk_trace_recorder::share::fetch(self.images.client(), reference, &manifest)
+                .await
+            {
                 Ok(Some(t)) => {
                     tracing::info!(image = %reference, chunks = t.entries.len(), "trace fetched from the registry");
                     trace = Some(self.traces.import(&t)?);
@@ -634,73 +549,20 @@ impl RemoteLayers {
         );
     }
 
-    /// Every lazy layer of the image, with its verified TOC; each blob is registered with
-    /// the registry level so prefetch can fetch layers not prepared yet.
+    /// Every lazy layer of the image, with its verified TOC, opened from the image's
+    /// repository so prefetch can fetch layers not prepared yet.
     async fn image_layers(
         &self,
         reference: &Reference,
         manifest: Digest,
     ) -> Result<Vec<(Digest, Arc<Toc>)>> {
-        let bytes = match self.manifests.get(&manifest) {
-            Some(b) => b,
-            None => {
-                let m = self
-                    .client
-                    .get_manifest(&Reference {
-                        digest: Some(manifest),
-                        ..reference.clone()
-                    })
-                    .await?;
-                self.manifests.put(&m.bytes)?;
-                m.bytes
-            }
-        };
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("manifest {manifest}: {e}")))?;
-        let descs = value["layers"].as_array().map_or(&[][..], Vec::as_slice);
-        if descs.len() > MAX_LAYERS {
-            return Err(Error::InvalidArgument(format!(
-                "manifest {manifest} lists {} layers, more than the {MAX_LAYERS} a lazy image may have",
-                descs.len()
-            )));
-        }
-        // Each layer's TOC is fetched at the same time as the others': prefetch of the whole
-        // image waits for the last of them.
-        let layers = descs.iter().map(|desc| async move {
-            let Ok(blob) = desc["digest"]
-                .as_str()
-                .unwrap_or_default()
-                .parse::<Digest>()
-            else {
-                return Ok(None);
-            };
-            let annotations: Option<HashMap<String, String>> =
-                serde_json::from_value(desc["annotations"].clone()).ok();
-            let size = desc["size"].as_u64().unwrap_or(0);
-            let Some(lazy) = LazyLayer::from_descriptor(blob, size, annotations.as_ref())? else {
-                return Ok(None);
-            };
-            let decoded = self
-                .tocs
-                .lock()
-                .expect("not poisoned")
-                .get(&(blob, lazy.toc_digest))
-                .and_then(std::sync::Weak::upgrade);
-            if let Some(toc) = decoded {
-                self.source.register_blob(blob, reference);
-                return Ok(Some((blob, toc)));
-            }
-            let position = lazy
-                .toc_position(|r| self.client.get_blob_range(reference, &blob, r))
-                .await?;
-            let toc = self.toc(reference, &lazy, &position).await?;
-            self.source.register_blob(blob, reference);
-            Ok::<_, Error>(Some((blob, Arc::new(toc))))
-        });
-        Ok(futures::future::try_join_all(layers)
+        let m = self.images.manifest(reference, manifest).await?;
+        Ok(self
+            .images
+            .open_all(reference, &m)
             .await?
             .into_iter()
-            .flatten()
+            .map(|h| (h.blob(), h.toc))
             .collect())
     }
 
@@ -711,14 +573,7 @@ impl RemoteLayers {
             .iter()
             .flat_map(|l| [l.manifest, l.toc_digest])
             .collect();
-        let Ok(stored) = self.manifests.list() else {
-            return;
-        };
-        for d in stored.into_iter().filter(|d| !keep.contains(d)) {
-            if let Err(err) = self.manifests.remove(&d) {
-                tracing::warn!(digest = %d, %err, "a kept manifest or TOC could not be removed");
-            }
-        }
+        self.images.forget_except(&keep);
     }
 
     /// A clean stop: unmounts every lazy layer and tells the holder to let every connection

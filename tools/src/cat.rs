@@ -14,6 +14,7 @@ use std::time::Duration;
 use brisk_blobcache::chunk::ChunkRef;
 use brisk_blobcache::disk::DiskCache;
 use brisk_blobcache::layered::{Layered, LevelReport, Priority};
+use brisk_blobcache::lazy::{self, LazyImages};
 use brisk_blobcache::memory::MemoryCache;
 use brisk_blobcache::meta::MetaStore;
 use brisk_blobcache::reference::Reference;
@@ -22,11 +23,8 @@ use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
 use brisk_blobcache::toc::{EntryKind, Toc};
 use brisk_blobcache::Digest;
 use bytes::Bytes;
-use oci_spec::image::{ImageIndex, ImageManifest};
 use serde::Serialize;
 
-use crate::inspect::{fetch_toc_payload, lazy_layer};
-use crate::store::{Location, Store};
 use crate::view::MergedView;
 use crate::{Error, Result};
 
@@ -76,33 +74,30 @@ pub async fn cat<W: Write>(
     out: &mut W,
 ) -> Result<CatStats> {
     let client = Arc::new(RegistryClient::new(opts.registry.clone())?);
-    let meta = match &opts.cache_dir {
+    let kept = match &opts.cache_dir {
         Some(dir) => Some(MetaStore::open(dir.join("meta"))?),
         None => None,
     };
-    let store = Store::open(Location::Registry(reference.clone()), client.clone());
+    let source = Arc::new(RegistrySource::new(client.clone(), RemoteConfig::default()));
+    let images = LazyImages::new(client.clone(), kept).serving(source.clone());
     let mut stats = CatStats::default();
 
-    let (manifest_digest, bytes) =
-        resolve_manifest(&client, reference, meta.as_ref(), &mut stats).await?;
-    let manifest = image_manifest(
-        &store,
-        meta.as_ref(),
-        manifest_digest,
-        bytes,
-        opts,
-        &mut stats,
-    )
-    .await?;
+    let (root, bytes) = resolve_manifest(&client, reference, images.kept(), &mut stats).await?;
+    let platform = opts.platform.clone().unwrap_or_else(lazy::host_platform);
+    let (_, manifest) = images
+        .platform_manifest(reference, root, &bytes, &platform)
+        .await?;
 
     let mut tocs = Vec::new();
     let mut blobs = Vec::new();
     for (i, desc) in manifest.layers().iter().enumerate() {
         let blob: Digest = desc.digest().to_string().parse()?;
-        let toc = layer_toc(&store, meta.as_ref(), desc, &mut stats)
-            .await
-            .map_err(|e| Error::layer(i, blob, e))?;
-        tocs.push(toc);
+        let opened = async {
+            let layer = lazy::lazy_layer(desc)?.ok_or(Error::NotLazy(blob))?;
+            Ok::<_, Error>(images.open(reference, &layer).await?)
+        };
+        let handle = opened.await.map_err(|e| Error::layer(i, blob, e))?;
+        tocs.push(Toc::clone(&handle.toc));
         blobs.push(blob);
     }
     let view = MergedView::new(&tocs);
@@ -117,8 +112,6 @@ pub async fn cat<W: Write>(
         return Ok(stats);
     };
 
-    let source = Arc::new(RegistrySource::new(client, RemoteConfig::default()));
-    source.register_blob(blobs[found.layer], reference);
     let origin_deadline =
         opts.registry.timeout * (opts.registry.retries + 1) + Duration::from_secs(15);
     let mut builder = Layered::builder().level(
@@ -154,6 +147,8 @@ pub async fn cat<W: Write>(
     stats.levels = layered.report();
     stats.registry_chunk_requests = source.stats().requests.load(Ordering::Relaxed);
     stats.registry_chunk_bytes = source.stats().bytes.load(Ordering::Relaxed);
+    stats.metadata_cache_hits += images.stats().kept_hits.load(Ordering::Relaxed);
+    stats.registry_toc_bytes = images.stats().toc_bytes_fetched.load(Ordering::Relaxed);
     Ok(stats)
 }
 
@@ -221,75 +216,4 @@ async fn resolve_manifest(
         }
     }
     Ok((fetched.digest, fetched.bytes))
-}
-
-/// The image manifest for this host's platform, descending into an index if needed.
-async fn image_manifest(
-    store: &Store,
-    meta: Option<&MetaStore>,
-    digest: Digest,
-    bytes: Bytes,
-    opts: &CatOptions,
-    stats: &mut CatStats,
-) -> Result<ImageManifest> {
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid(format!("manifest {digest}"), e))?;
-    if value.get("manifests").is_none() {
-        return serde_json::from_slice(&bytes)
-            .map_err(|e| Error::invalid(format!("manifest {digest}"), e));
-    }
-    let index: ImageIndex =
-        serde_json::from_slice(&bytes).map_err(|e| Error::invalid("image index", e))?;
-    let want = opts
-        .platform
-        .clone()
-        .unwrap_or_else(crate::pull::resolve::host_platform);
-    let desc = index
-        .manifests()
-        .iter()
-        .find(|d| {
-            d.platform()
-                .as_ref()
-                .is_some_and(|p| format!("{}/{}", p.os(), p.architecture()) == want)
-        })
-        .ok_or_else(|| Error::NoPlatform(want.clone()))?;
-    let child: Digest = desc.digest().to_string().parse()?;
-    let bytes = match meta.and_then(|m| m.get(&child)) {
-        Some(b) => {
-            stats.metadata_cache_hits += 1;
-            b
-        }
-        None => {
-            let m = store.manifest(&child, desc.media_type().as_ref()).await?;
-            if let Some(meta) = meta {
-                meta.put(&m.bytes)?;
-            }
-            m.bytes
-        }
-    };
-    serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("manifest {child}"), e))
-}
-
-async fn layer_toc(
-    store: &Store,
-    meta: Option<&MetaStore>,
-    desc: &oci_spec::image::Descriptor,
-    stats: &mut CatStats,
-) -> Result<Toc> {
-    let blob: Digest = desc.digest().to_string().parse()?;
-    let layer = lazy_layer(desc)?.ok_or(Error::NotLazy(blob))?;
-    // The position is needed to decode; without the annotation the footer is read each time.
-    if let (Some(bytes), Some(position)) =
-        (meta.and_then(|m| m.get(&layer.toc_digest)), layer.position)
-    {
-        stats.metadata_cache_hits += 1;
-        return Ok(layer.decode_toc(&bytes, &position)?);
-    }
-    let (payload, position) = fetch_toc_payload(store, &layer).await?;
-    stats.registry_toc_bytes += payload.len() as u64;
-    let toc = layer.decode_toc(&payload, &position)?;
-    if let Some(m) = meta {
-        m.put(&payload)?;
-    }
-    Ok(toc)
 }

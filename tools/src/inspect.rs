@@ -3,6 +3,7 @@
 
 use brisk_blobcache::digest::Hasher;
 use brisk_blobcache::image::LazyLayer;
+use brisk_blobcache::lazy::lazy_layer;
 use brisk_blobcache::registry::FetchedManifest;
 use brisk_blobcache::toc::{self, EntryKind, Toc, TocPosition};
 use brisk_blobcache::{media, Digest};
@@ -74,16 +75,6 @@ async fn images(store: &Store) -> Result<Vec<(FetchedManifest, Option<String>)>>
 fn parse_manifest(m: &FetchedManifest) -> Result<ImageManifest> {
     serde_json::from_slice(&m.bytes)
         .map_err(|e| Error::invalid(format!("image manifest {}", m.digest), e))
-}
-
-/// The lazy-layer view of a descriptor; `None` if the layer is not lazy.
-pub fn lazy_layer(desc: &Descriptor) -> Result<Option<LazyLayer>> {
-    let blob: Digest = desc.digest().to_string().parse()?;
-    Ok(LazyLayer::from_descriptor(
-        blob,
-        desc.size(),
-        desc.annotations().as_ref(),
-    )?)
 }
 
 /// Fetches a lazy layer's compressed TOC bytes (not yet authenticated) and its position.

@@ -399,6 +399,9 @@ async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh(
     while requests.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // What opening the layer does once its TOC checked: a preload alone makes no repository
+    // a source of the blob's chunks.
+    source.register_blob(blob, &reference);
     let layered = brisk_blobcache::layered::Layered::builder()
         .level(source.clone(), Duration::from_secs(5))
         .build();

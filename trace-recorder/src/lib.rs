@@ -10,5 +10,5 @@ pub mod share;
 pub mod trace;
 
 pub use error::{Error, Result};
-pub use recorder::{ReadRecord, Recorder, Session};
+pub use recorder::{ReadRecord, Reader, Recorder, Session};
 pub use trace::{Trace, TraceEntry, MEDIA_TYPE, TRACE_VERSION};

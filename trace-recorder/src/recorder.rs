@@ -4,8 +4,15 @@
 //! it had to drop when the channel is full. A background thread turns records into traces,
 //! one session per image being started, and hands each finished trace to a callback after a
 //! quiet period or a maximum duration.
+//!
+//! A container's read enters an image's trace only if the container's root filesystem is
+//! stacked from exactly that image's lazy layers: layers are shared between images (a common
+//! base, or a blob another image merely names), and a container of one image must neither
+//! shape nor see the trace of another. Reads by processes on the host (containerd and its
+//! clients read a few files of an image through a temporary mount before its container
+//! starts) are the node's own and count for every image being recorded whose layer they hit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -25,7 +32,18 @@ pub struct ReadRecord {
     /// The bytes of the file read.
     pub range: std::ops::Range<u64>,
     pub at: Instant,
+    /// The lazy layers the reading process's root filesystem is stacked from; `None` when
+    /// the reader is not a container on lazy layers (a process on the host).
+    pub reader: Option<Reader>,
 }
+
+/// The set of lazy layers (blobs) a reader's root filesystem is stacked from.
+pub type Reader = Arc<BTreeSet<Digest>>;
+
+/// Distinct readers a session keeps reads of: the image's own containers share one, so a
+/// handful covers any start; a session with more is being read by other images' containers,
+/// whose reads are dropped.
+const MAX_READERS: usize = 8;
 
 /// A recording in progress for one image.
 #[derive(Debug)]
@@ -35,6 +53,14 @@ pub struct Session {
     created: Instant,
     first_read: Option<Instant>,
     last_read: Option<Instant>,
+    /// Reads by reader (`None`: the host's): which container is the image's own is known
+    /// only once the session ends, since its layer list may still grow while it reads.
+    by_reader: HashMap<Option<Reader>, Gathered>,
+}
+
+/// First touches of one reader; times are from the session's creation.
+#[derive(Debug, Default)]
+struct Gathered {
     entries: Vec<TraceEntry>,
     seen: HashSet<(Digest, u32)>,
     files: Vec<FileTouch>,
@@ -159,10 +185,7 @@ fn run(
                         created: Instant::now(),
                         first_read: None,
                         last_read: None,
-                        entries: Vec::new(),
-                        seen: HashSet::new(),
-                        files: Vec::new(),
-                        seen_files: HashMap::new(),
+                        by_reader: HashMap::new(),
                     })
                     .layers
                     .extend(layers);
@@ -190,24 +213,95 @@ fn run(
         for image in done {
             let s = sessions.remove(&image).expect("listed above");
             active.lock().expect("not poisoned").remove(&image);
-            if !s.entries.is_empty() {
-                tracing::info!(image = %image, chunks = s.entries.len(), "start-up trace recorded");
-                on_finish(Trace {
-                    starts: 1,
-                    entries: s.entries,
-                    files: s.files,
-                    ..Trace::new(image)
-                });
+            let (own, others) = s.own_reads();
+            if own.entries.is_empty() {
+                if others > 0 {
+                    tracing::info!(image = %image, others, "no read of the start came from a container of the image; no trace");
+                }
+                continue;
             }
+            tracing::info!(image = %image, chunks = own.entries.len(), others, "start-up trace recorded");
+            on_finish(Trace {
+                starts: 1,
+                entries: own.entries,
+                files: own.files,
+                ..Trace::new(image)
+            });
         }
     }
 }
 
 impl Session {
     fn add(&mut self, read: &ReadRecord) {
-        let first = *self.first_read.get_or_insert(read.at);
+        if !self.by_reader.contains_key(&read.reader) && self.by_reader.len() >= MAX_READERS {
+            return;
+        }
+        self.first_read.get_or_insert(read.at);
         self.last_read = Some(self.last_read.map_or(read.at, |l| l.max(read.at)));
-        let at_ms = read.at.saturating_duration_since(first).as_millis() as u64;
+        let at_ms = read.at.saturating_duration_since(self.created).as_millis() as u64;
+        self.by_reader
+            .entry(read.reader.clone())
+            .or_default()
+            .add(read, at_ms);
+    }
+
+    /// The reads of the image's own containers (those stacked from exactly its layers) and
+    /// of the host, merged in time order, times from the first of them; and how many other
+    /// readers were left out.
+    fn own_reads(mut self) -> (Gathered, usize) {
+        let own: BTreeSet<Digest> = self.layers.iter().copied().collect();
+        let container = self.by_reader.remove(&Some(Arc::new(own)));
+        let host = self.by_reader.remove(&None);
+        let others = self.by_reader.len();
+        let mut merged = Gathered::default();
+        let mut entries: Vec<TraceEntry> = container
+            .iter()
+            .chain(host.iter())
+            .flat_map(|g| g.entries.iter().cloned())
+            .collect();
+        entries.sort_by_key(|e| e.at_ms);
+        let mut files: Vec<FileTouch> = container
+            .into_iter()
+            .chain(host)
+            .flat_map(|g| g.files)
+            .collect();
+        files.sort_by_key(|f| f.at_ms);
+        let origin = entries.first().map_or(0, |e| e.at_ms);
+        for mut e in entries {
+            if merged.seen.insert((e.layer, e.chunk)) {
+                e.at_ms -= origin;
+                merged.entries.push(e);
+            }
+        }
+        for f in files {
+            match merged.seen_files.get(&f.path) {
+                Some(&i) => {
+                    for r in f.ranges {
+                        merged.files[i].add_range(r[0]..r[1]);
+                    }
+                }
+                None => {
+                    merged.seen_files.insert(f.path.clone(), merged.files.len());
+                    merged.files.push(FileTouch {
+                        at_ms: f.at_ms.saturating_sub(origin),
+                        ..f
+                    });
+                }
+            }
+        }
+        (merged, others)
+    }
+
+    fn is_done(&self, now: Instant, limits: &Limits) -> bool {
+        match (self.first_read, self.last_read) {
+            (Some(first), Some(last)) => now - last >= limits.quiet || now - first >= limits.max,
+            _ => now - self.created >= limits.idle,
+        }
+    }
+}
+
+impl Gathered {
+    fn add(&mut self, read: &ReadRecord, at_ms: u64) {
         let i = *self.seen_files.entry(read.path.clone()).or_insert_with(|| {
             self.files.push(FileTouch {
                 path: read.path.clone(),
@@ -229,13 +323,6 @@ impl Session {
             }
         }
     }
-
-    fn is_done(&self, now: Instant, limits: &Limits) -> bool {
-        match (self.first_read, self.last_read) {
-            (Some(first), Some(last)) => now - last >= limits.quiet || now - first >= limits.max,
-            _ => now - self.created >= limits.idle,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -244,8 +331,18 @@ mod tests {
 
     use super::*;
 
+    /// A read of `layer` by a container stacked from `reader`.
+    fn read_by(reader: &[Digest], layer: &Digest, chunks: &[u32], path: &str) -> ReadRecord {
+        ReadRecord {
+            reader: Some(Arc::new(reader.iter().copied().collect())),
+            ..read(layer, chunks, path)
+        }
+    }
+
+    /// A read by a process that is not a container on lazy layers.
     fn read(layer: &Digest, chunks: &[u32], path: &str) -> ReadRecord {
         ReadRecord {
+            reader: None,
             layer: *layer,
             chunks: chunks
                 .iter()
@@ -272,10 +369,10 @@ mod tests {
         );
         recorder.begin(image, vec![layer]);
         assert!(recorder.is_recording(&image));
-        recorder.record(read(&layer, &[3, 4], "/bin/sh"));
-        recorder.record(read(&other, &[9], "/not/this/image"));
+        recorder.record(read_by(&[layer], &layer, &[3, 4], "/bin/sh"));
+        recorder.record(read_by(&[layer], &other, &[9], "/not/this/image"));
         std::thread::sleep(Duration::from_millis(20));
-        recorder.record(read(&layer, &[4, 1], "/lib/libc.so"));
+        recorder.record(read_by(&[layer], &layer, &[4, 1], "/lib/libc.so"));
         let trace = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(trace.image, image);
         let chunks: Vec<u32> = trace.entries.iter().map(|e| e.chunk).collect();
@@ -299,11 +396,12 @@ mod tests {
             Digest::sha256(b"l2"),
         );
         // Opened with the first layer mounted; the second joins when it is known.
+        let both = [first, second];
         recorder.begin(image, vec![first]);
-        recorder.record(read(&first, &[1], "/etc/group"));
-        recorder.record(read(&second, &[7], "/too/early"));
+        recorder.record(read_by(&both, &first, &[1], "/etc/group"));
+        recorder.record(read_by(&both, &second, &[7], "/too/early"));
         recorder.begin(image, vec![first, second]);
-        recorder.record(read(&second, &[2], "/bin/sh"));
+        recorder.record(read_by(&both, &second, &[2], "/bin/sh"));
         let trace = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let got: Vec<(Digest, u32)> = trace.entries.iter().map(|e| (e.layer, e.chunk)).collect();
         assert_eq!(got, [(first, 1), (second, 2)]);
@@ -311,10 +409,52 @@ mod tests {
         // A session abandoned before it ends produces no trace, even with reads in it.
         let other = Digest::sha256(b"other image");
         recorder.begin(other, vec![first]);
-        recorder.record(read(&first, &[5], "/etc/passwd"));
+        recorder.record(read_by(&[first], &first, &[5], "/etc/passwd"));
         recorder.abandon(&other);
         assert!(!recorder.is_recording(&other));
         assert!(rx.recv_timeout(Duration::from_millis(600)).is_err());
+    }
+
+    #[test]
+    fn reads_of_a_shared_layer_by_another_images_container_stay_out_of_the_trace() {
+        let (tx, rx) = channel();
+        let limits = Limits {
+            quiet: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let recorder = Recorder::start(1024, limits, move |t| tx.send(t).unwrap());
+        let image = Digest::sha256(b"good");
+        let (base, own, theirs) = (
+            Digest::sha256(b"shared base"),
+            Digest::sha256(b"good's layer"),
+            Digest::sha256(b"another image's layer"),
+        );
+        recorder.begin(image, vec![base, own]);
+        // Another image on the same base (or one that merely names it), and a container of
+        // a subset of the image's layers: left out. A process on the host (containerd
+        // reading /etc/group through a temporary mount) counts, as the node's own.
+        recorder.record(read_by(&[base, theirs], &base, &[9], "/their/start"));
+        recorder.record(read_by(&[base], &base, &[7], "/base/only"));
+        recorder.record(read(&base, &[8], "/etc/group"));
+        std::thread::sleep(Duration::from_millis(30));
+        recorder.record(read_by(&[base, own], &base, &[1, 8], "/bin/sh"));
+        recorder.record(read_by(&[base, own], &own, &[2], "/app"));
+        let trace = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let got: Vec<(Digest, u32)> = trace.entries.iter().map(|e| (e.layer, e.chunk)).collect();
+        assert_eq!(
+            got,
+            [(base, 8), (base, 1), (own, 2)],
+            "in time order, once each"
+        );
+        assert_eq!(trace.files(), ["/etc/group", "/bin/sh", "/app"]);
+        assert_eq!(trace.entries[0].at_ms, 0, "times from the first kept read");
+        assert!(trace.entries[1].at_ms >= 30);
+
+        // A session only other images' containers read yields no trace at all.
+        let quiet = Digest::sha256(b"never started");
+        recorder.begin(quiet, vec![base, own]);
+        recorder.record(read_by(&[base, theirs], &base, &[3], "/their/start"));
+        assert!(rx.recv_timeout(Duration::from_millis(900)).is_err());
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl fuser::Filesystem for LayerFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -228,6 +228,7 @@ impl fuser::Filesystem for LayerFs {
         };
         if let Some(record) = &self.recorder {
             record(ReadEvent {
+                pid: req.pid(),
                 ino: ino.0,
                 path: node.path.to_string(),
                 offset,

@@ -20,6 +20,8 @@ use crate::{Error, Result};
 /// One read the kernel made, as the read-trace hook sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadEvent {
+    /// The reading thread, as the kernel names it in the daemon's pid namespace.
+    pub pid: u32,
     pub ino: u64,
     /// The file's first path in the layer (a hardlinked file is reported under one name).
     pub path: String,

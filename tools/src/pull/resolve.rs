@@ -95,17 +95,7 @@ struct RootFs {
     diff_ids: Vec<Digest>,
 }
 
-/// `os/arch` of the machine Brisk runs on, in OCI's spelling.
-pub(crate) fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    format!("linux/{arch}")
-}
+pub(crate) use brisk_blobcache::lazy::host_platform;
 
 pub(crate) async fn resolve(
     client: &RegistryClient,
