@@ -113,6 +113,7 @@ pub enum Limit {
     ResponseSize,
     Layers,
     IndexManifests,
+    TarMetadata,
 }
 
 impl std::fmt::Display for Limit {
@@ -137,6 +138,7 @@ impl std::fmt::Display for Limit {
             Limit::ResponseSize => "response size",
             Limit::Layers => "layer count",
             Limit::IndexManifests => "manifest count",
+            Limit::TarMetadata => "metadata entry size",
         })
     }
 }

@@ -71,6 +71,17 @@ pub const MAX_XATTR_NAME_LEN: usize = 255;
 /// Bytes of an xattr value once base64-decoded (XATTR_SIZE_MAX).
 pub const MAX_XATTR_VALUE_SIZE: usize = 64 * 1024;
 
+/// Largest tar metadata entry (a PAX extended header, a GNU long name or link) a layer may
+/// hold: room for every xattr an entry may carry at its largest, with its path and link.
+pub const MAX_TAR_METADATA: u64 = 16 << 20;
+
+const _: () = assert!(
+    MAX_TAR_METADATA
+        >= (MAX_XATTRS * (MAX_XATTR_NAME_LEN + MAX_XATTR_VALUE_SIZE + 64)
+            + MAX_PATH_LEN
+            + MAX_LINK_LEN) as u64
+);
+
 /// Chunk indexes in the prefetch list. `Toc::validate` also refuses duplicates (our writer
 /// lists each chunk once, so a TOC that repeats one was not written by it) and indexes past
 /// the chunks, so the list is never longer than the chunk table.

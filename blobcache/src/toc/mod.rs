@@ -8,6 +8,7 @@
 mod footer;
 mod limits;
 mod path;
+mod tar_guard;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -22,10 +23,11 @@ pub use footer::{Footer, TocPosition, FOOTER_SIZE};
 pub use limits::{
     compressed_bound, worst_case_toc_memory, MAX_CHUNKS, MAX_CHUNK_COMPRESSED_SIZE, MAX_CHUNK_SIZE,
     MAX_ENTRIES, MAX_LINK_LEN, MAX_NAME_LEN, MAX_PATH_DEPTH, MAX_PATH_LEN, MAX_PREFETCH,
-    MAX_PREFETCH_SPANS, MAX_TOC_COMPRESSED_SIZE, MAX_TOC_SIZE, MAX_TOC_XATTRS, MAX_XATTRS,
-    MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_SIZE,
+    MAX_PREFETCH_SPANS, MAX_TAR_METADATA, MAX_TOC_COMPRESSED_SIZE, MAX_TOC_SIZE, MAX_TOC_XATTRS,
+    MAX_XATTRS, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_SIZE,
 };
 pub use path::normalize_name;
+pub use tar_guard::TarGuard;
 pub use writer::{
     convert_layer, ConvertOptions, ConvertedLayer, DEFAULT_PREFETCH_CHUNK_SIZE,
     DEFAULT_PREFETCH_LEVEL,

@@ -111,7 +111,7 @@ pub fn convert_layer<R: Read, W: Write>(
         inner: tar,
         frames: frames.clone(),
     };
-    let mut archive = tar::Archive::new(tee);
+    let mut archive = tar::Archive::new(super::TarGuard::new(tee));
     let mut entries = EntryTable::new(MAX_ENTRIES);
     for entry in archive.entries().map_err(tar_error)? {
         let mut entry = entry.map_err(tar_error)?;

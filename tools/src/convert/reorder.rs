@@ -29,7 +29,7 @@ pub struct Plan {
 pub fn plan(path: &Path, trace_files: &[String]) -> Result<Option<Plan>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut archive = tar::Archive::new(file);
+    let mut archive = tar::Archive::new(brisk_blobcache::toc::TarGuard::new(file));
     let mut entries: Vec<(Range<u64>, String, EntryType)> = Vec::new();
     let mut end = 0u64;
     let tar_err = |e| Error::Blob(brisk_blobcache::Error::Tar(e));
