@@ -27,12 +27,17 @@ pub struct Plan {
 /// Plans the reordering of the uncompressed tar at `path` for `trace_files` (layer paths in
 /// first-read order). `None` when no traced file is in this layer.
 pub fn plan(path: &Path, trace_files: &[String]) -> Result<Option<Plan>> {
+    let tar_err = |e| Error::Blob(brisk_blobcache::Error::Tar(e));
+    // The parser below seeks over file data, so the guard that bounds metadata entries
+    // before the parser holds them reads the stream once on its own first.
+    let mut guarded =
+        brisk_blobcache::toc::TarGuard::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    std::io::copy(&mut guarded, &mut std::io::sink()).map_err(tar_err)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut archive = tar::Archive::new(brisk_blobcache::toc::TarGuard::new(file));
+    let mut archive = tar::Archive::new(file);
     let mut entries: Vec<(Range<u64>, String, EntryType)> = Vec::new();
     let mut end = 0u64;
-    let tar_err = |e| Error::Blob(brisk_blobcache::Error::Tar(e));
     for entry in archive.entries_with_seek().map_err(tar_err)? {
         let entry = entry.map_err(tar_err)?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
