@@ -105,7 +105,7 @@ async fn hits(size: usize) {
         memory.put(v).await;
     }
     let l1 = Layered::builder()
-        .level(memory, Duration::from_secs(1))
+        .memory(memory, Duration::from_secs(1))
         .build();
     let (p50, p99, tput) = measure(&l1, &refs, rounds).await;
     println!(
@@ -121,8 +121,8 @@ async fn hits(size: usize) {
     disk.flush().unwrap();
     // An L1 of zero bytes keeps nothing, so every read is an L2 hit (warm page cache).
     let l2 = Layered::builder()
-        .level(Arc::new(MemoryCache::new(0)), Duration::from_secs(1))
-        .level(disk, Duration::from_secs(5))
+        .memory(Arc::new(MemoryCache::new(0)), Duration::from_secs(1))
+        .disk(disk, Duration::from_secs(5))
         .build();
     measure(&l2, &refs, rounds / 10).await;
     let (p50, p99, tput) = measure(&l2, &refs, rounds).await;
@@ -241,7 +241,7 @@ async fn l4() {
             let source = Arc::new(RegistrySource::new(client.clone(), config));
             source.register_blob(layer.digest, &reference);
             let layered = Layered::builder()
-                .level(source.clone(), Duration::from_secs(120))
+                .origin(source.clone(), Duration::from_secs(120))
                 .prefetch_concurrency(4)
                 .build();
             let t = Instant::now();

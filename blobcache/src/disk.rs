@@ -26,7 +26,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use futures::StreamExt;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::{Answer, ChunkSource, Found, SourceError};
+use crate::source::{Answer, ChunkSource, Found, Priority, SourceError};
 use crate::{Digest, Error, Result};
 
 /// sled keeps its own page cache; this caps it so the index never competes with L1.
@@ -428,32 +428,35 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Option<(Digest, u64, u64)> {
     Some((digest, size, stamp))
 }
 
+impl DiskCache {
+    /// One chunk read on the calling thread: a small synchronous file read is cheaper inline
+    /// than a hop to the blocking pool, and the chunk files are in the page cache when it
+    /// matters.
+    fn read_inline(&self, chunk: &ChunkRef) -> Answer {
+        if let Some(queued) = self.queue.get(&chunk.digest) {
+            return Ok(Some(Found::Bytes(queued.data().clone())));
+        }
+        self.store
+            .read(&chunk.digest)
+            .map_err(SourceError::unavailable)
+    }
+}
+
 #[async_trait::async_trait]
 impl ChunkSource for DiskCache {
     fn name(&self) -> &'static str {
         "disk"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
-        if let Some(queued) = self.queue.get(&chunk.digest) {
-            return Ok(Some(Found::Bytes(queued.data().clone())));
-        }
-        // Small synchronous file reads: cheaper inline than a hop to the blocking pool, and
-        // the chunk files are in the page cache when it matters.
-        self.store
-            .read(&chunk.digest)
-            .map_err(SourceError::unavailable)
-    }
-
-    async fn get_many_each(
+    async fn fetch(
         &self,
         chunks: &[ChunkRef],
-        _priority: crate::layered::Priority,
+        _priority: Priority,
         each: &(dyn Fn(usize, Answer) + Send + Sync),
     ) {
         if chunks.len() < 2 {
             for (i, c) in chunks.iter().enumerate() {
-                each(i, self.get(c).await);
+                each(i, self.read_inline(c));
             }
             return;
         }

@@ -69,7 +69,12 @@ pub enum Error {
     #[error("Image index {index} has no manifest for platform {platform}")]
     NoPlatform { index: Digest, platform: String },
     #[error("Chunk {digest} could not be read from any cache level: {reason}")]
-    ChunkUnavailable { digest: Digest, reason: String },
+    ChunkUnavailable {
+        digest: Digest,
+        reason: crate::layered::ReadFailure,
+    },
+    #[error("No source sent the right bytes for chunk {digest}")]
+    NoRightBytes { digest: Digest },
     #[error("Zone: {0}")]
     Zone(String),
     #[error("Invalid configuration: {0}")]

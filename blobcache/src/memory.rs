@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use lru::LruCache;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::source::{Answer, ChunkSource, Found};
+use crate::source::{Answer, ChunkSource, Found, Priority};
 use crate::Digest;
 
 pub struct MemoryCache {
@@ -50,8 +50,17 @@ impl ChunkSource for MemoryCache {
         "memory"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
-        Ok(self.lookup(&chunk.digest).map(Found::Verified))
+    async fn fetch(
+        &self,
+        chunks: &[ChunkRef],
+        _priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        for (i, chunk) in chunks.iter().enumerate() {
+            if let Some(v) = self.lookup(&chunk.digest) {
+                each(i, Ok(Some(Found::Verified(v))));
+            }
+        }
     }
 
     async fn contains(&self, digest: &Digest) -> bool {

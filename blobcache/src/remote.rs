@@ -19,10 +19,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::layered::Priority;
 use crate::reference::Reference;
 use crate::registry::{RegistryClient, MAX_RANGE_BYTES};
-use crate::source::{Answer, ChunkSource, Found, SourceError};
+use crate::source::{Answer, ChunkSource, Found, Priority, SourceError};
 use crate::Digest;
 
 #[derive(Clone, Debug)]
@@ -565,12 +564,11 @@ impl RegistrySource {
                 return;
             }
         }
-        let err = Arc::new(failure.unwrap_or_else(|| crate::Error::ChunkUnavailable {
+        let err = Arc::new(failure.unwrap_or(crate::Error::NoRightBytes {
             digest: chunks[next.load(Ordering::SeqCst)].digest,
-            reason: "no source sent the right bytes".into(),
         }));
         for k in next.load(Ordering::SeqCst)..chunks.len() {
-            each(k, Err(SourceError::unavailable(SharedError(err.clone()))));
+            each(k, Err(SourceError::unavailable(err.clone())));
         }
     }
 }
@@ -645,41 +643,13 @@ fn plan_spans(chunks: &[ChunkRef], config: &RemoteConfig) -> Vec<Vec<usize>> {
     spans
 }
 
-#[derive(Debug)]
-struct SharedError(Arc<crate::Error>);
-
-impl std::fmt::Display for SharedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&*self.0)
-    }
-}
-
 #[async_trait::async_trait]
 impl ChunkSource for RegistrySource {
     fn name(&self) -> &'static str {
         "registry"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
-        crate::source::get_one(self, chunk).await
-    }
-
-    async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
-        let answers: Mutex<Vec<Answer>> = Mutex::new(chunks.iter().map(|_| Ok(None)).collect());
-        self.get_many_each(chunks, Priority::OnDemand, &|i, answer| {
-            answers.lock().expect("not poisoned")[i] = answer;
-        })
-        .await;
-        answers.into_inner().expect("not poisoned")
-    }
-
-    async fn get_many_each(
+    async fn fetch(
         &self,
         chunks: &[ChunkRef],
         _priority: Priority,
@@ -842,7 +812,7 @@ mod tests {
         assert_eq!(mirror.count(), 1);
         // And the mirror is passed over for the next read; the read path saw nothing wrong.
         let layered = crate::layered::Layered::builder()
-            .level(source.clone(), Duration::from_secs(5))
+            .origin(source.clone(), Duration::from_secs(5))
             .build();
         let again = layered.read(&refs[1], Priority::OnDemand).await.unwrap();
         assert_eq!(again.data(), &plain[1][..]);

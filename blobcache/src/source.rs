@@ -6,7 +6,6 @@
 use bytes::Bytes;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::layered::Priority;
 use crate::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,43 +43,52 @@ impl Found {
 /// One answer per requested chunk; `Ok(None)` is a clean miss.
 pub type Answer = Result<Option<Found>, SourceError>;
 
+/// Why a read wants the bytes: a waiting reader, or ahead of need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A reader is waiting for these bytes.
+    OnDemand,
+    /// Fetched ahead of need; waits while on-demand fetches are in flight.
+    Prefetch,
+}
+
+/// A cache level. Two methods make one: its name and `fetch`; everything else has a default
+/// that fits a level which keeps nothing and knows nothing ahead of a fetch.
 #[async_trait::async_trait]
 pub trait ChunkSource: Send + Sync {
     /// Short, stable name for logs and metrics: "memory", "disk", "peer", "registry".
     fn name(&self) -> &'static str;
 
-    /// The uncompressed bytes of `chunk` if this level has them.
-    async fn get(&self, chunk: &ChunkRef) -> Answer;
-
-    /// Several chunks at once, answers in request order. Levels that can serve neighbours in
-    /// one request (the registry) override this; the default asks for each concurrently.
-    async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
-        futures::future::join_all(chunks.iter().map(|c| self.get(c))).await
-    }
-
-    /// `get_many` for a read of the given priority; levels that pass work on to others
-    /// (zone peers) forward it.
-    async fn get_many_for(&self, chunks: &[ChunkRef], _priority: Priority) -> Vec<Answer> {
-        self.get_many(chunks).await
-    }
-
-    /// `get_many_for` that hands each answer to `each` (with the chunk's index) as soon as it
-    /// is known, so a reader waiting on one chunk of a large batch need not wait for the rest.
-    /// Levels that receive a batch piece by piece (the registry) override it.
-    async fn get_many_each(
+    /// Looks for `chunks`, handing each answer to `each` (with the chunk's index) as soon as
+    /// it is known, so a reader waiting on one chunk of a large batch need not wait for the
+    /// rest. A chunk never handed over is a clean miss. `priority` is for levels that pass
+    /// work on to others (zone peers).
+    async fn fetch(
         &self,
         chunks: &[ChunkRef],
         priority: Priority,
         each: &(dyn Fn(usize, Answer) + Send + Sync),
-    ) {
-        for (i, answer) in self
-            .get_many_for(chunks, priority)
+    );
+
+    /// One chunk, on demand.
+    async fn get(&self, chunk: &ChunkRef) -> Answer {
+        self.get_many(std::slice::from_ref(chunk))
             .await
-            .into_iter()
-            .enumerate()
-        {
-            each(i, answer);
-        }
+            .pop()
+            .unwrap_or(Ok(None))
+    }
+
+    /// Several chunks on demand, answers in request order.
+    async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
+        let answers: std::sync::Mutex<Vec<Answer>> =
+            std::sync::Mutex::new(chunks.iter().map(|_| Ok(None)).collect());
+        self.fetch(chunks, Priority::OnDemand, &|i, answer| {
+            if let Some(slot) = answers.lock().expect("not poisoned").get_mut(i) {
+                *slot = answer;
+            }
+        })
+        .await;
+        answers.into_inner().expect("not poisoned")
     }
 
     /// Whether asking this level for `chunk` means asking another host (zone peers).
@@ -98,13 +106,4 @@ pub trait ChunkSource: Send + Sync {
 
     /// Forget a chunk whose bytes failed verification, so it is fetched again.
     async fn discard(&self, _digest: &Digest) {}
-}
-
-/// `get` for levels whose natural unit is a batch: asks `get_many` for one chunk.
-pub async fn get_one<S: ChunkSource + ?Sized>(source: &S, chunk: &ChunkRef) -> Answer {
-    source
-        .get_many(std::slice::from_ref(chunk))
-        .await
-        .pop()
-        .unwrap_or(Ok(None))
 }

@@ -95,8 +95,8 @@ async fn a_chunk_damaged_on_disk_is_detected_discarded_and_refetched() {
     rot(&disk, &r.digest, 1234, 0x01);
 
     let layered = Layered::builder()
-        .level(disk.clone(), Duration::from_secs(5))
-        .level(origin, Duration::from_secs(5))
+        .disk(disk.clone(), Duration::from_secs(5))
+        .origin(origin, Duration::from_secs(5))
         .build();
     let got = layered.read(&r, Priority::OnDemand).await.unwrap();
     assert_eq!(got.data(), v.data());
@@ -127,8 +127,8 @@ async fn a_batch_read_from_disk_is_checked_chunk_by_chunk() {
     rot(&disk, &damaged.digest, 99_999, 0x80);
 
     let layered = Layered::builder()
-        .level(disk.clone(), Duration::from_secs(5))
-        .level(origin, Duration::from_secs(5))
+        .disk(disk.clone(), Duration::from_secs(5))
+        .origin(origin, Duration::from_secs(5))
         .build();
     let refs: Vec<ChunkRef> = chunks.iter().map(|(r, _)| r.clone()).collect();
     let got = layered.read_many(&refs, Priority::OnDemand).await.unwrap();
@@ -246,8 +246,8 @@ async fn a_full_disk_degrades_to_pass_through() {
             origin.put(v).await;
         }
         let layered = Layered::builder()
-            .level(disk.clone(), Duration::from_secs(5))
-            .level(origin, Duration::from_secs(5))
+            .disk(disk.clone(), Duration::from_secs(5))
+            .origin(origin, Duration::from_secs(5))
             .build();
         // 2 MiB of chunks into a 1 MiB filesystem: every read still succeeds.
         for (r, v) in &chunks {

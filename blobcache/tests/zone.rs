@@ -13,7 +13,7 @@ use brisk_blobcache::layered::Layered;
 use brisk_blobcache::memory::MemoryCache;
 use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
 use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
-use brisk_blobcache::source::{Answer, ChunkSource, Found};
+use brisk_blobcache::source::{Answer, ChunkSource, Found, Priority};
 use brisk_blobcache::zone::auth::{ZoneKey, STAMP_HEADER};
 use brisk_blobcache::zone::client::{PeerConfig, PeerSource};
 use brisk_blobcache::zone::limits::MAX_FETCH_CHUNKS;
@@ -73,7 +73,12 @@ impl ChunkSource for Hang {
         "hang"
     }
 
-    async fn get(&self, _chunk: &ChunkRef) -> Answer {
+    async fn fetch(
+        &self,
+        _chunks: &[ChunkRef],
+        _priority: Priority,
+        _each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
         futures::future::pending().await
     }
 }
@@ -92,8 +97,8 @@ async fn start_peer(held: &[&VerifiedChunk], listen: ListenLimits, serve: ServeL
         memory.put(c).await;
     }
     let cache = Layered::builder()
-        .level(Arc::new(memory), Duration::from_secs(1))
-        .level(Arc::new(Hang), Duration::from_secs(600))
+        .memory(Arc::new(memory), Duration::from_secs(1))
+        .origin(Arc::new(Hang), Duration::from_secs(600))
         .build();
     let client = RegistryClient::new(RegistryConfig::default()).unwrap();
     let registry = Arc::new(RegistrySource::new(

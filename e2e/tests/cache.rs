@@ -540,8 +540,8 @@ impl Layer {
     /// A fresh read path: an empty memory level over the registry level.
     fn layered(&self) -> Arc<Layered> {
         Layered::builder()
-            .level(Arc::new(MemoryCache::new(64 << 20)), Duration::from_secs(1))
-            .level(self.source.clone(), Duration::from_secs(60))
+            .memory(Arc::new(MemoryCache::new(64 << 20)), Duration::from_secs(1))
+            .origin(self.source.clone(), Duration::from_secs(60))
             .build()
     }
 

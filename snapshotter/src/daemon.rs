@@ -77,17 +77,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
     let origin_deadline = registry.timeout * (registry.retries + 1) + Duration::from_secs(15);
     let mut zone = crate::zone::join(&config.peer, source.clone()).await?;
     let mut levels = Layered::builder()
-        .level(
+        .memory(
             Arc::new(MemoryCache::new(config.cache.memory_bytes)),
             Duration::from_secs(1),
         )
-        .level(disk.clone(), Duration::from_secs(5));
+        .disk(disk.clone(), Duration::from_secs(5));
     if let Some(zone) = &zone {
         // The peer level keeps its own time: it waits on a home that shows progress, so
         // only a home that is itself waiting on the registry can take this long.
-        levels = levels.level(zone.source.clone(), origin_deadline);
+        levels = levels.peer(zone.source.clone(), origin_deadline);
     }
-    let cache = levels.level(source.clone(), origin_deadline).build();
+    let cache = levels.origin(source.clone(), origin_deadline).build();
     let images = Arc::new(
         LazyImages::new(client.clone(), Some(MetaStore::open(root.join("meta"))?))
             .serving(source.clone()),

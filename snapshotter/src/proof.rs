@@ -296,7 +296,7 @@ mod tests {
             brisk_blobcache::source::ChunkSource::put(memory.as_ref(), &verified).await;
         }
         let cache = Layered::builder()
-            .level(memory, Duration::from_secs(5))
+            .memory(memory, Duration::from_secs(5))
             .build();
         (cache, converted.digest, toc)
     }

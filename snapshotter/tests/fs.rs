@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use brisk_blobcache::chunk::{ChunkRef, VerifiedChunk};
 use brisk_blobcache::layered::Layered;
 use brisk_blobcache::memory::MemoryCache;
-use brisk_blobcache::source::{Answer, ChunkSource};
+use brisk_blobcache::source::{Answer, ChunkSource, Priority};
 use brisk_blobcache::toc::{self, ConvertOptions, Footer, Toc, FOOTER_SIZE};
 use brisk_blobcache::Digest;
 use brisk_snapshotter::fs::{self as layerfs, LayerFs, ReadEvent, Recorder};
@@ -175,7 +175,7 @@ fn cache(rt: &Runtime, chunks: &[VerifiedChunk]) -> Arc<Layered> {
         rt.block_on(memory.put(c));
     }
     Layered::builder()
-        .level(memory, Duration::from_secs(5))
+        .memory(memory, Duration::from_secs(5))
         .build()
 }
 
@@ -191,9 +191,14 @@ impl ChunkSource for Slow {
         "slow"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
+    async fn fetch(
+        &self,
+        chunks: &[ChunkRef],
+        priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
         tokio::time::sleep(self.delay).await;
-        self.inner.get(chunk).await
+        self.inner.fetch(chunks, priority, each).await
     }
 }
 
@@ -209,9 +214,17 @@ impl ChunkSource for Noting {
         "noting"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
-        self.asked.lock().unwrap().push(chunk.digest);
-        self.inner.get(chunk).await
+    async fn fetch(
+        &self,
+        chunks: &[ChunkRef],
+        priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        self.asked
+            .lock()
+            .unwrap()
+            .extend(chunks.iter().map(|c| c.digest));
+        self.inner.fetch(chunks, priority, each).await
     }
 }
 
@@ -674,7 +687,7 @@ fn a_read_waiting_on_the_cache_blocks_neither_metadata_nor_other_reads() {
         rt.block_on(slow.inner.put(c));
     }
     let cache = Layered::builder()
-        .level(Arc::new(slow), Duration::from_secs(10))
+        .origin(Arc::new(slow), Duration::from_secs(10))
         .build();
     let m = mount(&rt, &layer, cache, None);
 
@@ -738,7 +751,7 @@ fn a_reader_streaming_a_large_file_gets_the_chunks_ahead_of_it() {
         rt.block_on(noting.inner.put(c));
     }
     let cache = Layered::builder()
-        .level(noting.clone(), Duration::from_secs(10))
+        .origin(noting.clone(), Duration::from_secs(10))
         .build();
     let m = mount(&rt, &layer, cache, None);
     // Each chunk of the file is 256 KiB of it, from its first byte (a large file's chunks

@@ -114,17 +114,17 @@ pub async fn cat<W: Write>(
 
     let origin_deadline =
         opts.registry.timeout * (opts.registry.retries + 1) + Duration::from_secs(15);
-    let mut builder = Layered::builder().level(
+    let mut builder = Layered::builder().memory(
         Arc::new(MemoryCache::new(opts.memory_bytes)),
         Duration::from_secs(1),
     );
     if let Some(dir) = &opts.cache_dir {
-        builder = builder.level(
+        builder = builder.disk(
             Arc::new(DiskCache::open(dir.join("chunks"), opts.disk_bytes)?),
             Duration::from_secs(5),
         );
     }
-    let layered = builder.level(source.clone(), origin_deadline).build();
+    let layered = builder.origin(source.clone(), origin_deadline).build();
 
     let toc = &tocs[found.layer];
     let indexes: Vec<usize> = toc.chunks_for(range.clone()).collect();

@@ -289,7 +289,7 @@ async fn a_chunk_at_the_front_of_a_range_is_handed_over_before_the_rest_arrives(
         let bytes = answer.ok().flatten().map(|f| f.bytes().to_vec());
         seen_tx.send((i, bytes)).unwrap();
     };
-    let fetch = t.source.get_many_each(&t.chunks, Priority::Prefetch, &each);
+    let fetch = t.source.fetch(&t.chunks, Priority::Prefetch, &each);
     tokio::pin!(fetch);
     let first = tokio::time::timeout(Duration::from_secs(5), async {
         tokio::select! {
@@ -403,7 +403,7 @@ async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh(
     // a source of the blob's chunks.
     source.register_blob(blob, &reference);
     let layered = brisk_blobcache::layered::Layered::builder()
-        .level(source.clone(), Duration::from_secs(5))
+        .origin(source.clone(), Duration::from_secs(5))
         .build();
     let chunk = ChunkRef {
         digest: Digest::sha256(&plain),

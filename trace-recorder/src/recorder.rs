@@ -58,14 +58,21 @@ pub struct Session {
     by_reader: HashMap<Option<Reader>, Gathered>,
 }
 
-/// First touches of one reader; times are from the session's creation.
+/// First touches of one reader, each with when it happened: readers are merged when the
+/// session ends, and times then counted from the first kept read.
 #[derive(Debug, Default)]
 struct Gathered {
-    entries: Vec<TraceEntry>,
+    entries: Vec<(Instant, TraceEntry)>,
     seen: HashSet<(Digest, u32)>,
-    files: Vec<FileTouch>,
+    files: Vec<(Instant, FileTouch)>,
     /// Index in `files` by path.
     seen_files: HashMap<String, usize>,
+}
+
+/// What a session's trace holds.
+struct Kept {
+    entries: Vec<TraceEntry>,
+    files: Vec<FileTouch>,
 }
 
 type OnFinish = Box<dyn Fn(Trace) + Send>;
@@ -238,58 +245,60 @@ impl Session {
         }
         self.first_read.get_or_insert(read.at);
         self.last_read = Some(self.last_read.map_or(read.at, |l| l.max(read.at)));
-        let at_ms = read.at.saturating_duration_since(self.created).as_millis() as u64;
         self.by_reader
             .entry(read.reader.clone())
             .or_default()
-            .add(read, at_ms);
+            .add(read);
     }
 
     /// The reads of the image's own containers (those stacked from exactly its layers) and
     /// of the host, merged in time order, times from the first of them; and how many other
     /// readers were left out.
-    fn own_reads(mut self) -> (Gathered, usize) {
+    fn own_reads(mut self) -> (Kept, usize) {
         let own: BTreeSet<Digest> = self.layers.iter().copied().collect();
         let container = self.by_reader.remove(&Some(Arc::new(own)));
         let host = self.by_reader.remove(&None);
         let others = self.by_reader.len();
-        let mut merged = Gathered::default();
-        let mut entries: Vec<TraceEntry> = container
-            .iter()
-            .chain(host.iter())
-            .flat_map(|g| g.entries.iter().cloned())
-            .collect();
-        entries.sort_by_key(|e| e.at_ms);
-        let mut files: Vec<FileTouch> = container
-            .into_iter()
-            .chain(host)
-            .flat_map(|g| g.files)
-            .collect();
-        files.sort_by_key(|f| f.at_ms);
-        let origin = entries.first().map_or(0, |e| e.at_ms);
-        for mut e in entries {
-            if merged.seen.insert((e.layer, e.chunk)) {
-                e.at_ms -= origin;
-                merged.entries.push(e);
+        let mut entries: Vec<(Instant, TraceEntry)> = Vec::new();
+        let mut files: Vec<(Instant, FileTouch)> = Vec::new();
+        for g in container.into_iter().chain(host) {
+            entries.extend(g.entries);
+            files.extend(g.files);
+        }
+        entries.sort_by_key(|(at, _)| *at);
+        files.sort_by_key(|(at, _)| *at);
+        let origin = match (entries.first(), files.first()) {
+            (Some((e, _)), Some((f, _))) => (*e).min(*f),
+            (Some((e, _)), None) => *e,
+            (None, Some((f, _))) => *f,
+            (None, None) => self.created,
+        };
+        let ms = |at: Instant| at.saturating_duration_since(origin).as_millis() as u64;
+        let mut kept = Kept {
+            entries: Vec::new(),
+            files: Vec::new(),
+        };
+        let mut seen = HashSet::new();
+        for (at, e) in entries {
+            if seen.insert((e.layer, e.chunk)) {
+                kept.entries.push(TraceEntry { at_ms: ms(at), ..e });
             }
         }
-        for f in files {
-            match merged.seen_files.get(&f.path) {
+        let mut by_path: HashMap<String, usize> = HashMap::new();
+        for (at, f) in files {
+            match by_path.get(&f.path) {
                 Some(&i) => {
                     for r in f.ranges {
-                        merged.files[i].add_range(r[0]..r[1]);
+                        kept.files[i].add_range(r[0]..r[1]);
                     }
                 }
                 None => {
-                    merged.seen_files.insert(f.path.clone(), merged.files.len());
-                    merged.files.push(FileTouch {
-                        at_ms: f.at_ms.saturating_sub(origin),
-                        ..f
-                    });
+                    by_path.insert(f.path.clone(), kept.files.len());
+                    kept.files.push(FileTouch { at_ms: ms(at), ..f });
                 }
             }
         }
-        (merged, others)
+        (kept, others)
     }
 
     fn is_done(&self, now: Instant, limits: &Limits) -> bool {
@@ -301,25 +310,27 @@ impl Session {
 }
 
 impl Gathered {
-    fn add(&mut self, read: &ReadRecord, at_ms: u64) {
+    fn add(&mut self, read: &ReadRecord) {
         let i = *self.seen_files.entry(read.path.clone()).or_insert_with(|| {
-            self.files.push(FileTouch {
+            let touch = FileTouch {
                 path: read.path.clone(),
-                at_ms,
+                at_ms: 0,
                 ranges: Vec::new(),
-            });
+            };
+            self.files.push((read.at, touch));
             self.files.len() - 1
         });
-        self.files[i].add_range(read.range.clone());
+        self.files[i].1.add_range(read.range.clone());
         for &(chunk, digest) in &read.chunks {
             if self.seen.insert((read.layer, chunk)) {
-                self.entries.push(TraceEntry {
+                let entry = TraceEntry {
                     layer: read.layer,
                     chunk,
                     digest,
-                    at_ms,
+                    at_ms: 0,
                     path: read.path.clone(),
-                });
+                };
+                self.entries.push((read.at, entry));
             }
         }
     }

@@ -21,9 +21,8 @@ use super::auth::ZoneKey;
 use super::limits::{self, Bound};
 use super::Zone;
 use crate::chunk::{ChunkRef, VerifiedChunk};
-use crate::layered::Priority;
 use crate::remote::RegistrySource;
-use crate::source::{Answer, ChunkSource, Found};
+use crate::source::{Answer, ChunkSource, Found, Priority};
 use crate::Digest;
 
 #[derive(Clone, Debug)]
@@ -383,21 +382,22 @@ impl ChunkSource for PeerSource {
         "peer"
     }
 
-    async fn get(&self, chunk: &ChunkRef) -> Answer {
-        crate::source::get_one(self, chunk).await
-    }
-
-    async fn get_many(&self, chunks: &[ChunkRef]) -> Vec<Answer> {
-        self.fetch_many(chunks, false).await
+    async fn fetch(
+        &self,
+        chunks: &[ChunkRef],
+        priority: Priority,
+        each: &(dyn Fn(usize, Answer) + Send + Sync),
+    ) {
+        let answers = self
+            .fetch_many(chunks, priority == Priority::Prefetch)
+            .await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            each(i, answer);
+        }
     }
 
     fn forwards(&self, chunk: &ChunkRef) -> bool {
         self.askable(chunk) && !self.candidates(chunk.digest.as_bytes()).is_empty()
-    }
-
-    async fn get_many_for(&self, chunks: &[ChunkRef], priority: Priority) -> Vec<Answer> {
-        self.fetch_many(chunks, priority == Priority::Prefetch)
-            .await
     }
 }
 
