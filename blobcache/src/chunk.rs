@@ -59,6 +59,15 @@ impl ChunkRef {
     }
 }
 
+/// Why a frame is not the chunk it should hold.
+#[derive(Debug)]
+pub enum BadFrame {
+    /// Not a zstd frame that decodes within the chunk's length.
+    Undecodable(std::io::Error),
+    /// It decodes, to other bytes (kept for a read path to count and discard).
+    Mismatch(Bytes),
+}
+
 /// Bytes whose sha256 matched their `ChunkRef`. `VerifiedChunk::check` is the only
 /// constructor, so no level can be handed unverified bytes to keep and no reader can be
 /// handed unverified bytes to serve.
@@ -75,6 +84,16 @@ impl VerifiedChunk {
                 digest: chunk.digest,
                 data,
             })
+    }
+
+    /// Decompresses one chunk's zstd frame and checks the bytes against `chunk`: the one
+    /// place chunk frames are decoded, for the registry level, `toc::decode_chunk` and every
+    /// tool. `chunk` must have passed `ChunkRef::check`, which bounds the buffer.
+    pub fn decode(chunk: &ChunkRef, frame: &[u8]) -> std::result::Result<Self, BadFrame> {
+        let data = zstd::bulk::decompress(frame, chunk.uncompressed_len as usize)
+            .map_err(BadFrame::Undecodable)?;
+        let data = Bytes::from(data);
+        Self::check(chunk, data.clone()).ok_or(BadFrame::Mismatch(data))
     }
 
     pub fn digest(&self) -> &Digest {

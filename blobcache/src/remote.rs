@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::chunk::{BadFrame, ChunkRef, VerifiedChunk};
 use crate::reference::Reference;
 use crate::registry::{RegistryClient, MAX_RANGE_BYTES};
 use crate::source::{Answer, ChunkSource, Found, Priority, SourceError};
@@ -612,11 +612,11 @@ impl Drop for HeldPreloads<'_> {
 /// path gets if these are the last bytes to be had: the wrong bytes (for it to count and
 /// discard) or why they do not decompress.
 fn check(chunk: &ChunkRef, compressed: &[u8]) -> Result<VerifiedChunk, Answer> {
-    // The reference was checked on the way in (`get_many_each`), so this buffer is bounded.
-    let data = zstd::bulk::decompress(compressed, chunk.uncompressed_len as usize)
-        .map_err(|e| Err(SourceError::unavailable(e)))?;
-    let data = Bytes::from(data);
-    VerifiedChunk::check(chunk, data.clone()).ok_or(Ok(Some(Found::Bytes(data))))
+    // The reference was checked on the way in (`fetch`), so the buffer is bounded.
+    VerifiedChunk::decode(chunk, compressed).map_err(|bad| match bad {
+        BadFrame::Undecodable(e) => Err(SourceError::unavailable(e)),
+        BadFrame::Mismatch(data) => Ok(Some(Found::Bytes(data))),
+    })
 }
 
 /// Groups request indexes into spans: same blob, ascending, gaps and total size bounded.

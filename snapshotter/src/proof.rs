@@ -287,12 +287,13 @@ mod tests {
         let memory = Arc::new(brisk_blobcache::memory::MemoryCache::new(64 << 20));
         for (i, c) in toc.chunks.iter().enumerate() {
             let r = c.compressed_range();
-            let bytes =
-                brisk_blobcache::toc::decode_chunk(i, c, &blob[r.start as usize..r.end as usize])
-                    .unwrap();
-            let chunk = ChunkRef::new(converted.digest, c);
-            let verified =
-                brisk_blobcache::chunk::VerifiedChunk::check(&chunk, bytes.into()).unwrap();
+            let verified = brisk_blobcache::toc::decode_chunk(
+                converted.digest,
+                i,
+                c,
+                &blob[r.start as usize..r.end as usize],
+            )
+            .unwrap();
             brisk_blobcache::source::ChunkSource::put(memory.as_ref(), &verified).await;
         }
         let cache = Layered::builder()

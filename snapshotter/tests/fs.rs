@@ -149,8 +149,7 @@ fn convert(tar: &[u8]) -> Layer {
         .enumerate()
         .map(|(i, c)| {
             let r = c.compressed_range();
-            let bytes = toc::decode_chunk(i, c, &blob[r.start as usize..r.end as usize]).unwrap();
-            VerifiedChunk::check(&ChunkRef::new(layer.digest, c), bytes.into()).unwrap()
+            toc::decode_chunk(layer.digest, i, c, &blob[r.start as usize..r.end as usize]).unwrap()
         })
         .collect();
     Layer {

@@ -212,7 +212,7 @@ async fn check_layer(store: &Store, desc: &Descriptor, report: &mut CheckReport)
         blob.update(&bytes);
         for (j, chunk) in toc.chunks[i..end].iter().enumerate() {
             let lo = (chunk.offset - start) as usize;
-            toc::decode_chunk(i + j, chunk, &bytes[lo..lo + chunk.size as usize])?;
+            toc::decode_chunk(digest, i + j, chunk, &bytes[lo..lo + chunk.size as usize])?;
             report.chunks += 1;
         }
         i = end;

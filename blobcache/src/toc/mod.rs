@@ -440,22 +440,23 @@ impl Toc {
     }
 }
 
-/// Decompresses one chunk and checks it against the TOC. This is the only way chunk bytes
-/// leave this module, so a caller never sees bytes that did not match their digest.
-pub fn decode_chunk(index: usize, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>> {
+/// Decompresses chunk `index` of layer `blob` and checks it against the TOC
+/// (`VerifiedChunk::decode`), so a caller never sees bytes that did not match their digest.
+pub fn decode_chunk(
+    blob: Digest,
+    index: usize,
+    chunk: &Chunk,
+    compressed: &[u8],
+) -> Result<crate::chunk::VerifiedChunk> {
     let corrupt = || Error::CorruptChunk {
         index,
         digest: chunk.digest,
     };
-    if compressed.len() as u64 != chunk.size || chunk.tar_size > MAX_CHUNK_SIZE {
+    let reference = crate::chunk::ChunkRef::new(blob, chunk);
+    if compressed.len() as u64 != chunk.size || reference.check().is_err() {
         return Err(corrupt());
     }
-    let data =
-        zstd::bulk::decompress(compressed, chunk.tar_size as usize).map_err(|_| corrupt())?;
-    if data.len() as u64 != chunk.tar_size || Digest::sha256(&data) != chunk.digest {
-        return Err(corrupt());
-    }
-    Ok(data)
+    crate::chunk::VerifiedChunk::decode(&reference, compressed).map_err(|_| corrupt())
 }
 
 #[cfg(test)]
@@ -483,7 +484,12 @@ pub fn fuzz_read_blob(blob: &[u8]) {
     for (i, c) in toc.chunks.iter().enumerate() {
         let range = c.compressed_range();
         if range.end <= blob.len() as u64 {
-            let _ = decode_chunk(i, c, &blob[range.start as usize..range.end as usize]);
+            let _ = decode_chunk(
+                Digest::sha256(b""),
+                i,
+                c,
+                &blob[range.start as usize..range.end as usize],
+            );
         }
     }
 }

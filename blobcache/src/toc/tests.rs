@@ -165,7 +165,11 @@ fn every_chunk_decodes_alone_and_the_chunks_tile_the_tar() {
     let mut joined = Vec::new();
     for (i, c) in toc.chunks.iter().enumerate() {
         let r = c.compressed_range();
-        joined.extend(decode_chunk(i, c, &blob[r.start as usize..r.end as usize]).unwrap());
+        joined.extend_from_slice(
+            decode_chunk(layer.digest, i, c, &blob[r.start as usize..r.end as usize])
+                .unwrap()
+                .data(),
+        );
     }
     assert_eq!(joined, tar);
     assert_eq!(toc.chunks.len(), layer.chunks);
@@ -379,13 +383,13 @@ fn a_flipped_bit_in_a_chunk_fails_verification() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     assert!(matches!(
-        decode_chunk(0, c, &bytes),
+        decode_chunk(layer.digest, 0, c, &bytes),
         Err(Error::CorruptChunk { index: 0, .. })
     ));
     // The bytes of another chunk are just as wrong, even if they decode.
     let other = &toc.chunks[1];
     let r = other.compressed_range();
-    assert!(decode_chunk(0, c, &blob[r.start as usize..r.end as usize]).is_err());
+    assert!(decode_chunk(layer.digest, 0, c, &blob[r.start as usize..r.end as usize]).is_err());
 }
 
 #[test]
@@ -509,7 +513,10 @@ proptest! {
             for i in toc.chunks_for(r.clone()) {
                 let c = &toc.chunks[i];
                 let cr = c.compressed_range();
-                let data = decode_chunk(i, c, &blob[cr.start as usize..cr.end as usize]).unwrap();
+                let data =
+                    decode_chunk(layer.digest, i, c, &blob[cr.start as usize..cr.end as usize])
+                        .unwrap();
+                let data = data.data();
                 let lo = r.start.max(c.tar_offset) - c.tar_offset;
                 let hi = r.end.min(c.tar_offset + c.tar_size) - c.tar_offset;
                 content.extend_from_slice(&data[lo as usize..hi as usize]);
