@@ -5,6 +5,7 @@
 //! file contents, environment or arguments.
 
 mod error;
+pub mod plan;
 pub mod recorder;
 pub mod share;
 pub mod trace;

@@ -1,6 +1,7 @@
-//! Lazy layers: deciding from containerd's labels whether a layer can be served lazily,
-//! fetching and authenticating its TOC (image digest → manifest → TOC), and keeping its FUSE
-//! mount alive; also clearing mounts a crash left behind.
+//! Lazy layers: deciding from containerd's labels whether a layer can be served lazily
+//! (through `blobcache::lazy`: image digest → manifest → authenticated TOC), and keeping its
+//! FUSE mount alive; also clearing mounts a crash left behind. What an image's start
+//! prefetches or records is `startup`.
 //!
 //! Any failure here means "not lazy": the caller falls back to containerd's download, so a
 //! registry Brisk cannot read (private, down, slow) costs a full pull, never a failed start.
@@ -21,6 +22,10 @@ use brisk_blobcache::Digest;
 
 use crate::meta::RemoteLayer;
 use crate::Result;
+
+mod startup;
+#[cfg(test)]
+mod testing;
 
 /// The committed snapshot name a remote-snapshotter client wants (the chain id).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -386,186 +391,6 @@ impl RemoteLayers {
         Ok(self.images.open(&layer.image, &lazy).await?.toc)
     }
 
-    /// A layer just mounted: its baked start-up chunks go to prefetch at once (they need no
-    /// manifest). On first sight of the image in this run: prefetch from its trace (local,
-    /// else from a zone peer or the registry), or record one if there is none. Runs in the
-    /// background; Prepare returns.
-    pub fn start_image(self: &Arc<Self>, layer: &RemoteLayer, toc: &Toc) {
-        let reference = layer.image.clone();
-        let (manifest, blob) = (layer.manifest, layer.blob);
-        self.prefetch_baked(&reference, manifest, blob, toc);
-        if !self.traces.first_sight(&manifest) {
-            // Another layer of an image being recorded: its reads belong to the trace too.
-            if self.traces.recorder().is_recording(&manifest) {
-                self.traces.recorder().begin(manifest, vec![blob]);
-            }
-            return;
-        }
-        // The container can start reading before the manifest and the trace lookups below
-        // are done: with no trace held here, recording starts with the mount, and is dropped
-        // if a trace turns up.
-        let early = self.policy.record && matches!(self.traces.has(&manifest), Ok(false));
-        if early {
-            self.traces.record(manifest, &reference, vec![blob]);
-        }
-        let this = self.clone();
-        self.rt.spawn(async move {
-            if let Err(err) = this.replay_or_record(&reference, manifest, early).await {
-                tracing::warn!(image = %reference, err = %chain(&err), "no prefetch for this image");
-            }
-        });
-    }
-
-    /// `recording`: a recording of this image began with its first mount.
-    async fn replay_or_record(
-        &self,
-        reference: &Reference,
-        manifest: Digest,
-        recording: bool,
-    ) -> Result<()> {
-        let layers = self.image_layers(reference, manifest).await?;
-        let prefetch = self.prefetch_allowed(reference);
-        let mut trace = self.traces.get(&manifest)?;
-        // Layers of the image not mounted in this run (committed before) may hold baked
-        // start-up chunks too; a recorded trace held here takes their place.
-        if trace.is_none() {
-            for (blob, toc) in &layers {
-                self.prefetch_baked(reference, manifest, *blob, toc);
-            }
-        }
-        if let (None, Some(zone)) = (&trace, &self.zone) {
-            if let Some(bytes) = zone.trace(&manifest).await {
-                match brisk_trace_recorder::Trace::decode(&bytes, Some(&manifest)) {
-                    Ok(t) => {
-                        tracing::info!(image = %reference, chunks = t.entries.len(), "trace fetched from a zone peer");
-                        trace = Some(self.traces.import(&t)?);
-                    }
-                    Err(err) => {
-                        tracing::warn!(image = %reference, err = %chain(&err), "a zone peer's trace was refused")
-                    }
-                }
-            }
-        }
-        if trace.is_none() && self.policy.fetch_from_registry {
-            match brisk_trace_recorder::share::fetch(self.images.client(), reference, &manifest)
-                .await
-            {
-                Ok(Some(t)) => {
-                    tracing::info!(image = %reference, chunks = t.entries.len(), "trace fetched from the registry");
-                    trace = Some(self.traces.import(&t)?);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(image = %reference, err = %chain(&err), "trace lookup in the registry failed")
-                }
-            }
-        }
-        match trace {
-            Some(trace) if prefetch => {
-                let by_blob: HashMap<Digest, &Arc<Toc>> =
-                    layers.iter().map(|(b, t)| (*b, t)).collect();
-                let mut stale = 0;
-                let refs: Vec<brisk_blobcache::chunk::ChunkRef> = trace
-                    .entries
-                    .iter()
-                    .filter_map(|e| {
-                        let toc = by_blob.get(&e.layer)?;
-                        let c = toc
-                            .chunks
-                            .get(e.chunk as usize)
-                            .filter(|c| c.digest == e.digest);
-                        if c.is_none() {
-                            stale += 1;
-                        }
-                        Some(brisk_blobcache::chunk::ChunkRef::new(e.layer, c?))
-                    })
-                    .collect();
-                tracing::info!(image = %reference, chunks = refs.len(), stale, "prefetching from the start-up trace");
-                self.traces.note_prefetch();
-                self.cache.prefetch(
-                    refs,
-                    PREFETCH_BATCH,
-                    tokio_util::sync::CancellationToken::new(),
-                );
-            }
-            Some(_) => {}
-            None if self.policy.record => {
-                // Even behind a baked trace the start is recorded, to learn this host's order.
-                tracing::info!(image = %reference, "recording a start-up trace");
-                let layers = layers.iter().map(|(b, _)| *b).collect();
-                if recording {
-                    self.traces.recorder().begin(manifest, layers);
-                } else {
-                    self.traces.record(manifest, reference, layers);
-                }
-                return Ok(());
-            }
-            None => {}
-        }
-        if recording {
-            self.traces.abandon(&manifest);
-        }
-        Ok(())
-    }
-
-    fn prefetch_allowed(&self, reference: &Reference) -> bool {
-        let repo = format!("{}/{}", reference.registry, reference.repository);
-        self.policy.prefetch && !self.policy.skip.contains(&repo)
-    }
-
-    /// Hands the start-up chunks baked into `blob`'s TOC to prefetch, once per layer and run.
-    /// A baked list needs no lookup, so it starts before the zone and the registry are asked
-    /// for a recorded trace (round trips the start cannot spare); a recorded trace held here
-    /// takes its place, being this host's own order.
-    fn prefetch_baked(&self, reference: &Reference, manifest: Digest, blob: Digest, toc: &Toc) {
-        if toc.prefetch.is_empty()
-            || !self.prefetch_allowed(reference)
-            || !matches!(self.traces.has(&manifest), Ok(false))
-        {
-            return;
-        }
-        let first_of_image = {
-            let mut baked = self.baked.lock().expect("not poisoned");
-            let repo = format!("{}/{}", reference.registry, reference.repository);
-            if !baked.blobs.insert((blob, repo)) {
-                return;
-            }
-            baked.images.insert(manifest)
-        };
-        let chunks: Vec<brisk_blobcache::chunk::ChunkRef> = toc
-            .prefetch
-            .iter()
-            .filter_map(|&i| toc.chunks.get(i as usize))
-            .map(|c| brisk_blobcache::chunk::ChunkRef::new(blob, c))
-            .collect();
-        tracing::info!(image = %reference, %blob, chunks = chunks.len(), "prefetching the trace baked into the layer");
-        if first_of_image {
-            self.traces.note_prefetch();
-        }
-        self.cache.prefetch(
-            chunks,
-            PREFETCH_BATCH,
-            tokio_util::sync::CancellationToken::new(),
-        );
-    }
-
-    /// Every lazy layer of the image, with its verified TOC, opened from the image's
-    /// repository so prefetch can fetch layers not prepared yet.
-    async fn image_layers(
-        &self,
-        reference: &Reference,
-        manifest: Digest,
-    ) -> Result<Vec<(Digest, Arc<Toc>)>> {
-        let m = self.images.manifest(reference, manifest).await?;
-        Ok(self
-            .images
-            .open_all(reference, &m)
-            .await?
-            .into_iter()
-            .map(|h| (h.blob(), h.toc))
-            .collect())
-    }
-
     /// Forgets the manifests and TOCs kept on disk that none of `held` (the lazy layers
     /// still committed) names: what is persisted is bounded by what the host holds.
     pub fn forget_unheld(&self, held: &[RemoteLayer]) {
@@ -626,5 +451,91 @@ pub fn detach(path: &Path) {
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call; umount2 only reads it.
     unsafe {
         libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{host, policy, Host};
+    use super::*;
+
+    fn labels_for(h: &Host, manifest: &Digest) -> BTreeMap<String, String> {
+        let mut labels = h.labels.clone();
+        labels.insert(LABEL_IMAGE_REF.into(), "127.0.0.1:1/tenant/app:v1".into());
+        labels.insert(LABEL_LAYER.into(), h.layer.blob.to_string());
+        labels.insert(LABEL_MANIFEST.into(), manifest.to_string());
+        labels
+    }
+
+    #[test]
+    fn a_layer_whose_toc_is_kept_resolves_from_its_labels_alone() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = host(&rt, policy());
+        let (remote, toc) = rt
+            .block_on(h.remote.resolve(&labels_for(&h, &h.layer.manifest)))
+            .expect("lazy");
+        assert_eq!(
+            remote, h.layer,
+            "the repository, blob, TOC and position recorded"
+        );
+        assert_eq!(*toc, *h.toc);
+        // Its chunks can now be fetched from the image's repository, and only from it.
+        assert_eq!(
+            h.remote.source().repositories_of(&h.layer.blob),
+            vec![h.layer.image.clone()]
+        );
+    }
+
+    #[test]
+    fn without_the_label_copies_the_kept_manifest_decides() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = host(&rt, policy());
+        let mut labels = labels_for(&h, &h.layer.manifest);
+        labels.retain(|k, _| {
+            !k.starts_with(brisk_blobcache::toc::SNAPSHOT_LABEL_PREFIX)
+                || k.starts_with("containerd.io/snapshot/cri.")
+        });
+        let (remote, _) = rt.block_on(h.remote.resolve(&labels)).expect("lazy");
+        assert_eq!(remote.blob, h.layer.blob);
+        // A blob the manifest does not list is not lazy: containerd downloads it.
+        labels.insert(
+            LABEL_LAYER.into(),
+            Digest::sha256(b"another blob").to_string(),
+        );
+        assert!(rt.block_on(h.remote.resolve(&labels)).is_none());
+    }
+
+    #[test]
+    fn labels_that_cannot_be_trusted_or_fetched_fall_back_to_the_download() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = host(&rt, policy());
+        // No manifest label: not a lazy pull at all.
+        let mut labels = labels_for(&h, &h.layer.manifest);
+        labels.remove(LABEL_MANIFEST);
+        assert!(rt.block_on(h.remote.resolve(&labels)).is_none());
+        // A position claiming a 2^62-byte TOC: refused before anything is fetched.
+        let mut labels = labels_for(&h, &h.layer.manifest);
+        labels.insert(
+            brisk_blobcache::toc::LABEL_TOC_POSITION.into(),
+            format!("8:{}:100:1", 1u64 << 62),
+        );
+        assert!(rt.block_on(h.remote.resolve(&labels)).is_none());
+        // A TOC digest the kept TOC does not have: it would have to come from the registry,
+        // which cannot be reached, so the layer is downloaded (and nothing is registered).
+        let mut labels = labels_for(&h, &Digest::sha256(b"another manifest"));
+        labels.insert(
+            brisk_blobcache::toc::LABEL_TOC_DIGEST.into(),
+            Digest::sha256(b"another toc").to_string(),
+        );
+        labels.insert(
+            LABEL_LAYER.into(),
+            Digest::sha256(b"another blob").to_string(),
+        );
+        assert!(rt.block_on(h.remote.resolve(&labels)).is_none());
+        assert!(h
+            .remote
+            .source()
+            .repositories_of(&Digest::sha256(b"another blob"))
+            .is_empty());
     }
 }
