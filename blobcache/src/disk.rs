@@ -516,7 +516,9 @@ impl ChunkSource for DiskCache {
                 self.queue.done(chunk.digest());
             }
         } else if self.queue.get(chunk.digest()).is_none() {
-            self.store.put(chunk);
+            // The writer is behind: this caller writes the chunk itself, which holds the
+            // read path back (the cache keeps up rather than silently dropping chunks).
+            crate::blocking::in_place(|| self.store.put(chunk));
         }
     }
 

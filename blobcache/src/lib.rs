@@ -4,6 +4,7 @@
 //! It knows blobs and chunks by digest and nothing about FUSE, containerd or snapshots. The
 //! tiered cache (memory, disk, peers, registry) composes on top of these pieces.
 
+pub mod blocking;
 pub mod chunk;
 pub mod digest;
 pub mod disk;

@@ -1,7 +1,8 @@
 //! The recorder: a cheap, lossy sink on the read path, and the recording sessions it feeds.
 //!
-//! `Recorder::record` never blocks: it hands the record to a bounded channel and counts what
-//! it had to drop when the channel is full. A background thread turns records into traces,
+//! Nothing here blocks its caller: `Recorder::record` hands the record to the recorder thread
+//! unless `capacity` records already wait (then it counts a drop), and opening or abandoning a
+//! session is a message that always fits (there are as many as `Prepare` calls). A background thread turns records into traces,
 //! one session per image being started, and hands each finished trace to a callback after a
 //! quiet period or a maximum duration.
 //!
@@ -13,8 +14,9 @@
 //! starts) are the node's own and count for every image being recorded whose layer they hit.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,7 +80,10 @@ struct Kept {
 type OnFinish = Box<dyn Fn(Trace) + Send>;
 
 pub struct Recorder {
-    tx: SyncSender<Command>,
+    tx: Sender<Command>,
+    /// Reads sent and not yet taken by the recorder thread, at most `capacity`.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     dropped: AtomicU64,
     /// Images with a session open, so the read path can skip work for images not recorded.
     active: Arc<Mutex<HashSet<Digest>>>,
@@ -118,17 +123,21 @@ impl Recorder {
         limits: Limits,
         on_finish: impl Fn(Trace) + Send + 'static,
     ) -> Arc<Self> {
-        let (tx, rx) = sync_channel(capacity);
+        let (tx, rx) = channel();
         let active = Arc::new(Mutex::new(HashSet::new()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         let recorder = Arc::new(Self {
             tx,
+            queued,
+            capacity,
             dropped: AtomicU64::new(0),
             active: active.clone(),
         });
         let on_finish: OnFinish = Box::new(on_finish);
         std::thread::Builder::new()
             .name("brisk-trace-recorder".into())
-            .spawn(move || run(rx, limits, active, on_finish))
+            .spawn(move || run(rx, taken, limits, active, on_finish))
             .expect("spawning the recorder thread");
         recorder
     }
@@ -138,7 +147,6 @@ impl Recorder {
     /// is known, so that no read of the start is missed.
     pub fn begin(&self, image: Digest, layers: Vec<Digest>) {
         self.active.lock().expect("not poisoned").insert(image);
-        // Sessions matter more than reads: wait for room rather than lose one.
         let _ = self.tx.send(Command::Begin(image, layers));
     }
 
@@ -160,11 +168,14 @@ impl Recorder {
 
     /// Hands a read to the recorder without ever blocking the reader.
     pub fn record(&self, read: ReadRecord) {
-        match self.tx.try_send(Command::Read(read)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.send(Command::Read(read)).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -176,6 +187,7 @@ impl Recorder {
 
 fn run(
     rx: Receiver<Command>,
+    queued: Arc<AtomicUsize>,
     limits: Limits,
     active: Arc<Mutex<HashSet<Digest>>>,
     on_finish: OnFinish,
@@ -201,6 +213,7 @@ fn run(
                 sessions.remove(&image);
             }
             Ok(Command::Read(read)) => {
+                queued.fetch_sub(1, Ordering::SeqCst);
                 for s in sessions
                     .values_mut()
                     .filter(|s| s.layers.contains(&read.layer))
@@ -478,5 +491,10 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(recorder.dropped() > 0);
+        // Opening sessions never waits for room behind reads (it runs on async workers).
+        for i in 0..1_000u32 {
+            recorder.begin(Digest::sha256(&i.to_le_bytes()), vec![layer]);
+        }
+        assert!(recorder.is_recording(&Digest::sha256(&999u32.to_le_bytes())));
     }
 }
