@@ -370,13 +370,17 @@ impl Snapshotter {
     /// Removes whatever no snapshot owns any more under `snapshots/` (directories, their
     /// mounts, and anything else there, as containerd's Cleanup does).
     pub fn cleanup(&self) -> Result<()> {
-        let known: std::collections::HashSet<u64> =
-            self.store.all()?.iter().map(|s| s.id).collect();
         let dir = self.root.join("snapshots");
-        for entry in std::fs::read_dir(&dir)
+        // Listed before the records are read: a snapshot's record is written before its
+        // directory, so every directory listed whose snapshot exists is among the records,
+        // however many Prepares run meanwhile.
+        let entries: Vec<_> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
             .flatten()
-        {
+            .collect();
+        let known: std::collections::HashSet<u64> =
+            self.store.all()?.iter().map(|s| s.id).collect();
+        for entry in entries {
             // A directory is a snapshot's only under the id's canonical name.
             let id = entry
                 .file_name()
