@@ -7,6 +7,7 @@
 mod cache;
 mod hostile;
 mod restart;
+mod semantics;
 mod snapshotter;
 mod traces;
 mod zone;

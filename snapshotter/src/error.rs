@@ -6,13 +6,12 @@ use fuser::Errno;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Snapshot {0} not found")]
-    NotFound(String),
-    #[error("Snapshot {0} already exists")]
-    AlreadyExists(String),
+    /// A snapshots API request refused the way containerd's own snapshotters refuse it.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("{0}")]
     FailedPrecondition(String),
-    #[error("Invalid argument: {0}")]
+    #[error("{0}")]
     InvalidArgument(String),
     #[error("No such file or directory")]
     NoEntry,
@@ -63,8 +62,8 @@ impl Error {
     /// The single place a failure becomes an errno for the kernel.
     pub(crate) fn errno(&self) -> Errno {
         match self {
-            Error::NotFound(_) | Error::NoEntry => Errno::ENOENT,
-            Error::AlreadyExists(_) => Errno::EEXIST,
+            Error::NoEntry => Errno::ENOENT,
+            Error::Refused(r) => r.errno(),
             Error::NotDir => Errno::ENOTDIR,
             Error::IsDir => Errno::EISDIR,
             // ENODATA, not ENOSYS: ENOSYS would make the kernel stop asking for any xattr on
@@ -84,6 +83,106 @@ impl Error {
             | Error::Mount { .. } => Errno::EIO,
         }
     }
+}
+
+/// Why a snapshots API request was refused, worded as containerd's overlayfs snapshotter and
+/// its metastore word it (lower case, Go's `%q` quoting), not in this crate's own style:
+/// containerd's client keeps the message and only swaps the trailing error class, so an
+/// operator reading `ctr` output or logs sees the same text whichever snapshotter answered.
+/// `service` adds the class (": not found") as containerd's server does.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Stat, Update, Usage and Commit of a key that does not exist.
+    #[error("snapshot does not exist")]
+    Missing,
+    #[error("failed to get active mount: snapshot does not exist")]
+    MissingMount,
+    #[error("failed to remove: snapshot {0}")]
+    MissingRemove(String),
+    #[error("failed to create snapshot: missing parent {0:?} bucket")]
+    MissingParent(String),
+    #[error("failed to create snapshot: snapshot {0}")]
+    Exists(String),
+    #[error("failed to commit snapshot: committed snapshot {0}")]
+    CommittedExists(String),
+    /// A remote snapshotter's answer to Prepare: the layer it names is already here (or now
+    /// served lazily), so containerd skips its download.
+    #[error("target snapshot {0:?}")]
+    TargetExists(String),
+    #[error("failed to create snapshot: parent {0:?} is not committed snapshot")]
+    ParentNotCommitted(String),
+    #[error("cannot update {field:?} field on snapshot {key:?}")]
+    Immutable { field: String, key: String },
+    /// containerd's metadata store checks every label before its snapshotter sees it; a
+    /// client of this socket gets the same bound.
+    #[error(
+        "info.Labels: label key and value greater than maximum size ({LABEL_MAX} bytes), key: {0}"
+    )]
+    LabelTooLarge(String),
+    #[error("filters: parse error: {0}")]
+    Filter(String),
+    #[error("failed to remove: cannot remove snapshot with child")]
+    HasChild,
+    #[error("failed to commit snapshot: snapshot {0:?} is not active")]
+    NotActive(String),
+    #[error("failed to get active mount: requested snapshot {0} not active or view")]
+    NoMounts(String),
+}
+
+/// The most bytes a label's key and value may have together (containerd's `labels.Validate`).
+pub const LABEL_MAX: usize = 4096;
+
+/// The gRPC class of a refusal: which of containerd's error classes it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+}
+
+impl Refusal {
+    pub fn class(&self) -> Class {
+        match self {
+            Refusal::Missing
+            | Refusal::MissingMount
+            | Refusal::MissingRemove(_)
+            | Refusal::MissingParent(_) => Class::NotFound,
+            Refusal::Exists(_) | Refusal::CommittedExists(_) | Refusal::TargetExists(_) => {
+                Class::AlreadyExists
+            }
+            Refusal::ParentNotCommitted(_)
+            | Refusal::Immutable { .. }
+            | Refusal::LabelTooLarge(_)
+            | Refusal::Filter(_) => Class::InvalidArgument,
+            Refusal::HasChild | Refusal::NotActive(_) | Refusal::NoMounts(_) => {
+                Class::FailedPrecondition
+            }
+        }
+    }
+
+    fn errno(&self) -> Errno {
+        match self.class() {
+            Class::NotFound => Errno::ENOENT,
+            Class::AlreadyExists => Errno::EEXIST,
+            Class::InvalidArgument | Class::FailedPrecondition => Errno::EINVAL,
+        }
+    }
+}
+
+/// Refuses labels containerd would refuse (key and value over `LABEL_MAX` bytes together);
+/// the key is named by its first 10 bytes, as containerd names it.
+pub fn check_labels<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<()> {
+    for (k, v) in labels {
+        if k.len() + v.len() > LABEL_MAX {
+            let end = (0..=10.min(k.len()))
+                .rev()
+                .find(|&i| k.is_char_boundary(i))
+                .unwrap_or(0);
+            return Err(Refusal::LabelTooLarge(k[..end].to_owned()).into());
+        }
+    }
+    Ok(())
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

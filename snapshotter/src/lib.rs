@@ -23,4 +23,4 @@ mod traces;
 mod zone;
 
 pub use daemon::{run, Stop};
-pub use error::{Error, Result};
+pub use error::{Error, Refusal, Result};

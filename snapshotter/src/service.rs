@@ -15,19 +15,34 @@ use brisk_proto::containerd::types::Mount as ApiMount;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::error::Class;
 use crate::meta::{Kind, Snapshot};
 use crate::snapshots::{Mount, Snapshotter};
 use crate::Error;
 
+/// containerd's server words a status as its error chain ending in the error class
+/// (`...: not found`); its client strips that class and adds it back, so the message a user
+/// sees is the same whether or not it is there. It is added here so the statuses themselves
+/// read as containerd's do.
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let msg = chain(&err);
-        match &err {
-            Error::NotFound(_) => Status::not_found(msg),
-            Error::AlreadyExists(_) => Status::already_exists(msg),
-            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-            Error::InvalidArgument(_) => Status::invalid_argument(msg),
-            _ => Status::internal(msg),
+        let class = match &err {
+            Error::Refused(r) => Some(r.class()),
+            Error::FailedPrecondition(_) => Some(Class::FailedPrecondition),
+            Error::InvalidArgument(_) => Some(Class::InvalidArgument),
+            _ => None,
+        };
+        match class {
+            Some(Class::NotFound) => Status::not_found(format!("{msg}: not found")),
+            Some(Class::AlreadyExists) => Status::already_exists(format!("{msg}: already exists")),
+            Some(Class::InvalidArgument) => {
+                Status::invalid_argument(format!("{msg}: invalid argument"))
+            }
+            Some(Class::FailedPrecondition) => {
+                Status::failed_precondition(format!("{msg}: failed precondition"))
+            }
+            None => Status::internal(msg),
         }
     }
 }
@@ -170,9 +185,9 @@ impl api::snapshots_server::Snapshots for SnapshotService {
         req: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let given = r
-            .info
-            .ok_or_else(|| Status::invalid_argument("update needs info"))?;
+        // containerd's Info is never absent (a non-nullable field); missing, it names no
+        // snapshot, and that is what Update answers.
+        let given = r.info.unwrap_or_default();
         let fields = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let s = self
             .blocking(move |s| s.update(&given.name, labels(given.labels), &fields))

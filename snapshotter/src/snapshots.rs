@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use brisk_blobcache::Digest;
 
+use crate::error::{check_labels, Refusal};
 use crate::filter::Filters;
 use crate::meta::{Kind, Proof, Snapshot, SnapshotStore};
 use crate::proof::{Claim, Prover};
@@ -70,35 +71,79 @@ impl Snapshotter {
         self.dir(id).join("fs")
     }
 
-    /// Creates the snapshot's directories with explicit modes (0755 whatever the umask).
+    /// Creates the snapshot's directories with containerd's overlayfs modes whatever the
+    /// umask: the snapshot's own 0700, `fs` 0755 (the container's root directory when
+    /// nothing is stacked under it), `work` 0711.
     fn make_dirs(&self, s: &Snapshot, work: bool) -> Result<()> {
-        let mut dirs = vec![self.dir(s.id), self.fs(s.id)];
+        let mut dirs = vec![(self.dir(s.id), 0o700), (self.fs(s.id), 0o755)];
         if work {
-            dirs.push(self.dir(s.id).join("work"));
+            dirs.push((self.dir(s.id).join("work"), 0o711));
         }
-        for d in dirs {
-            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+        for (d, mode) in dirs {
+            std::fs::create_dir(&d).map_err(|e| Error::io(&d, e))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io(&d, e))?;
         }
         Ok(())
+    }
+
+    /// Gives a new snapshot's `fs` the owner of its parent's root directory, as containerd
+    /// does: overlayfs shows the upper directory's owner on the merged root, so without it a
+    /// container's `/` would be root's whatever its image says.
+    fn own_like_parent(&self, s: &Snapshot) -> Result<()> {
+        let Some(p) = self.store.ancestors(&s.parent)?.into_iter().next() else {
+            return Ok(());
+        };
+        let from = self.fs(p.id);
+        let m = std::fs::metadata(&from).map_err(|e| Error::io(&from, e))?;
+        let to = self.fs(s.id);
+        std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid())).map_err(|e| Error::io(&to, e))
+    }
+
+    /// Creates an ordinary active or view snapshot and its directories. Nothing outlives a
+    /// failure: containerd's Prepare is one transaction, so a failed one leaves no record.
+    fn create_local(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let s = self.store.create(kind, key, parent, labels, None)?;
+        let made = self
+            .make_dirs(&s, kind == Kind::Active)
+            .and_then(|()| self.own_like_parent(&s))
+            .and_then(|()| self.mounts_of(&s));
+        if made.is_err() {
+            if let Err(err) = self.store.remove(key) {
+                tracing::warn!(key, err = %brisk_blobcache::error_chain(&err), "the record of a failed Prepare could not be removed");
+            }
+            // Only a directory this call made: one in the way is Cleanup's to judge.
+            if self.dir(s.id).join("fs").is_dir() {
+                let _ = std::fs::remove_dir_all(self.dir(s.id));
+            }
+        }
+        made
     }
 
     /// Prepare: a lazy layer becomes a committed remote snapshot and the answer is
     /// AlreadyExists (containerd then skips the download); anything else is a normal active
     /// snapshot. A chain ID already held lazily is reused only for the same blob or once
     /// proven; otherwise the newcomer is downloaded and unpacked, which containerd verifies.
+    /// The labels and the parent are checked first, as containerd checks them.
     pub async fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        check_labels(&labels)?;
+        self.store.check_parent(parent)?;
         self.check_lower(parent)?;
         if let Some(target) = labels.get(LABEL_TARGET) {
             if let Some(existing) = self.store.get(target)? {
                 match reusable(&existing, labels.get(LABEL_LAYER)) {
-                    Ok(()) => return Err(Error::AlreadyExists(target.clone())),
+                    Ok(()) => return Err(Refusal::TargetExists(target.clone()).into()),
                     Err(why) => {
                         tracing::warn!(target = %target, layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("?"), why, "chain ID not reused; the layer is downloaded and unpacked instead");
                     }
@@ -112,8 +157,10 @@ impl Snapshotter {
                     labels.clone(),
                     Some(layer.clone()),
                 )?;
-                self.make_dirs(&s, false)?;
-                if let Err(err) = self.remote.mount(s.id, &self.fs(s.id), &layer, toc.clone()) {
+                let mounted = self
+                    .make_dirs(&s, false)
+                    .and_then(|()| self.remote.mount(s.id, &self.fs(s.id), &layer, toc.clone()));
+                if let Err(err) = mounted {
                     tracing::warn!(%err, key, "mounting the lazy layer failed; falling back to a download");
                     let _ = self.store.remove(target);
                     let _ = std::fs::remove_dir_all(self.dir(s.id));
@@ -121,13 +168,11 @@ impl Snapshotter {
                     tracing::info!(target = %target, blob = %layer.blob, "lazy layer mounted");
                     self.remote.start_image(&layer, &toc);
                     self.prove(&s, toc);
-                    return Err(Error::AlreadyExists(target.clone()));
+                    return Err(Refusal::TargetExists(target.clone()).into());
                 }
             }
         }
-        let s = self.store.create(Kind::Active, key, parent, labels, None)?;
-        self.make_dirs(&s, true)?;
-        self.mounts_of(&s)
+        self.create_local(Kind::Active, key, parent, labels)
     }
 
     /// Schedules the proof of a lazy layer just mounted (or mounted again) and unproven.
@@ -194,18 +239,16 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        check_labels(&labels)?;
+        self.store.check_parent(parent)?;
         self.check_lower(parent)?;
-        let s = self.store.create(Kind::View, key, parent, labels, None)?;
-        self.make_dirs(&s, false)?;
-        self.mounts_of(&s)
+        self.create_local(Kind::View, key, parent, labels)
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let s = self.store.must_get(key)?;
+        let s = self.store.get(key)?.ok_or(Refusal::MissingMount)?;
         if s.kind == Kind::Committed {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key} is committed and has no mounts"
-            )));
+            return Err(Refusal::NoMounts(key.to_owned()).into());
         }
         self.check_lower(&s.parent)?;
         self.mounts_of(&s)
@@ -229,10 +272,11 @@ impl Snapshotter {
             (Kind::Active, 0) => bind(self.fs(s.id), "rw"),
             (Kind::View, 0) => bind(self.fs(s.id), "ro"),
             (Kind::View, 1) => bind(self.fs(parents[0].id), "ro"),
+            // containerd gives a view's overlay `index=off` too.
             (Kind::View, _) => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![format!("lowerdir={}", lower())],
+                options: vec!["index=off".into(), format!("lowerdir={}", lower())],
             },
             (_, _) => Mount {
                 kind: "overlay".into(),
@@ -299,14 +343,17 @@ impl Snapshotter {
         self.store.update_labels(key, labels, fields)
     }
 
-    /// Bytes and inodes on disk: what was measured at commit, or measured now while active.
-    /// A remote layer's bytes live in the shared chunk cache, not in its directory.
+    /// Bytes and inodes on disk, as containerd's overlayfs snapshotter counts them: measured
+    /// now while active, what was measured at commit once committed, nothing for a view
+    /// (it writes nothing). A remote layer's bytes live in the shared chunk cache, not in
+    /// its directory, so it counts none.
     pub fn usage(&self, key: &str) -> Result<(u64, u64)> {
         let s = self.store.must_get(key)?;
-        Ok(match (s.kind, s.usage) {
-            (_, _) if s.remote.is_some() => (0, 0),
-            (Kind::Committed, Some(u)) => u,
-            _ => disk_usage(&self.fs(s.id)),
+        Ok(match s.kind {
+            _ if s.remote.is_some() => (0, 0),
+            Kind::Active => disk_usage(&self.fs(s.id)),
+            Kind::Committed => s.usage.unwrap_or((0, 0)),
+            Kind::View => (0, 0),
         })
     }
 
@@ -320,29 +367,39 @@ impl Snapshotter {
             .collect())
     }
 
-    /// Removes directories (and mounts) that no snapshot owns any more.
+    /// Removes whatever no snapshot owns any more under `snapshots/` (directories, their
+    /// mounts, and anything else there, as containerd's Cleanup does).
     pub fn cleanup(&self) -> Result<()> {
-        let known: std::collections::HashSet<u64> =
-            self.store.all()?.iter().map(|s| s.id).collect();
         let dir = self.root.join("snapshots");
-        for entry in std::fs::read_dir(&dir)
+        // Listed before the records are read: a snapshot's record is written before its
+        // directory, so every directory listed whose snapshot exists is among the records,
+        // however many Prepares run meanwhile.
+        let entries: Vec<_> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
             .flatten()
-        {
-            let Some(id) = entry
+            .collect();
+        let known: std::collections::HashSet<u64> =
+            self.store.all()?.iter().map(|s| s.id).collect();
+        for entry in entries {
+            // A directory is a snapshot's only under the id's canonical name.
+            let id = entry
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if known.contains(&id) {
+                .and_then(|n| n.parse::<u64>().ok().filter(|id| id.to_string() == n));
+            if id.is_some_and(|id| known.contains(&id)) {
                 continue;
             }
-            self.remote.unmount(id);
-            crate::remote::detach(&entry.path().join("fs"));
-            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                tracing::warn!(dir = %entry.path().display(), %e, "cleanup could not remove directory");
+            if let Some(id) = id {
+                self.remote.unmount(id);
+            }
+            let path = entry.path();
+            crate::remote::detach(&path.join("fs"));
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %path.display(), %e, "cleanup could not remove it");
             }
         }
         Ok(())
@@ -365,13 +422,15 @@ fn reusable(existing: &Snapshot, blob: Option<&String>) -> std::result::Result<(
     }
 }
 
-/// Bytes (allocated blocks) and inodes under `dir`, not crossing into other filesystems.
+/// Bytes (allocated blocks) and inodes of `dir` and everything under it, each inode counted
+/// once, as containerd's `fs.DiskUsage` counts them; unlike it, never crossing into other
+/// filesystems (nothing mounted inside an upper directory is the snapshot's).
 fn disk_usage(dir: &Path) -> (u64, u64) {
     let Ok(root) = std::fs::symlink_metadata(dir) else {
         return (0, 0);
     };
-    let mut seen = std::collections::HashSet::new();
-    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::from([root.ino()]);
+    let (mut bytes, mut inodes) = (root.blocks() * 512, 1u64);
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -393,9 +452,22 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::meta::RemoteLayer;
+
+    pub(crate) fn remote_layer(blob: Digest) -> RemoteLayer {
+        RemoteLayer {
+            image: "127.0.0.1:5000/good".parse().unwrap(),
+            manifest: Digest::sha256(b"manifest"),
+            blob,
+            blob_size: 1,
+            toc_digest: Digest::sha256(b"toc"),
+            toc_position: "8:1:1:1".parse().unwrap(),
+            parent_chain: None,
+            proof: Proof::Unproven,
+        }
+    }
 
     fn lazy(blob: Digest, proof: Proof) -> Snapshot {
         Snapshot {
@@ -408,14 +480,8 @@ mod tests {
             updated: (0, 0),
             usage: None,
             remote: Some(RemoteLayer {
-                image: "127.0.0.1:5000/good".parse().unwrap(),
-                manifest: Digest::sha256(b"manifest"),
-                blob,
-                blob_size: 1,
-                toc_digest: Digest::sha256(b"toc"),
-                toc_position: "8:1:1:1".parse().unwrap(),
-                parent_chain: None,
                 proof,
+                ..remote_layer(blob)
             }),
         }
     }
