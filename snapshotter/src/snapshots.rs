@@ -150,16 +150,22 @@ impl Snapshotter {
                 }
             } else if let Some((mut layer, toc)) = self.remote.resolve(&labels).await {
                 layer.parent_chain = self.chain_of(parent)?;
-                let s = self.store.create(
-                    Kind::Committed,
-                    target,
-                    parent,
-                    labels.clone(),
-                    Some(layer.clone()),
-                )?;
-                let mounted = self
-                    .make_dirs(&s, false)
-                    .and_then(|()| self.remote.mount(s.id, &self.fs(s.id), &layer, toc.clone()));
+                // The record's flush, the inode table and the mount block: the worker hands
+                // its other tasks on meanwhile.
+                let created = brisk_blobcache::blocking::in_place(|| {
+                    let s = self.store.create(
+                        Kind::Committed,
+                        target,
+                        parent,
+                        labels.clone(),
+                        Some(layer.clone()),
+                    )?;
+                    let mounted = self.make_dirs(&s, false).and_then(|()| {
+                        self.remote.mount(s.id, &self.fs(s.id), &layer, toc.clone())
+                    });
+                    Ok::<_, Error>((s, mounted))
+                });
+                let (s, mounted) = created?;
                 if let Err(err) = mounted {
                     tracing::warn!(%err, key, "mounting the lazy layer failed; falling back to a download");
                     let _ = self.store.remove(target);
@@ -172,7 +178,7 @@ impl Snapshotter {
                 }
             }
         }
-        self.create_local(Kind::Active, key, parent, labels)
+        brisk_blobcache::blocking::in_place(|| self.create_local(Kind::Active, key, parent, labels))
     }
 
     /// Schedules the proof of a lazy layer just mounted (or mounted again) and unproven.
