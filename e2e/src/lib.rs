@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod cmd;
+pub mod cri;
 pub mod daemons;
 pub mod image;
 pub mod layout;

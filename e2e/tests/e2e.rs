@@ -5,6 +5,7 @@
 //! missing prerequisite fails the test. Each test starts its own registry.
 
 mod cache;
+mod cri;
 mod hostile;
 mod restart;
 mod snapshotter;
