@@ -15,6 +15,7 @@ pub mod layout;
 pub mod proxy;
 pub mod registry;
 pub mod server_thread;
+pub mod token;
 pub mod tree;
 pub mod zone;
 
@@ -30,7 +31,7 @@ pub use image::{
     unpack_image_from_layout, unpack_image_from_registry, OciImage, RegisteredSample,
 };
 pub use proxy::{Fault, Injection, Proxy};
-pub use registry::Registry;
+pub use registry::{write_htpasswd, Registry, RegistryAuth};
 pub use tree::{assert_same_tree, tree_manifest};
 
 /// The environment variable that turns system tests on.

@@ -17,12 +17,12 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 /// A file of each of the sample's layers (CRI bind-mounts its own `/etc/hostname`).
-const FILES: [&str; 2] = ["/app/nested/target.txt", "/app/added/new.txt"];
-const FILES_TEXT: &str = "the target\nadded by layer 2\n";
+pub(crate) const FILES: [&str; 2] = ["/app/nested/target.txt", "/app/added/new.txt"];
+pub(crate) const FILES_TEXT: &str = "the target\nadded by layer 2\n";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::SeqCst))
 }
 
@@ -41,30 +41,43 @@ impl Node {
     pub(crate) fn start() -> Result<Self> {
         let tmp = tempfile::tempdir()?;
         let sample = sample_in_registry(tmp.path(), true, &[])?;
-        Self::start_with(tmp, sample.registry, &[])
+        Self::start_with(tmp, sample.registry, &[], false)
     }
 
-    /// A node on `registry`, Brisk started with `brisk_args`. The pause image is pushed and
-    /// pulled through the proxy like everything else.
+    /// A node on `registry` (open: the pause image is pushed there and pulled through the
+    /// proxy like everything else), also reaching the plain-HTTP registries `more_hosts`.
+    /// With `image_proxy` the client's ImageService calls go through Brisk's CRI proxy, as
+    /// a kubelet's with `--image-service-endpoint` do.
     pub(crate) fn start_with(
         tmp: TempDir,
         registry: Registry,
-        brisk_args: &[&str],
+        more_hosts: &[String],
+        image_proxy: bool,
     ) -> Result<Self> {
         let pause = build_pause_image(&tmp.path().join("pause"))?;
         push_image(&pause, &registry.image("pause:local"))?;
         let proxy = Proxy::start(&registry.addr())?;
-        let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), brisk_args)?;
+        let containerd_dir = tmp.path().join("containerd");
+        let cri_socket = tmp.path().join("brisk/cri.sock");
+        let mut args = Vec::new();
+        if image_proxy {
+            args.push("--cri-listen".to_owned());
+            args.push(cri_socket.display().to_string());
+            args.push("--cri-containerd".to_owned());
+            args.push(containerd_dir.join("containerd.sock").display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), &args)?;
         let settings = CriSettings {
             sandbox_image: proxy.image("pause:local"),
-            plain_http: vec![proxy.addr()],
+            plain_http: [vec![proxy.addr()], more_hosts.to_vec()].concat(),
         };
-        let containerd = Containerd::start_cri(
-            &tmp.path().join("containerd"),
-            &snapshotter.socket,
-            &settings,
-        )?;
-        let cri = CriClient::connect(&containerd.socket)?;
+        let containerd = Containerd::start_cri(&containerd_dir, &snapshotter.socket, &settings)?;
+        let cri = if image_proxy {
+            CriClient::connect_split(&cri_socket, &containerd.socket)?
+        } else {
+            CriClient::connect(&containerd.socket)?
+        };
         Ok(Self {
             cri,
             containerd,

@@ -6,6 +6,7 @@
 
 mod cache;
 mod cri;
+mod cri_auth;
 mod hostile;
 mod restart;
 mod snapshotter;
