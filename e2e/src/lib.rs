@@ -102,6 +102,18 @@ pub fn snapshotter_gate() -> bool {
     )
 }
 
+/// Tools the private-registry tests run besides the snapshotter ones: `htpasswd` (from
+/// `apache2-utils`) for basic auth, `openssl` for the token service's key and certificate.
+pub const PRIVATE_REGISTRY_TOOLS: &[&str] = &["htpasswd", "openssl"];
+
+/// `gate` for the tests of private registries behind basic or token auth.
+pub fn private_registry_gate() -> bool {
+    gate(
+        &[CONVERT_TOOLS, CONTAINERD_TOOLS, PRIVATE_REGISTRY_TOOLS].concat(),
+        SNAPSHOTTER_FILES,
+    )
+}
+
 /// `/proc/self` belongs to the effective user of the process reading it.
 fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)

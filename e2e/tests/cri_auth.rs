@@ -12,7 +12,7 @@ use anyhow::Result;
 use brisk_e2e::cri::basic_auth;
 use brisk_e2e::token::TokenServer;
 use brisk_e2e::{
-    run, sample_in_registry, snapshotter_gate, write_htpasswd, Proxy, Registry, RegistryAuth,
+    private_registry_gate, run, sample_in_registry, write_htpasswd, Proxy, Registry, RegistryAuth,
 };
 
 use crate::cri::{Node, FILES, FILES_TEXT};
@@ -146,7 +146,7 @@ fn lazy_with_the_pulls_credentials(kind: Kind) -> Result<()> {
 
 #[test]
 fn a_private_image_starts_lazily_with_the_pulls_basic_credentials() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     lazy_with_the_pulls_credentials(Kind::Basic)
@@ -154,7 +154,7 @@ fn a_private_image_starts_lazily_with_the_pulls_basic_credentials() -> Result<()
 
 #[test]
 fn a_private_image_starts_lazily_with_the_pulls_token_credentials() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     lazy_with_the_pulls_credentials(Kind::Bearer)
@@ -184,7 +184,7 @@ fn wrong_credentials_fail_the_pull(kind: Kind) -> Result<()> {
 
 #[test]
 fn wrong_basic_credentials_fail_the_pull_and_mount_nothing() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     wrong_credentials_fail_the_pull(Kind::Basic)
@@ -192,7 +192,7 @@ fn wrong_basic_credentials_fail_the_pull_and_mount_nothing() -> Result<()> {
 
 #[test]
 fn wrong_token_credentials_fail_the_pull_and_mount_nothing() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     wrong_credentials_fail_the_pull(Kind::Bearer)
@@ -219,7 +219,7 @@ fn rotation(kind: Kind) -> Result<()> {
 
 #[test]
 fn rotated_basic_credentials_serve_the_next_pod_lazily() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     rotation(Kind::Basic)
@@ -227,7 +227,7 @@ fn rotated_basic_credentials_serve_the_next_pod_lazily() -> Result<()> {
 
 #[test]
 fn rotated_token_credentials_serve_the_next_pod_lazily() -> Result<()> {
-    if !snapshotter_gate() {
+    if !private_registry_gate() {
         return Ok(());
     }
     rotation(Kind::Bearer)

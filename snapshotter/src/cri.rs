@@ -250,6 +250,9 @@ mod tests {
             matches!(credentials(&token), Some(Credentials::IdentityToken(t)) if t == "refresh")
         );
         assert!(credentials(&auth(|a| a.registry_token = "bearer".into())).is_none());
+        // A pull without credentials leaves the kept ones alone.
+        assert!(keep_credentials(&k, "r.example/app:v1", &auth(|_| {})).is_none());
+        assert!(k.get("r.example", "app").is_some());
         assert!(credentials(&auth(|a| a.auth = "not base64!".into())).is_none());
         assert!(credentials(&auth(|a| a.auth = "bm9jb2xvbg==".into())).is_none());
         // "nocolon"
