@@ -131,6 +131,12 @@ impl Snapshotter {
                 "RUST_LOG",
                 std::env::var("BRISK_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            // The machine's docker config is not the node's: a test's daemon has credentials
+            // only from the pulls it serves.
+            .env(
+                "DOCKER_CONFIG",
+                self.root.with_file_name("no-docker-config"),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
