@@ -6,22 +6,36 @@
 //! Credentials are kept for the image's registry host and repository only (`Keychain`),
 //! before the pull is forwarded: containerd calls Prepare, which reads the layer's TOC,
 //! while the pull is still in flight. A pull that fails puts the previous credentials back.
-//! It serves no RuntimeService (the kubelet sends that to containerd directly) and keeps
-//! nothing of the requests but the credentials; it never logs them.
+//! Messages pass as bytes (only a PullImage is decoded as well), so fields newer than the
+//! CRI API Brisk was built with reach containerd and the kubelet intact. It serves no
+//! RuntimeService (the kubelet sends that to containerd directly) and keeps nothing of the
+//! requests but the credentials; it never logs them.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use brisk_blobcache::registry::{Credentials, Keychain};
 use brisk_proto::runtime::v1 as cri;
-use cri::image_service_client::ImageServiceClient;
-use cri::image_service_server::ImageService;
+use bytes::{Buf, BufMut, Bytes};
+use futures::future::BoxFuture;
+use prost::Message as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-/// Forwards ImageService to `upstream`, keeping pull credentials in `keychain`.
+const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
+const STREAM_IMAGES: &str = "/runtime.v1.ImageService/StreamImages";
+
+/// Forwards every `runtime.v1.ImageService` call to `upstream` as the bytes it came in, so
+/// no field is lost whatever CRI version either side speaks; a PullImage is decoded too, for
+/// its credentials, which go to `keychain` first.
+#[derive(Clone)]
 pub struct ImageProxy {
-    upstream: ImageServiceClient<Channel>,
+    upstream: Channel,
     keychain: Arc<Keychain>,
 }
 
@@ -30,9 +44,161 @@ impl ImageProxy {
     /// so the daemon starts before containerd does (containerd waits for its snapshotter).
     pub fn new(upstream: &Path, keychain: Arc<Keychain>) -> Self {
         Self {
-            upstream: ImageServiceClient::new(unix_channel(upstream.to_owned())),
+            upstream: unix_channel(upstream.to_owned()),
             keychain,
         }
+    }
+
+    async fn unary(
+        self,
+        path: http::uri::PathAndQuery,
+        body: Bytes,
+    ) -> Result<Response<Bytes>, Status> {
+        let replaced = if path.path() == PULL_IMAGE {
+            // What containerd will decode; a message that does not decode fails there too.
+            cri::PullImageRequest::decode(body.clone())
+                .ok()
+                .and_then(|req| match (req.image, req.auth) {
+                    (Some(image), Some(auth)) => {
+                        keep_credentials(&self.keychain, &image.image, &auth)
+                    }
+                    _ => None,
+                })
+        } else {
+            None
+        };
+        let mut client = tonic::client::Grpc::new(self.upstream.clone());
+        let answer = match client.ready().await {
+            Ok(()) => client.unary(Request::new(body), path, RawCodec).await,
+            Err(e) => Err(Status::unavailable(format!("containerd's CRI: {e}"))),
+        };
+        if answer.is_err() {
+            if let Some(replaced) = replaced {
+                self.keychain.restore(replaced);
+            }
+        }
+        answer
+    }
+
+    async fn server_streaming(
+        self,
+        path: http::uri::PathAndQuery,
+        body: Bytes,
+    ) -> Result<Response<tonic::Streaming<Bytes>>, Status> {
+        let mut client = tonic::client::Grpc::new(self.upstream.clone());
+        client
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("containerd's CRI: {e}")))?;
+        client
+            .server_streaming(Request::new(body), path, RawCodec)
+            .await
+    }
+}
+
+impl NamedService for ImageProxy {
+    const NAME: &'static str = "runtime.v1.ImageService";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for ImageProxy
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let proxy = self.clone();
+        Box::pin(async move {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            // The only server-streaming call of the service; every other one is unary.
+            if path.path() == STREAM_IMAGES {
+                Ok(grpc.server_streaming(Streamed { proxy, path }, req).await)
+            } else {
+                Ok(grpc.unary(Unary { proxy, path }, req).await)
+            }
+        })
+    }
+}
+
+struct Unary {
+    proxy: ImageProxy,
+    path: http::uri::PathAndQuery,
+}
+
+impl tonic::server::UnaryService<Bytes> for Unary {
+    type Response = Bytes;
+    type Future = BoxFuture<'static, Result<Response<Bytes>, Status>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let (proxy, path) = (self.proxy.clone(), self.path.clone());
+        Box::pin(proxy.unary(path, request.into_inner()))
+    }
+}
+
+struct Streamed {
+    proxy: ImageProxy,
+    path: http::uri::PathAndQuery,
+}
+
+impl tonic::server::ServerStreamingService<Bytes> for Streamed {
+    type Response = Bytes;
+    type ResponseStream = tonic::Streaming<Bytes>;
+    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let (proxy, path) = (self.proxy.clone(), self.path.clone());
+        Box::pin(proxy.server_streaming(path, request.into_inner()))
+    }
+}
+
+/// Messages as bytes, both ways: decoding and encoding are left to the two ends. The
+/// server's message size limit (4 MiB) still bounds what is read.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
 
@@ -48,64 +214,6 @@ fn unix_channel(path: PathBuf) -> Channel {
             }
         },
     ))
-}
-
-#[tonic::async_trait]
-impl ImageService for ImageProxy {
-    async fn list_images(
-        &self,
-        req: Request<cri::ListImagesRequest>,
-    ) -> Result<Response<cri::ListImagesResponse>, Status> {
-        self.upstream.clone().list_images(req.into_inner()).await
-    }
-
-    type StreamImagesStream = tonic::Streaming<cri::StreamImagesResponse>;
-
-    async fn stream_images(
-        &self,
-        req: Request<cri::StreamImagesRequest>,
-    ) -> Result<Response<Self::StreamImagesStream>, Status> {
-        self.upstream.clone().stream_images(req.into_inner()).await
-    }
-
-    async fn image_status(
-        &self,
-        req: Request<cri::ImageStatusRequest>,
-    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
-        self.upstream.clone().image_status(req.into_inner()).await
-    }
-
-    async fn pull_image(
-        &self,
-        req: Request<cri::PullImageRequest>,
-    ) -> Result<Response<cri::PullImageResponse>, Status> {
-        let req = req.into_inner();
-        let replaced = match (&req.image, &req.auth) {
-            (Some(image), Some(auth)) => keep_credentials(&self.keychain, &image.image, auth),
-            _ => None,
-        };
-        let pulled = self.upstream.clone().pull_image(req).await;
-        if pulled.is_err() {
-            if let Some(replaced) = replaced {
-                self.keychain.restore(replaced);
-            }
-        }
-        pulled
-    }
-
-    async fn remove_image(
-        &self,
-        req: Request<cri::RemoveImageRequest>,
-    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
-        self.upstream.clone().remove_image(req.into_inner()).await
-    }
-
-    async fn image_fs_info(
-        &self,
-        req: Request<cri::ImageFsInfoRequest>,
-    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
-        self.upstream.clone().image_fs_info(req.into_inner()).await
-    }
 }
 
 /// Keeps the pull's credentials for the image's registry and repository, as containerd 1.6
@@ -196,6 +304,144 @@ fn normalize(image: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
+
+    /// containerd's side, raw: records each call's path, bytes, and whether the keychain
+    /// already held the image's credentials when it arrived; answers with the same bytes,
+    /// or fails every call.
+    #[derive(Clone)]
+    struct Upstream {
+        seen: Arc<Mutex<Vec<(String, Bytes, bool)>>>,
+        keychain: Arc<Keychain>,
+        fail: bool,
+    }
+
+    impl NamedService for Upstream {
+        const NAME: &'static str = "runtime.v1.ImageService";
+    }
+
+    impl<B> tonic::codegen::Service<http::Request<B>> for Upstream
+    where
+        B: tonic::codegen::Body + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            let echo = Echo(self.clone(), req.uri().path().to_owned());
+            Box::pin(async move { Ok(tonic::server::Grpc::new(RawCodec).unary(echo, req).await) })
+        }
+    }
+
+    struct Echo(Upstream, String);
+
+    impl tonic::server::UnaryService<Bytes> for Echo {
+        type Response = Bytes;
+        type Future = BoxFuture<'static, Result<Response<Bytes>, Status>>;
+
+        fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+            let body = request.into_inner();
+            let held = self.0.keychain.get("r.example", "app").is_some();
+            self.0
+                .seen
+                .lock()
+                .unwrap()
+                .push((self.1.clone(), body.clone(), held));
+            let fail = self.0.fail;
+            Box::pin(async move {
+                if fail {
+                    return Err(Status::unauthenticated("wrong credentials"));
+                }
+                Ok(Response::new(body))
+            })
+        }
+    }
+
+    async fn call(socket: &Path, path: &'static str, body: Bytes) -> Result<Bytes, Status> {
+        let mut client = tonic::client::Grpc::new(unix_channel(socket.to_owned()));
+        client.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(path);
+        Ok(client
+            .unary(Request::new(body), path, RawCodec)
+            .await?
+            .into_inner())
+    }
+
+    fn serve<S>(socket: &Path, service: S)
+    where
+        S: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(UnixListenerStream::new(listener)),
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_pass_as_bytes_and_a_pulls_credentials_arrive_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, front) = (dir.path().join("up.sock"), dir.path().join("front.sock"));
+        for fail in [false, true] {
+            let _ = std::fs::remove_file(&up);
+            let _ = std::fs::remove_file(&front);
+            let keychain = Arc::new(Keychain::new());
+            let upstream = Upstream {
+                seen: Arc::default(),
+                keychain: keychain.clone(),
+                fail,
+            };
+            serve(&up, upstream.clone());
+            serve(&front, ImageProxy::new(&up, keychain.clone()));
+            let pull = cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: "r.example/app:v1".into(),
+                    ..Default::default()
+                }),
+                auth: Some(cri::AuthConfig {
+                    username: "u".into(),
+                    password: "p".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: None,
+            };
+            // A field this build's CRI API does not know (number 99, varint 1).
+            let mut body = pull.encode_to_vec();
+            body.extend_from_slice(&[0x98, 0x06, 0x01]);
+            let body = Bytes::from(body);
+            let answer = call(&front, PULL_IMAGE, body.clone()).await;
+            let list = call(&front, "/runtime.v1.ImageService/ListImages", Bytes::new()).await;
+            let seen = upstream.seen.lock().unwrap().clone();
+            assert_eq!(seen[0], (PULL_IMAGE.to_owned(), body.clone(), true));
+            assert_eq!(seen[1].0, "/runtime.v1.ImageService/ListImages");
+            if fail {
+                assert_eq!(answer.unwrap_err().code(), tonic::Code::Unauthenticated);
+                assert!(list.is_err());
+                assert!(keychain.is_empty(), "a failed pull keeps no credentials");
+            } else {
+                assert_eq!(answer.unwrap(), body, "the unknown field came back");
+                assert_eq!(list.unwrap(), Bytes::new());
+                assert!(keychain.get("r.example", "app").is_some());
+            }
+        }
+    }
 
     #[test]
     fn image_names_normalize_as_containerd_does() {

@@ -15,7 +15,6 @@ use brisk_blobcache::registry::{Keychain, RegistryClient, RegistryConfig};
 use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
 use brisk_proto::brisk::v1::control_server::ControlServer;
 use brisk_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
-use brisk_proto::runtime::v1::image_service_server::ImageServiceServer;
 use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
@@ -231,7 +230,7 @@ fn serve_cri(
     tracing::info!(address = %path.display(), containerd = %containerd.display(), "serving the CRI image service");
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .add_service(ImageServiceServer::new(proxy))
+            .add_service(proxy)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped.cancelled())
             .await;
         if let Err(err) = served {
