@@ -1,5 +1,6 @@
 //! A token service for a private registry, after the distribution token auth spec: a
-//! client sends basic credentials and the scope it wants to `GET /token`, and gets a JWT
+//! client sends basic credentials and the scope it wants to `GET /token` (or, holding a
+//! refresh token, `POST`s it as a form: the OAuth2 flow identity tokens use), and gets a JWT
 //! (RS256, its certificate in the `x5c` header) that `docker-registry` checks against the
 //! certificate it was configured with.
 //!
@@ -17,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -46,6 +48,8 @@ pub struct TokenServer {
 struct State {
     user: String,
     password: String,
+    /// The refresh token (a CRI `identity_token`) the OAuth2 form may present instead.
+    refresh_token: Option<String>,
     lifetime: Duration,
     key: ring::signature::RsaKeyPair,
     /// The certificate, DER, for the `x5c` header.
@@ -85,6 +89,7 @@ impl TokenServer {
         let state = Arc::new(Mutex::new(State {
             user: user.to_owned(),
             password: password.to_owned(),
+            refresh_token: None,
             lifetime,
             key,
             cert_der: std::fs::read(&cert_der)?,
@@ -126,6 +131,11 @@ impl TokenServer {
         self.lock().password = password.to_owned();
     }
 
+    /// From now on `token` may be presented as an OAuth2 refresh token.
+    pub fn set_refresh_token(&self, token: &str) {
+        self.lock().refresh_token = Some(token.to_owned());
+    }
+
     /// Tokens issued and requests refused so far.
     pub fn counts(&self) -> (u64, u64) {
         let s = self.lock();
@@ -152,9 +162,18 @@ async fn serve(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, &req)) }
+                async move {
+                    let (head, body) = req.into_parts();
+                    // A form is a few hundred bytes; more is not read.
+                    let form = Limited::new(body, 64 << 10)
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    Ok::<_, Infallible>(answer(&state, &Request::from_parts(head, ()), &form))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -163,7 +182,7 @@ async fn serve(
     }
 }
 
-fn answer<B>(state: &Mutex<State>, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer(state: &Mutex<State>, req: &Request<()>, form: &[u8]) -> Response<Full<Bytes>> {
     let mut state = state.lock().expect("not poisoned");
     let respond = |status, body: String| {
         Response::builder()
@@ -180,17 +199,26 @@ fn answer<B>(state: &Mutex<State>, req: &Request<B>) -> Response<Full<Bytes>> {
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok())
         .is_some_and(|pair| pair == format!("{}:{}", state.user, state.password));
-    if req.uri().path() != "/token" || !authorized {
+    // The OAuth2 form carries the scope itself; a GET carries it in the query.
+    let form = String::from_utf8_lossy(form).into_owned();
+    let refreshed = req.method() == hyper::Method::POST
+        && state
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| form.split('&').any(|kv| kv == format!("refresh_token={t}")));
+    if req.uri().path() != "/token" || !(authorized || refreshed) {
         state.refused += 1;
         return respond(
             StatusCode::UNAUTHORIZED,
             r#"{"details":"bad credentials"}"#.into(),
         );
     }
-    let scopes: Vec<String> = req
-        .uri()
-        .query()
-        .unwrap_or_default()
+    let params = if refreshed {
+        form.as_str()
+    } else {
+        req.uri().query().unwrap_or_default()
+    };
+    let scopes: Vec<String> = params
         .split('&')
         .filter_map(|kv| kv.strip_prefix("scope="))
         .map(|v| {

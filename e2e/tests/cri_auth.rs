@@ -232,3 +232,30 @@ fn rotated_token_credentials_serve_the_next_pod_lazily() -> Result<()> {
     }
     rotation(Kind::Bearer)
 }
+
+/// A credential provider's identity token (an OAuth2 refresh token) instead of a password:
+/// containerd and Brisk both exchange it at the token service, and the pod starts lazily.
+#[test]
+fn a_private_image_starts_lazily_with_an_identity_token() -> Result<()> {
+    if !private_registry_gate() {
+        return Ok(());
+    }
+    let private = Private::start(Kind::Bearer)?;
+    let token = private.token.as_ref().expect("a token service");
+    token.set_refresh_token("refresh-5be1");
+    let auth = brisk_proto::runtime::v1::AuthConfig {
+        identity_token: "refresh-5be1".into(),
+        ..Default::default()
+    };
+    let logs = private.node.logs();
+    let command = ["/bin/busybox", "cat", FILES[0], FILES[1]];
+    let (code, out) =
+        private
+            .node
+            .cri
+            .run_to_exit("identity", &logs, &private.image(), Some(auth), &command)?;
+    assert_eq!((code, out.as_str()), (0, FILES_TEXT));
+    assert_eq!(private.mounted(), 2, "{}", private.node.snapshotter.log());
+    assert!(!private.node.snapshotter.log().contains("refresh-5be1"));
+    Ok(())
+}
