@@ -3,7 +3,7 @@
 set -euo pipefail
 
 PACKAGES=(containerd runc fuse3 docker-registry skopeo umoci mmdebstrap zstd attr iproute2
-          protobuf-compiler busybox-static curl ca-certificates tar)
+          protobuf-compiler busybox-static curl ca-certificates tar apache2-utils openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

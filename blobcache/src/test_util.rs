@@ -14,6 +14,8 @@ use crate::registry::{RegistryClient, RegistryConfig};
 pub(crate) struct Request {
     /// The `Range` header's inclusive byte bounds, if there was one.
     pub range: Option<(u64, u64)>,
+    /// The `Authorization` header, as sent.
+    pub authorization: Option<String>,
 }
 
 /// What the responder answers.
@@ -104,13 +106,22 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
-    let head = String::from_utf8_lossy(&seen).to_lowercase();
+    let raw = String::from_utf8_lossy(&seen).into_owned();
+    let authorization = raw.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().to_owned())
+    });
+    let head = raw.to_lowercase();
     let range = head
         .lines()
         .find_map(|l| l.strip_prefix("range: bytes="))
         .and_then(|r| r.trim().split_once('-'))
         .map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
-    Some(Request { range })
+    Some(Request {
+        range,
+        authorization,
+    })
 }
 
 /// A client with no retries, and `mirrors` (hosts) in front of `registry`.

@@ -131,6 +131,12 @@ impl Snapshotter {
                 "RUST_LOG",
                 std::env::var("BRISK_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            // The machine's docker config is not the node's: a test's daemon has credentials
+            // only from the pulls it serves.
+            .env(
+                "DOCKER_CONFIG",
+                self.root.with_file_name("no-docker-config"),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -275,6 +281,56 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The namespace containerd's CRI plugin keeps pods, containers and images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// How the CRI plugin is set up: a node's settings, with everything it would fetch from the
+/// internet pointed at the test's loopback registry instead.
+pub struct CriSettings {
+    /// The pause image (`host:port/repo:tag`), pushed to a loopback registry beforehand.
+    pub sandbox_image: String,
+    /// Plain-HTTP registries (`host:port`), written as `certs.d/HOST/hosts.toml`.
+    pub plain_http: Vec<String>,
+}
+
+impl CriSettings {
+    /// The `[plugins."io.containerd.grpc.v1.cri"]` section, and the `certs.d` it names.
+    fn config_section(&self, dir: &Path) -> Result<String> {
+        let certs = dir.join("certs.d");
+        for host in &self.plain_http {
+            let host_dir = certs.join(host);
+            std::fs::create_dir_all(&host_dir)?;
+            std::fs::write(
+                host_dir.join("hosts.toml"),
+                format!(
+                    "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  \
+                     capabilities = [\"pull\", \"resolve\"]\n"
+                ),
+            )?;
+        }
+        let cri = "[plugins.\"io.containerd.grpc.v1.cri\"";
+        // Port 0: several containerds may run at once, and the streaming server (exec,
+        // attach) is not used here. No CNI config: pods use the host's network. Snapshot
+        // stats (ImageFsInfo) are refreshed every second instead of every ten. The pause
+        // container's oom_score_adj of -998 is refused on machines where even root lacks
+        // CAP_SYS_RESOURCE; restricted, it stays at containerd's own.
+        Ok(format!(
+            "[plugins]\n  {cri}]\n    sandbox_image = \"{sandbox}\"\n    \
+             stream_server_address = \"127.0.0.1\"\n    stream_server_port = \"0\"\n    \
+             restrict_oom_score_adj = true\n    \
+             stats_collect_period = 1\n  \
+             {cri}.containerd]\n    snapshotter = \"brisk\"\n    \
+             disable_snapshot_annotations = false\n    default_runtime_name = \"runc\"\n  \
+             {cri}.containerd.runtimes.runc]\n    runtime_type = \"io.containerd.runc.v2\"\n  \
+             {cri}.cni]\n    bin_dir = \"{cni}/bin\"\n    conf_dir = \"{cni}/conf\"\n  \
+             {cri}.registry]\n    config_path = \"{certs}\"\n",
+            sandbox = self.sandbox_image,
+            cni = dir.join("cni").display(),
+            certs = certs.display(),
+        ))
+    }
+}
+
 /// A running private containerd with Brisk (and possibly others) as proxy snapshotters.
 pub struct Containerd {
     child: Option<Child>,
@@ -289,28 +345,51 @@ impl Containerd {
         Self::start_with_snapshotters(dir, &[("brisk", brisk_socket)], namespace)
     }
 
-    /// A containerd with one proxy snapshotter per `(name, socket)`.
+    /// A containerd with one proxy snapshotter per `(name, socket)`, its CRI plugin off.
     pub fn start_with_snapshotters(
         dir: &Path,
         snapshotters: &[(&str, &Path)],
+        namespace: &str,
+    ) -> Result<Self> {
+        Self::start_config(dir, snapshotters, None, namespace)
+    }
+
+    /// A containerd as on a Kubernetes node: its CRI plugin on (serving on containerd's own
+    /// socket), pulling and running every image on Brisk. CRI works in the `k8s.io`
+    /// namespace whatever a client asks, so `ctr` calls go there too.
+    pub fn start_cri(dir: &Path, brisk_socket: &Path, cri: &CriSettings) -> Result<Self> {
+        Self::start_config(dir, &[("brisk", brisk_socket)], Some(cri), CRI_NAMESPACE)
+    }
+
+    fn start_config(
+        dir: &Path,
+        snapshotters: &[(&str, &Path)],
+        cri: Option<&CriSettings>,
         namespace: &str,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
         let mut text = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{disabled}\
              [grpc]\n  address = \"{socket}\"\n[proxy_plugins]\n",
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             socket = socket.display(),
+            disabled = if cri.is_some() {
+                ""
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+            },
         );
         for (name, address) in snapshotters {
             text += &format!(
                 "  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    address = \"{}\"\n",
                 address.display()
             );
+        }
+        if let Some(cri) = cri {
+            text += &cri.config_section(dir)?;
         }
         std::fs::write(&config, text)?;
         let log_path = dir.join("containerd.log");
@@ -339,6 +418,11 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(c)
+    }
+
+    /// containerd's root (`root` in its config): CRI's image filesystem path is under it.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
     }
 
     pub fn log(&self) -> String {

@@ -76,6 +76,43 @@ pub fn sample_rootfs(dir: &Path) -> PathBuf {
     dir.join("bundle/rootfs")
 }
 
+/// Builds a pause image in `dir`: one layer holding only busybox, whose entrypoint sleeps
+/// until the pod is stopped (CRI kills the sandbox with SIGKILL). Its layer shares no chain
+/// ID with the sample's, so pulling it never satisfies a sample layer.
+pub fn build_pause_image(dir: &Path) -> Result<OciImage> {
+    fs::create_dir_all(dir)?;
+    let image = OciImage {
+        dir: dir.join("layout"),
+        tag: "pause".into(),
+    };
+    let bundle = dir.join("bundle");
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&image.dir))?;
+    run(Command::new("umoci").args(["new", "--image", &image.to_string()]))?;
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image.to_string()])
+        .arg(&bundle))?;
+    let root = bundle.join("rootfs");
+    fs::create_dir_all(root.join("bin"))?;
+    fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    set_mode(&root.join("bin/busybox"), 0o755)?;
+    repack(&image, &bundle)?;
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image.to_string(),
+        "--config.entrypoint",
+        "/bin/busybox",
+        "--config.cmd",
+        "sleep",
+        "--config.cmd",
+        "100000",
+    ]))?;
+    Ok(image)
+}
+
 /// `--refresh-bundle` records the packed state in the bundle, so that the next repack
 /// diffs against it and makes a new layer with only the changes.
 fn repack(image: &OciImage, bundle: &Path) -> Result<()> {

@@ -8,12 +8,14 @@
 
 pub mod bench;
 pub mod cmd;
+pub mod cri;
 pub mod daemons;
 pub mod image;
 pub mod layout;
 pub mod proxy;
 pub mod registry;
 pub mod server_thread;
+pub mod token;
 pub mod tree;
 pub mod zone;
 
@@ -29,7 +31,7 @@ pub use image::{
     unpack_image_from_layout, unpack_image_from_registry, OciImage, RegisteredSample,
 };
 pub use proxy::{Fault, Injection, Proxy};
-pub use registry::Registry;
+pub use registry::{write_htpasswd, Registry, RegistryAuth};
 pub use tree::{assert_same_tree, tree_manifest};
 
 /// The environment variable that turns system tests on.
@@ -96,6 +98,18 @@ pub fn gate(tools: &[&str], files: &[&str]) -> bool {
 pub fn snapshotter_gate() -> bool {
     gate(
         &[CONVERT_TOOLS, CONTAINERD_TOOLS].concat(),
+        SNAPSHOTTER_FILES,
+    )
+}
+
+/// Tools the private-registry tests run besides the snapshotter ones: `htpasswd` (from
+/// `apache2-utils`) for basic auth, `openssl` for the token service's key and certificate.
+pub const PRIVATE_REGISTRY_TOOLS: &[&str] = &["htpasswd", "openssl"];
+
+/// `gate` for the tests of private registries behind basic or token auth.
+pub fn private_registry_gate() -> bool {
+    gate(
+        &[CONVERT_TOOLS, CONTAINERD_TOOLS, PRIVATE_REGISTRY_TOOLS].concat(),
         SNAPSHOTTER_FILES,
     )
 }

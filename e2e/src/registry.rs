@@ -1,10 +1,10 @@
 //! A private `docker-registry` (distribution) on a loopback port, one per test.
 //!
 //! It stores blobs in its own temporary directory, so a test can reach into the storage and
-//! damage a blob on purpose. It has no TLS and no auth: loopback registries are plain HTTP
-//! for both Brisk and skopeo (with `--tls-verify=false`).
+//! damage a blob on purpose. It has no TLS: loopback registries are plain HTTP for both Brisk
+//! and skopeo (with `--tls-verify=false`). It is open unless started with `RegistryAuth`
+//! (an htpasswd file, or a token service whose JWTs it checks against a certificate).
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -17,9 +17,53 @@ use tempfile::TempDir;
 /// How long a registry may take to answer `/v2/` after it is spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Who the registry lets in.
+#[derive(Clone, Debug)]
+pub enum RegistryAuth {
+    /// Basic auth against an htpasswd file (bcrypt), read when the registry starts.
+    Htpasswd(PathBuf),
+    /// Bearer tokens from `realm`, signed by the key of the certificate in `root_cert`.
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        root_cert: PathBuf,
+    },
+}
+
+impl RegistryAuth {
+    fn config(&self) -> String {
+        match self {
+            Self::Htpasswd(path) => format!(
+                "auth:\n  htpasswd:\n    realm: brisk-test\n    path: {}\n",
+                path.display()
+            ),
+            Self::Token {
+                realm,
+                service,
+                issuer,
+                root_cert,
+            } => format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    \
+                 issuer: {issuer}\n    rootcertbundle: {}\n",
+                root_cert.display()
+            ),
+        }
+    }
+}
+
+/// Writes an htpasswd file (bcrypt, as the registry requires) holding only `user`.
+pub fn write_htpasswd(path: &std::path::Path, user: &str, password: &str) -> Result<()> {
+    let line = crate::run(Command::new("htpasswd").args(["-Bbn", user, password]))?;
+    std::fs::write(path, line.trim_end().to_owned() + "\n")?;
+    Ok(())
+}
+
 pub struct Registry {
     child: Child,
     port: u16,
+    config: PathBuf,
+    auth: bool,
     /// Holds the config, the log and the storage; removed after the child is gone.
     dir: TempDir,
 }
@@ -27,6 +71,11 @@ pub struct Registry {
 impl Registry {
     /// Spawns `docker-registry serve` on a free loopback port and waits until it answers.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// A registry that lets in only what `auth` allows.
+    pub fn start_with(auth: Option<&RegistryAuth>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("brisk-registry-")
             .tempdir()?;
@@ -42,22 +91,30 @@ impl Registry {
                 "version: 0.1\n\
                  log:\n  level: warn\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
+                 http:\n  addr: 127.0.0.1:{port}\n{auth}",
+                dir.path().join("data").display(),
+                auth = auth.map(RegistryAuth::config).unwrap_or_default(),
             ),
         )?;
-        let log = File::create(dir.path().join("registry.log"))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("Starting docker-registry")?;
-        let mut registry = Self { child, port, dir };
+        let child = spawn(&config, &dir.path().join("registry.log"))?;
+        let mut registry = Self {
+            child,
+            port,
+            config,
+            auth: auth.is_some(),
+            dir,
+        };
         registry.wait_ready()?;
         Ok(registry)
+    }
+
+    /// Stops the registry and starts it again on the same port and storage: how a test
+    /// makes it read a changed htpasswd file.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.config, &self.dir.path().join("registry.log"))?;
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -81,7 +138,8 @@ impl Registry {
     }
 
     fn answers_v2(&self) -> bool {
-        answers_200(&self.addr(), "/v2/")
+        // With auth on, `/v2/` answers 401 with its challenge once the registry is up.
+        answers_200(&self.addr(), "/v2/") || (self.auth && answers_401(&self.addr(), "/v2/"))
     }
 
     /// `127.0.0.1:PORT`, the registry part of an image reference.
@@ -126,9 +184,35 @@ impl Registry {
     }
 }
 
+fn spawn(config: &std::path::Path, log: &std::path::Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new("docker-registry")
+        .arg("serve")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("Starting docker-registry")
+}
+
+/// Whether `GET PATH` on `addr` gets a 401.
+fn answers_401(addr: &str, path: &str) -> bool {
+    status_line(addr, path)
+        .is_some_and(|r| r.starts_with("HTTP/1.0 401") || r.starts_with("HTTP/1.1 401"))
+}
+
 /// Whether `GET PATH` on `addr` (`127.0.0.1:PORT`) gets a 200, asked with the smallest
 /// possible HTTP/1.0 request. A refused connection is a plain `false`.
 pub fn answers_200(addr: &str, path: &str) -> bool {
+    status_line(addr, path)
+        .is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+}
+
+fn status_line(addr: &str, path: &str) -> Option<String> {
     let ask = || -> std::io::Result<String> {
         let mut stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -137,7 +221,7 @@ pub fn answers_200(addr: &str, path: &str) -> bool {
         stream.read_to_string(&mut response)?;
         Ok(response)
     };
-    ask().is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+    ask().ok()
 }
 
 impl Drop for Registry {

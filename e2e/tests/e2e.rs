@@ -5,6 +5,8 @@
 //! missing prerequisite fails the test. Each test starts its own registry.
 
 mod cache;
+mod cri;
+mod cri_auth;
 mod hostile;
 mod restart;
 mod semantics;

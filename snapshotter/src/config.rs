@@ -29,6 +29,27 @@ pub struct Config {
     pub peer: PeerSettings,
     pub layers: LayerSettings,
     pub handover: HandoverSettings,
+    pub cri: CriSettings,
+}
+
+/// The CRI image-service proxy for Kubernetes nodes (see `crate::cri`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriSettings {
+    /// Serve the proxy on this unix socket (mode 0600: the kubelet runs as root); the
+    /// kubelet's `--image-service-endpoint` points here. Unset, no proxy is served.
+    pub listen: Option<PathBuf>,
+    /// containerd's socket, whose CRI plugin the proxy forwards to.
+    pub containerd: PathBuf,
+}
+
+impl Default for CriSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            containerd: "/run/containerd/containerd.sock".into(),
+        }
+    }
 }
 
 /// Keeping lazy layers' FUSE connections alive across restarts (see `crate::handover`).
@@ -191,6 +212,7 @@ impl Default for Config {
             peer: PeerSettings::default(),
             layers: LayerSettings::default(),
             handover: HandoverSettings::default(),
+            cri: CriSettings::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use brisk_blobcache::layered::Layered;
 use brisk_blobcache::lazy::LazyImages;
 use brisk_blobcache::memory::MemoryCache;
 use brisk_blobcache::meta::MetaStore;
-use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_blobcache::registry::{Keychain, RegistryClient, RegistryConfig};
 use brisk_blobcache::remote::{RegistrySource, RemoteConfig};
 use brisk_proto::brisk::v1::control_server::ControlServer;
 use brisk_proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
@@ -68,7 +68,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
         retries: config.registry.retries.unwrap_or(4),
         ..RegistryConfig::default()
     };
-    let client = Arc::new(RegistryClient::new(registry.clone())?);
+    // Pull credentials from the CRI proxy; memory only, shared with nothing but the client.
+    let keychain = Arc::new(Keychain::new());
+    let client = Arc::new(RegistryClient::new(registry.clone())?.with_keychain(keychain.clone()));
     let source = Arc::new(RegistrySource::new(client.clone(), RemoteConfig::default()));
     let disk = Arc::new(crate::takeover::open_cache(
         &root.join("cache"),
@@ -172,6 +174,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
         _ => {}
     }
     let listener = bind_socket(address, config.socket_group)?;
+    let cri = match &config.cri.listen {
+        Some(path) => Some(serve_cri(path, &config.cri.containerd, keychain)?),
+        None => None,
+    };
     tracing::info!(address = %address.display(), root = %root.display(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let served = tonic::transport::Server::builder()
@@ -185,6 +191,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
         .await;
     let stop = stop_rx.await.unwrap_or(Stop::HandOver);
     tracing::info!(?stop, "shutting down");
+    if let Some((stop_cri, path)) = cri {
+        stop_cri.cancel();
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(zone) = zone {
         zone.leave().await;
     }
@@ -196,6 +206,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
     let _ = std::fs::remove_file(address);
     served.map_err(|e| Error::io(address, std::io::Error::other(e)))?;
     Ok(stop)
+}
+
+/// Serves the CRI image-service proxy on `path` (mode 0600) until the token is cancelled.
+fn serve_cri(
+    path: &std::path::Path,
+    containerd: &std::path::Path,
+    keychain: Arc<Keychain>,
+) -> Result<(tokio_util::sync::CancellationToken, std::path::PathBuf)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
+        _ => {}
+    }
+    let listener = bind_socket(path, None)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(path, e))?;
+    let proxy = crate::cri::ImageProxy::new(containerd, keychain);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    tracing::info!(address = %path.display(), containerd = %containerd.display(), "serving the CRI image service");
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(proxy)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped.cancelled())
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "the CRI image service stopped");
+        }
+    });
+    Ok((stop, path.to_owned()))
 }
 
 /// Binds the API socket with mode 0660 whatever the umask (created under a 0077 umask, then

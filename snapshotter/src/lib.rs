@@ -6,6 +6,7 @@
 
 pub mod config;
 mod control;
+mod cri;
 mod daemon;
 mod error;
 mod filter;

@@ -39,6 +39,12 @@ struct Args {
     /// Seconds between a lazy layer's mount and its background hash.
     #[arg(long, value_name = "SECS")]
     verify_delay_secs: Option<u64>,
+    /// Serve the CRI image-service proxy (the kubelet's --image-service-endpoint) here.
+    #[arg(long, value_name = "SOCKET")]
+    cri_listen: Option<PathBuf>,
+    /// containerd's socket, which the CRI proxy forwards to.
+    #[arg(long, value_name = "SOCKET")]
+    cri_containerd: Option<PathBuf>,
     /// Run as the holder of FUSE connections on this socket (what the daemon starts, or
     /// `brisk-holder.service` runs), instead of as the daemon.
     #[arg(long, value_name = "SOCKET")]
@@ -74,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(secs) = args.verify_delay_secs {
         config.layers.verify_delay_secs = secs;
+    }
+    if let Some(socket) = args.cri_listen {
+        config.cri.listen = Some(socket);
+    }
+    if let Some(socket) = args.cri_containerd {
+        config.cri.containerd = socket;
     }
     if let Some(socket) = args.hold {
         init_logging("info")?;

@@ -71,8 +71,8 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     }
 }
 
-/// What the docker credential store holds for a registry.
-#[derive(Clone, Debug)]
+/// What the docker credential store (or an image pull) holds for a registry.
+#[derive(Clone)]
 pub enum Credentials {
     Basic {
         username: String,
@@ -80,6 +80,20 @@ pub enum Credentials {
     },
     /// An OAuth2 refresh token, exchanged at the token endpoint.
     IdentityToken(String),
+}
+
+/// Secrets never reach a log through `{:?}`: only the user name is shown.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Self::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
+    }
 }
 
 /// Looks up credentials for `registry` (`host[:port]`). No entry is not an error: anonymous

@@ -6,11 +6,12 @@
 
 mod auth;
 pub mod hosts;
+pub mod keychain;
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 
 pub use auth::{Challenge, Credentials};
+pub use keychain::Keychain;
 
 use crate::digest::Hasher;
 use crate::error::chain;
@@ -81,10 +83,15 @@ pub struct FetchedManifest {
 pub struct RegistryClient {
     http: reqwest::Client,
     config: RegistryConfig,
-    /// Bearer tokens by (registry, scope). A std mutex: it is never held across an await.
-    tokens: Mutex<HashMap<(String, String), String>>,
+    /// Bearer tokens by (registry, scope), with the generation of the pull credentials they
+    /// were fetched with (0: the node's docker config). A std mutex: it is never held across
+    /// an await.
+    tokens: Mutex<HashMap<(String, String), (String, u64)>>,
     /// Registries that asked for basic auth.
     basic: Mutex<HashMap<String, bool>>,
+    /// Credentials image pulls handed over, by registry and repository; they go before the
+    /// node's docker config, and only to the registry and repository they were given for.
+    keychain: Option<Arc<Keychain>>,
 }
 
 /// What a failed attempt means for the retry loop.
@@ -114,7 +121,30 @@ impl RegistryClient {
             config,
             tokens: Mutex::default(),
             basic: Mutex::default(),
+            keychain: None,
         })
+    }
+
+    /// Uses the credentials `keychain` holds for a reference's registry and repository
+    /// before the node's docker config.
+    pub fn with_keychain(mut self, keychain: Arc<Keychain>) -> Self {
+        self.keychain = Some(keychain);
+        self
+    }
+
+    /// The credentials for `r`, and their keychain generation (0 for the docker config's).
+    /// A mirror's reference names the mirror's host, so pull credentials never go there.
+    fn credentials(&self, r: &Reference) -> (Option<Credentials>, u64) {
+        match self.pulled(r) {
+            Some((creds, generation)) => (Some(creds), generation),
+            None => (auth::lookup(&r.registry), 0),
+        }
+    }
+
+    fn pulled(&self, r: &Reference) -> Option<(Credentials, u64)> {
+        self.keychain
+            .as_ref()
+            .and_then(|k| k.get(&r.registry, &r.repository))
     }
 
     fn base(&self, r: &Reference) -> String {
@@ -629,7 +659,7 @@ impl RegistryClient {
         let mut authenticated = false;
         loop {
             let mut req = build(self.http.request(method.clone(), url));
-            req = self.authorize(req, &r.registry, &scope);
+            req = self.authorize(req, r, &scope);
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 Err(source) => {
@@ -664,7 +694,7 @@ impl RegistryClient {
                             .insert(r.registry.clone(), true);
                     }
                     Some(Challenge::Bearer { realm, service, .. }) => {
-                        let creds = auth::lookup(&r.registry);
+                        let (creds, generation) = self.credentials(r);
                         let token = auth::fetch_token(
                             &self.http,
                             &r.registry,
@@ -677,7 +707,7 @@ impl RegistryClient {
                         self.tokens
                             .lock()
                             .expect("not poisoned")
-                            .insert((r.registry.clone(), scope.clone()), token);
+                            .insert((r.registry.clone(), scope.clone()), (token, generation));
                     }
                     None => return Err(status_err),
                 }
@@ -696,13 +726,19 @@ impl RegistryClient {
         }
     }
 
-    fn authorize(&self, req: RequestBuilder, registry: &str, scope: &str) -> RequestBuilder {
+    /// Adds the token or basic credentials `r` is read with. A token fetched with pull
+    /// credentials that have since been replaced is not sent: the registry's challenge then
+    /// gets a new one with the newest credentials (rotation).
+    fn authorize(&self, req: RequestBuilder, r: &Reference, scope: &str) -> RequestBuilder {
+        let pulled = self.pulled(r);
+        let generation = pulled.as_ref().map_or(0, |p| p.1);
         let token = self
             .tokens
             .lock()
             .expect("not poisoned")
-            .get(&(registry.to_owned(), scope.to_owned()))
-            .cloned();
+            .get(&(r.registry.clone(), scope.to_owned()))
+            .filter(|(_, fetched_with)| *fetched_with == generation)
+            .map(|(token, _)| token.clone());
         if let Some(token) = token {
             return req.bearer_auth(token);
         }
@@ -710,9 +746,13 @@ impl RegistryClient {
             .basic
             .lock()
             .expect("not poisoned")
-            .contains_key(registry)
+            .contains_key(&r.registry)
         {
-            if let Some(Credentials::Basic { username, password }) = auth::lookup(registry) {
+            let creds = match pulled {
+                Some((creds, _)) => Some(creds),
+                None => auth::lookup(&r.registry),
+            };
+            if let Some(Credentials::Basic { username, password }) = creds {
                 return req.basic_auth(username, Some(password));
             }
         }

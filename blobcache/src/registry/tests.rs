@@ -1,5 +1,6 @@
 //! The client against registries that ask for too much, send too much or never stop.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::*;
@@ -124,4 +125,171 @@ fn reads_go_to_each_mirror_in_order_then_the_registry() {
     assert_eq!(hosts, ["m1:5000", "m2", "registry.example"]);
     let alone = c.read_sources(&"other.example/app:v1".parse().unwrap());
     assert_eq!(alone.len(), 1);
+}
+
+/// Every `Authorization` header a responder was sent, in order (`None` for requests without).
+type Seen = Arc<Mutex<Vec<Option<String>>>>;
+
+fn basic_header(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let pair = format!("{user}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+fn challenge(scheme: &str) -> Reply {
+    Reply::Body(401, format!("www-authenticate: {scheme}\r\n"), Vec::new())
+}
+
+#[tokio::test]
+async fn pull_credentials_go_only_to_their_registry_and_repository() {
+    let mirror_seen: Seen = Arc::default();
+    let seen = mirror_seen.clone();
+    let mirror = respond(move |req| {
+        seen.lock().unwrap().push(req.authorization.clone());
+        challenge("Basic realm=\"m\"")
+    })
+    .await;
+    let expected = basic_header("u", "secret");
+    let registry = respond(move |req| match &req.authorization {
+        Some(a) if *a == expected => Reply::Body(200, String::new(), b"{}".to_vec()),
+        _ => challenge("Basic realm=\"r\""),
+    })
+    .await;
+    let keychain = Arc::new(Keychain::new());
+    let creds = Credentials::Basic {
+        username: "u".into(),
+        password: "secret".into(),
+    };
+    keychain.put(&registry.host, "test/app", creds).unwrap();
+    let mirrors =
+        std::collections::HashMap::from([(registry.host.clone(), vec![mirror.host.clone()])]);
+    let c = RegistryClient::new(RegistryConfig {
+        retries: 0,
+        mirrors,
+        ..RegistryConfig::default()
+    })
+    .unwrap()
+    .with_keychain(keychain);
+    // The mirror refuses, the registry takes the pull's credentials.
+    c.get_manifest(&reference(&registry.host)).await.unwrap();
+    assert!(
+        !mirror_seen.lock().unwrap().is_empty(),
+        "the mirror was asked first"
+    );
+    assert!(
+        mirror_seen.lock().unwrap().iter().all(Option::is_none),
+        "credentials went to the mirror: {:?}",
+        mirror_seen.lock().unwrap()
+    );
+    // Another repository of the same registry does not get them.
+    let other: Reference = format!("{}/test/other:v1", registry.host).parse().unwrap();
+    assert!(matches!(
+        c.get_manifest(&other).await,
+        Err(Error::Auth { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_host_carries_no_credentials() {
+    let target_seen: Seen = Arc::default();
+    let seen = target_seen.clone();
+    let target = respond(move |req| {
+        seen.lock().unwrap().push(req.authorization.clone());
+        Reply::Body(200, String::new(), b"{}".to_vec())
+    })
+    .await;
+    let location = format!("http://{}/elsewhere", target.host);
+    let expected = basic_header("u", "secret");
+    let registry = respond(move |req| match &req.authorization {
+        Some(a) if *a == expected => {
+            Reply::Body(307, format!("location: {location}\r\n"), Vec::new())
+        }
+        _ => challenge("Basic realm=\"r\""),
+    })
+    .await;
+    let keychain = Arc::new(Keychain::new());
+    let creds = Credentials::Basic {
+        username: "u".into(),
+        password: "secret".into(),
+    };
+    keychain.put(&registry.host, "test/app", creds).unwrap();
+    let c = RegistryClient::new(RegistryConfig {
+        retries: 0,
+        ..RegistryConfig::default()
+    })
+    .unwrap()
+    .with_keychain(keychain);
+    c.get_manifest(&reference(&registry.host)).await.unwrap();
+    assert_eq!(*target_seen.lock().unwrap(), vec![None]);
+}
+
+#[tokio::test]
+async fn a_token_fetched_with_replaced_credentials_is_not_sent_again() {
+    // The token service names the password it was given in the token.
+    let tokens = respond(|req| {
+        let token = match req.authorization.as_deref() {
+            Some(a) if a == basic_header("u", "one") => "tok-one",
+            Some(a) if a == basic_header("u", "two") => "tok-two",
+            _ => return challenge("Basic realm=\"t\""),
+        };
+        Reply::Body(
+            200,
+            String::new(),
+            format!("{{\"token\":\"{token}\"}}").into_bytes(),
+        )
+    })
+    .await;
+    let registry_seen: Seen = Arc::default();
+    let seen = registry_seen.clone();
+    let realm = format!("http://{}/token", tokens.host);
+    // Both tokens stay good at the registry: only the client can stop using the old one.
+    let registry = respond(move |req| {
+        seen.lock().unwrap().push(req.authorization.clone());
+        match req.authorization.as_deref() {
+            Some("Bearer tok-one" | "Bearer tok-two") => {
+                Reply::Body(200, String::new(), b"{}".to_vec())
+            }
+            _ => challenge(&format!("Bearer realm=\"{realm}\",service=\"s\"")),
+        }
+    })
+    .await;
+    let keychain = Arc::new(Keychain::new());
+    let c = RegistryClient::new(RegistryConfig {
+        retries: 0,
+        ..RegistryConfig::default()
+    })
+    .unwrap()
+    .with_keychain(keychain.clone());
+    let basic = |p: &str| Credentials::Basic {
+        username: "u".into(),
+        password: p.into(),
+    };
+    let r = reference(&registry.host);
+    keychain
+        .put(&registry.host, "test/app", basic("one"))
+        .unwrap();
+    c.get_manifest(&r).await.unwrap();
+    c.get_manifest(&r).await.unwrap();
+    keychain
+        .put(&registry.host, "test/app", basic("two"))
+        .unwrap();
+    c.get_manifest(&r).await.unwrap();
+    let seen = registry_seen.lock().unwrap().clone();
+    let last_with_one = seen
+        .iter()
+        .rposition(|a| a.as_deref() == Some("Bearer tok-one"))
+        .unwrap();
+    assert_eq!(seen.last().unwrap().as_deref(), Some("Bearer tok-two"));
+    // The old token was used until the credentials were replaced, never after.
+    assert_eq!(
+        seen[last_with_one + 1..]
+            .iter()
+            .filter(|a| a.as_deref() == Some("Bearer tok-one"))
+            .count(),
+        0
+    );
+    assert_eq!(seen[last_with_one + 1], None, "{seen:?}");
 }
