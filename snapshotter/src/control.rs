@@ -50,19 +50,20 @@ impl api::control_server::Control for ControlService {
         &self,
         req: Request<api::GetTraceRequest>,
     ) -> Result<Response<api::GetTraceResponse>, Status> {
-        let image: brisk_blobcache::Digest = req
-            .into_inner()
-            .image
-            .parse()
-            .map_err(|e: brisk_blobcache::Error| Status::invalid_argument(e.to_string()))?;
+        let image: brisk_blobcache::Digest =
+            req.into_inner()
+                .image
+                .parse()
+                .map_err(|e: brisk_blobcache::Error| {
+                    Status::from(crate::Error::InvalidArgument(format!("image digest: {e}")))
+                })?;
         let trace = self
             .inner
             .remote()
             .traces()
             .get(&image)
             .map_err(Status::from)?;
-        let trace =
-            trace.ok_or_else(|| Status::not_found(format!("no trace for image {image}")))?;
+        let trace = trace.ok_or_else(|| Status::from(crate::Error::NoTrace(image)))?;
         Ok(Response::new(api::GetTraceResponse {
             trace: trace.encode(),
         }))
@@ -73,7 +74,7 @@ impl api::control_server::Control for ControlService {
         req: Request<api::ImportTraceRequest>,
     ) -> Result<Response<api::ImportTraceResponse>, Status> {
         let trace = brisk_trace_recorder::Trace::decode(&req.into_inner().trace, None)
-            .map_err(|e| Status::invalid_argument(format!("Trace rejected: {e}")))?;
+            .map_err(|e| Status::from(crate::Error::Trace(e)))?;
         let merged = self
             .inner
             .remote()

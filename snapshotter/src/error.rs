@@ -35,6 +35,10 @@ pub enum Error {
     Meta(#[source] sled::Error),
     #[error("Trace rejected")]
     Trace(#[from] brisk_trace_recorder::Error),
+    #[error("No trace for image {0}")]
+    NoTrace(brisk_blobcache::Digest),
+    #[error("A snapshot task failed")]
+    Task(#[source] tokio::task::JoinError),
     #[error("Metadata record is corrupt")]
     MetaRecord(#[source] serde_json::Error),
     #[error("I/O error on {path}")]
@@ -77,6 +81,8 @@ impl Error {
             | Error::Refuted
             | Error::Handover(_)
             | Error::Trace(_)
+            | Error::NoTrace(_)
+            | Error::Task(_)
             | Error::Meta(_)
             | Error::MetaRecord(_)
             | Error::Io { .. }

@@ -30,7 +30,8 @@ impl From<Error> for Status {
         let class = match &err {
             Error::Refused(r) => Some(r.class()),
             Error::FailedPrecondition(_) => Some(Class::FailedPrecondition),
-            Error::InvalidArgument(_) => Some(Class::InvalidArgument),
+            Error::InvalidArgument(_) | Error::Trace(_) => Some(Class::InvalidArgument),
+            Error::NoTrace(_) => Some(Class::NotFound),
             _ => None,
         };
         match class {
@@ -64,7 +65,7 @@ impl SnapshotService {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
+            .map_err(Error::Task)?
             .map_err(Status::from)
     }
 }
