@@ -2,8 +2,9 @@
 //! generated from the vendored protos in `vendor/` (see `vendor/SOURCES.txt`), and Brisk's own
 //! control and zone peer services (`brisk/v1`).
 //!
-//! Generated code only, plus the redacted `Debug` of the CRI's `AuthConfig`. The module nesting mirrors the protobuf packages, because the
-//! generated code refers across packages with `super::` paths.
+//! Generated code only, plus the redacted `Debug` of the CRI's `AuthConfig`. The module
+//! nesting mirrors the protobuf packages, because the generated code refers across packages
+//! with `super::` paths.
 
 #![allow(clippy::all, missing_docs, unreachable_pub)]
 
@@ -27,6 +28,13 @@ pub mod brisk {
 }
 
 pub mod runtime {
+    // The CRI's comments are Kubernetes' own prose, written for Go doc, not rustdoc.
+    #[allow(
+        rustdoc::bare_urls,
+        rustdoc::invalid_html_tags,
+        rustdoc::broken_intra_doc_links,
+        rustdoc::invalid_rust_codeblocks
+    )]
     pub mod v1 {
         tonic::include_proto!("runtime.v1");
 
