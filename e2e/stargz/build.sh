@@ -44,10 +44,11 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
-    echo "installing: ${missing[*]}"
-    if ! apt-get install -y --no-install-recommends "${missing[@]}"; then
-        apt-get update
-        apt-get install -y --no-install-recommends "${missing[@]}"
+    # To stderr: stdout carries only the version lines the benchmark report quotes.
+    echo "installing: ${missing[*]}" >&2
+    if ! apt-get install -y --no-install-recommends "${missing[@]}" >&2; then
+        apt-get update >&2
+        apt-get install -y --no-install-recommends "${missing[@]}" >&2
     fi
 fi
 

@@ -68,9 +68,18 @@ fn ctr(c: &Containerd, name: &str, t: &mut Transcript, args: &[&str]) -> Result<
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     // The times are containerd's own (its metadata store), different on every run.
-    let kept: Vec<&str> = stdout
+    let kept: Vec<String> = stdout
         .lines()
         .filter(|l| !l.contains("\"Created\"") && !l.contains("\"Updated\""))
+        .map(|l| match args.first() {
+            // `ctr snapshots label` prints a Go map: its order differs from run to run.
+            Some(&"label") => {
+                let mut labels: Vec<&str> = l.split(',').collect();
+                labels.sort_unstable();
+                labels.join(",")
+            }
+            _ => l.to_owned(),
+        })
         .collect();
     t.note(&format!(
         "$ {}\n{}\n{}{}",
