@@ -481,11 +481,12 @@ pub fn fuzz_read_blob(blob: &[u8]) {
     ) else {
         return;
     };
+    let digest = Digest::sha256(blob);
     for (i, c) in toc.chunks.iter().enumerate() {
         let range = c.compressed_range();
         if range.end <= blob.len() as u64 {
             let _ = decode_chunk(
-                Digest::sha256(b""),
+                digest,
                 i,
                 c,
                 &blob[range.start as usize..range.end as usize],
