@@ -108,6 +108,7 @@ impl VerifiedChunk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::toc::TocError;
 
     #[test]
     fn references_no_toc_could_hold_are_refused() {
@@ -150,7 +151,10 @@ mod tests {
                 ..good
             },
         ] {
-            assert!(matches!(empty.check(), Err(Error::BadToc(_))), "{empty:?}");
+            assert!(
+                matches!(empty.check(), Err(Error::Toc(TocError::Malformed(_)))),
+                "{empty:?}"
+            );
         }
     }
 }

@@ -1,9 +1,19 @@
-//! The crate's one error type.
+//! The crate's error: each module's own errors (`toc`, `registry`, the cache's `layered`,
+//! `zone`) joined by `#[from]`, and the few every module shares (digests, references, JSON,
+//! I/O, limits).
 
 use crate::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Toc(#[from] crate::toc::TocError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Cache(#[from] crate::layered::CacheError),
+    #[error(transparent)]
+    Zone(#[from] crate::zone::ZoneError),
     #[error("Invalid digest {0:?}")]
     InvalidDigest(String),
     #[error("Invalid image reference {reference:?}: {reason}")]
@@ -11,22 +21,6 @@ pub enum Error {
         reference: String,
         reason: &'static str,
     },
-    #[error("Tar entry {0:?} escapes the layer root")]
-    EscapingPath(String),
-    #[error("Tar entry {name:?} is a hardlink to {target:?}, which is not an earlier entry of the layer")]
-    DanglingHardlink { name: String, target: String },
-    #[error("Tar entry {name:?} is not supported: {reason}")]
-    UnsupportedEntry { name: String, reason: &'static str },
-    #[error("Reading the layer's tar stream failed")]
-    Tar(#[source] std::io::Error),
-    #[error("Writing the converted layer failed")]
-    Write(#[source] std::io::Error),
-    #[error("Bad TOC: {0}")]
-    BadToc(String),
-    #[error("TOC digest is {actual}, but the manifest vouches for {expected}")]
-    TocDigestMismatch { expected: Digest, actual: Digest },
-    #[error("Chunk {index} ({digest}) failed verification")]
-    CorruptChunk { index: usize, digest: Digest },
     #[error("{what} has digest {actual}, expected {expected}")]
     DigestMismatch {
         what: String,
@@ -47,38 +41,8 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("Registry returned {status} for {method} {url}")]
-    RegistryStatus {
-        method: &'static str,
-        url: String,
-        status: u16,
-    },
-    #[error("Registry request {method} {url} failed")]
-    Http {
-        method: &'static str,
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("Authentication with {registry} failed: {reason}")]
-    Auth { registry: String, reason: String },
-    #[error("Blob {0} not found")]
-    BlobNotFound(Digest),
-    #[error("Manifest {0} not found")]
-    ManifestNotFound(String),
     #[error("Image index {index} has no manifest for platform {platform}")]
     NoPlatform { index: Digest, platform: String },
-    #[error("Chunk {digest} could not be read from any cache level: {reason}")]
-    ChunkUnavailable {
-        digest: Digest,
-        reason: crate::layered::ReadFailure,
-    },
-    #[error("No source sent the right bytes for chunk {digest}")]
-    NoRightBytes { digest: Digest },
-    #[error("Zone: {0}")]
-    Zone(String),
-    #[error("Invalid configuration: {0}")]
-    Config(String),
     #[error("I/O error on {path}")]
     Io {
         path: String,
@@ -183,7 +147,7 @@ impl Error {
 
     /// A TOC that is malformed or lies about the blob.
     pub fn bad_toc(reason: impl Into<String>) -> Self {
-        Self::BadToc(reason.into())
+        crate::toc::TocError::Malformed(reason.into()).into()
     }
 }
 

@@ -362,6 +362,7 @@ pub fn host_platform() -> String {
 mod tests {
     use super::*;
     use crate::test_util::{client, respond, Reply};
+    use crate::toc::TocError;
     use crate::toc::{self, ConvertOptions};
 
     /// A converted layer of one 300 KiB file in 64 KiB chunks, and its blob bytes.
@@ -429,7 +430,7 @@ mod tests {
         };
         let err = images.open(&repo, &liar).await.unwrap_err();
         assert!(
-            matches!(err, Error::TocDigestMismatch { .. }),
+            matches!(err, Error::Toc(TocError::DigestMismatch { .. })),
             "{}",
             crate::error_chain(&err)
         );

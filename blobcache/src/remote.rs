@@ -564,9 +564,11 @@ impl RegistrySource {
                 return;
             }
         }
-        let err = Arc::new(failure.unwrap_or(crate::Error::NoRightBytes {
-            digest: chunks[next.load(Ordering::SeqCst)].digest,
-        }));
+        let err = Arc::new(failure.unwrap_or(crate::Error::Cache(
+            crate::layered::CacheError::NoRightBytes {
+                digest: chunks[next.load(Ordering::SeqCst)].digest,
+            },
+        )));
         for k in next.load(Ordering::SeqCst)..chunks.len() {
             each(k, Err(SourceError::unavailable(err.clone())));
         }

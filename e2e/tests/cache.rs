@@ -640,7 +640,7 @@ fn a_neighbouring_chunks_valid_frame_fails_verification() -> Result<()> {
             .await
             .expect_err("a neighbour's bytes were accepted");
         assert!(
-            matches!(err, brisk_blobcache::Error::ChunkUnavailable { digest, .. } if digest == chunk.digest),
+            matches!(err, brisk_blobcache::Error::Cache(brisk_blobcache::layered::CacheError::ChunkUnavailable { digest, .. }) if digest == chunk.digest),
             "unexpected error: {err}"
         );
         let registry = layered.report().pop().context("No levels")?;

@@ -27,6 +27,8 @@ use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::Error;
+
 const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
 const STREAM_IMAGES: &str = "/runtime.v1.ImageService/StreamImages";
 
@@ -70,7 +72,7 @@ impl ImageProxy {
         let mut client = tonic::client::Grpc::new(self.upstream.clone());
         let answer = match client.ready().await {
             Ok(()) => client.unary(Request::new(body), path, RawCodec).await,
-            Err(e) => Err(Status::unavailable(format!("containerd's CRI: {e}"))),
+            Err(e) => Err(Error::Upstream(e).into()),
         };
         if answer.is_err() {
             if let Some(replaced) = replaced {
@@ -89,7 +91,7 @@ impl ImageProxy {
         client
             .ready()
             .await
-            .map_err(|e| Status::unavailable(format!("containerd's CRI: {e}")))?;
+            .map_err(Error::Upstream)?;
         client
             .server_streaming(Request::new(body), path, RawCodec)
             .await

@@ -47,6 +47,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// containerd's own CRI service, behind the image-service proxy, could not be reached.
+    #[error("containerd's CRI service is not reachable")]
+    Upstream(#[source] tonic::transport::Error),
     #[error("Mounting {path} failed")]
     Mount {
         path: String,
@@ -86,7 +89,8 @@ impl Error {
             | Error::Meta(_)
             | Error::MetaRecord(_)
             | Error::Io { .. }
-            | Error::Mount { .. } => Errno::EIO,
+            | Error::Mount { .. }
+            | Error::Upstream(_) => Errno::EIO,
         }
     }
 }

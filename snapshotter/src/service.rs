@@ -27,6 +27,9 @@ use crate::Error;
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let msg = chain(&err);
+        if let Error::Upstream(_) = err {
+            return Status::unavailable(msg);
+        }
         let class = match &err {
             Error::Refused(r) => Some(r.class()),
             Error::FailedPrecondition(_) => Some(Class::FailedPrecondition),

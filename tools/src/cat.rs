@@ -185,8 +185,12 @@ async fn resolve_manifest(
         None => match client.head_manifest(reference).await {
             Ok(d) => d,
             Err(
-                err @ (brisk_blobcache::Error::Http { .. }
-                | brisk_blobcache::Error::RegistryStatus { .. }),
+                err @ (brisk_blobcache::Error::Registry(
+                    brisk_blobcache::registry::RegistryError::Http { .. },
+                )
+                | brisk_blobcache::Error::Registry(
+                    brisk_blobcache::registry::RegistryError::Status { .. },
+                )),
             ) => {
                 let Some(d) = meta.and_then(|m| m.tag(reference)) else {
                     return Err(err.into());

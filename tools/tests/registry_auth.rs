@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brisk_blobcache::reference::Reference;
+use brisk_blobcache::registry::RegistryError;
 use brisk_blobcache::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -80,7 +81,10 @@ async fn bearer_token_is_fetched_with_docker_config_credentials() {
     let empty = tempfile::tempdir().unwrap();
     std::env::set_var("DOCKER_CONFIG", empty.path());
     let err = client.get_manifest(&reference).await.unwrap_err();
-    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Registry(RegistryError::Auth { .. })),
+        "{err}"
+    );
 
     // With credentials in the docker config the token is obtained and used.
     let config = tempfile::tempdir().unwrap();
@@ -89,7 +93,10 @@ async fn bearer_token_is_fetched_with_docker_config_credentials() {
     std::env::set_var("DOCKER_CONFIG", config.path());
     log.lock().unwrap().clear();
     let err = client.get_manifest(&reference).await.unwrap_err();
-    assert!(matches!(err, Error::ManifestNotFound(_)), "{err}");
+    assert!(
+        matches!(err, Error::Registry(RegistryError::ManifestNotFound(_))),
+        "{err}"
+    );
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 3, "{log:#?}");
     assert!(

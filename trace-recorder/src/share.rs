@@ -83,7 +83,9 @@ pub async fn push(client: &RegistryClient, image: &Reference, trace: &Trace) -> 
     };
     let mut index = match client.get_manifest(&tag).await {
         Ok(m) => serde_json::from_slice::<Value>(&m.bytes).unwrap_or_else(|_| json!({})),
-        Err(brisk_blobcache::Error::ManifestNotFound(_)) => json!({}),
+        Err(brisk_blobcache::Error::Registry(
+            brisk_blobcache::registry::RegistryError::ManifestNotFound(_),
+        )) => json!({}),
         Err(e) => return Err(registry_err(e)),
     };
     let mut manifests: Vec<Value> = index["manifests"].as_array().cloned().unwrap_or_default();
@@ -124,7 +126,9 @@ pub async fn fetch(
             };
             match client.get_manifest(&tag).await {
                 Ok(m) => Some(m.bytes),
-                Err(brisk_blobcache::Error::ManifestNotFound(_)) => None,
+                Err(brisk_blobcache::Error::Registry(
+                    brisk_blobcache::registry::RegistryError::ManifestNotFound(_),
+                )) => None,
                 Err(e) => return Err(registry_err(e)),
             }
         }

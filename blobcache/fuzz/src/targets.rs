@@ -10,7 +10,7 @@ use std::io::Read;
 
 use brisk_blobcache::image::LazyLayer;
 use brisk_blobcache::toc::{
-    self, decode_chunk, Footer, Toc, TocPosition, FOOTER_SIZE, FORMAT_VERSION,
+    self, decode_chunk, Footer, Toc, TocError, TocPosition, FOOTER_SIZE, FORMAT_VERSION,
 };
 use brisk_blobcache::{Digest, Error};
 use bytes::Bytes;
@@ -55,14 +55,14 @@ pub fn toc(data: &[u8]) {
     let wrong = Digest::sha256(&digest.as_bytes()[..]);
     assert!(matches!(
         Toc::decode(data, len, Some(&wrong)),
-        Err(Error::TocDigestMismatch { .. })
+        Err(Error::Toc(TocError::DigestMismatch { .. }))
     ));
     if let Ok(toc) = plain {
         valid_toc(&toc);
         for (i, c) in toc.chunks.iter().enumerate() {
             let range = c.compressed_range();
             if range.end <= data.len() as u64 {
-                let _ = decode_chunk(i, c, &data[range.start as usize..range.end as usize]);
+                let _ = decode_chunk(digest, i, c, &data[range.start as usize..range.end as usize]);
             }
         }
         as_layer(&toc, data, len);

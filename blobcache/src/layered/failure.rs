@@ -5,6 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::source::SourceError;
+use crate::Digest;
+
+/// How a read through the cache levels failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("Chunk {digest} could not be read from any cache level: {reason}")]
+    ChunkUnavailable { digest: Digest, reason: ReadFailure },
+    #[error("No source sent the right bytes for chunk {digest}")]
+    NoRightBytes { digest: Digest },
+}
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ReadFailure {

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use failure::ReadFailure;
+pub use failure::{CacheError, ReadFailure};
 pub use stats::LevelReport;
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
@@ -195,9 +195,11 @@ impl Layered {
             .iter()
             .zip(results)
             .map(|(c, r)| {
-                r.map_err(|reason| Error::ChunkUnavailable {
-                    digest: c.digest,
-                    reason,
+                r.map_err(|reason| {
+                    Error::Cache(CacheError::ChunkUnavailable {
+                        digest: c.digest,
+                        reason,
+                    })
                 })
             })
             .collect()

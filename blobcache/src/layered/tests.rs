@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU32;
 use bytes::Bytes;
 
 use super::*;
+use crate::layered::CacheError;
 use crate::memory::MemoryCache;
 use tokio_util::sync::CancellationToken;
 
@@ -256,7 +257,9 @@ async fn a_chunk_no_level_can_verify_is_an_error() {
         .read(&cs[0].0, Priority::OnDemand)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::ChunkUnavailable { digest, .. } if digest == cs[0].0.digest));
+    assert!(
+        matches!(err, Error::Cache(CacheError::ChunkUnavailable { digest, .. }) if digest == cs[0].0.digest)
+    );
     assert!(err.to_string().contains("failed verification"), "{err}");
     assert!(
         memory.get(&cs[0].0).await.unwrap().is_none(),

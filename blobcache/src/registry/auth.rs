@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::error::chain;
+use super::{AuthFailure, RegistryError};
 use crate::{Error, Result};
 
 /// A parsed `WWW-Authenticate` header.
@@ -136,9 +136,12 @@ pub(crate) async fn fetch_token(
     scope: &str,
     creds: Option<&Credentials>,
 ) -> Result<String> {
-    let auth_err = |reason: String| Error::Auth {
-        registry: registry.to_owned(),
-        reason,
+    let auth_err = |reason: AuthFailure| -> Error {
+        RegistryError::Auth {
+            registry: registry.to_owned(),
+            reason,
+        }
+        .into()
     };
     let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
     if let Some(s) = service {
@@ -164,23 +167,20 @@ pub(crate) async fn fetch_token(
         .timeout(TOKEN_TIMEOUT)
         .send()
         .await
-        .map_err(|e| auth_err(format!("token request failed: {e}")))?;
+        .map_err(|e| auth_err(AuthFailure::TokenRequest(e)))?;
     if !resp.status().is_success() {
-        return Err(auth_err(format!(
-            "token endpoint returned {}",
-            resp.status()
-        )));
+        return Err(auth_err(AuthFailure::TokenStatus(resp.status().as_u16())));
     }
     let bytes = match super::read_limited(resp, realm, MAX_TOKEN_RESPONSE).await {
         Ok(bytes) => bytes,
         Err(e @ Error::OverLimit { .. }) => return Err(e),
-        Err(e) => return Err(auth_err(format!("token response failed: {}", chain(&e)))),
+        Err(e) => return Err(auth_err(AuthFailure::TokenBody(Box::new(e)))),
     };
     let body: TokenResponse =
-        serde_json::from_slice(&bytes).map_err(|e| auth_err(format!("bad token response: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| auth_err(AuthFailure::TokenJson(e)))?;
     body.token
         .or(body.access_token)
-        .ok_or_else(|| auth_err("token response has no token".into()))
+        .ok_or_else(|| auth_err(AuthFailure::NoToken))
 }
 
 #[cfg(test)]

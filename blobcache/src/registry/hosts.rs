@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::{Error, Result};
+use super::RegistryError;
+use crate::Result;
 
 /// Mirrors by registry host, and the mirror hosts reached over plain HTTP.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -32,7 +33,10 @@ pub fn load(dir: &Path) -> Result<Mirrors> {
             continue;
         };
         let table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+            toml::from_str(&text).map_err(|source| RegistryError::HostsFile {
+                path: file.display().to_string(),
+                source,
+            })?;
         let Some(hosts) = table.get("host").and_then(|h| h.as_table()) else {
             continue;
         };

@@ -5,6 +5,7 @@
 //! disk. It does not cache: caching is the job of the levels built on top of it.
 
 mod auth;
+mod error;
 pub mod hosts;
 pub mod keychain;
 
@@ -20,6 +21,7 @@ use reqwest::{header, Method, RequestBuilder, Response, StatusCode};
 use tokio::io::AsyncWriteExt;
 
 pub use auth::{Challenge, Credentials};
+pub use error::{AuthFailure, RegistryError};
 pub use keychain::Keychain;
 
 use crate::digest::Hasher;
@@ -107,14 +109,18 @@ impl RegistryClient {
             .read_timeout(config.timeout)
             .user_agent(concat!("brisk/", env!("CARGO_PKG_VERSION")));
         if let Some(proxy) = &config.proxy {
-            let proxy = reqwest::Proxy::all(proxy)
-                .map_err(|e| Error::Config(format!("registry proxy {proxy:?}: {e}")))?;
+            let proxy = reqwest::Proxy::all(proxy).map_err(|source| RegistryError::Proxy {
+                proxy: proxy.clone(),
+                source,
+            })?;
             builder = builder.proxy(proxy);
         }
-        let http = builder.build().map_err(|source| Error::Http {
-            method: "INIT",
-            url: String::new(),
-            source,
+        let http = builder.build().map_err(|source| {
+            Error::Registry(RegistryError::Http {
+                method: "INIT",
+                url: String::new(),
+                source,
+            })
         })?;
         Ok(Self {
             http,
@@ -165,7 +171,9 @@ impl RegistryClient {
             })
             .await
             .map_err(|e| match e {
-                Error::RegistryStatus { status: 404, .. } => Error::ManifestNotFound(r.to_string()),
+                Error::Registry(RegistryError::Status { status: 404, .. }) => {
+                    Error::Registry(RegistryError::ManifestNotFound(r.to_string()))
+                }
                 e => e,
             })?;
         Ok((resp, url))
@@ -220,7 +228,9 @@ impl RegistryClient {
             };
             let bytes = match read_limited(resp, &url, MAX_MANIFEST_SIZE).await {
                 Ok(b) => b,
-                Err(e @ Error::Http { .. }) => return Ok(Attempt::Retry(e)),
+                Err(e @ Error::Registry(RegistryError::Http { .. })) => {
+                    return Ok(Attempt::Retry(e))
+                }
                 Err(e) => return Err(e),
             };
             let actual = Digest::sha256(&bytes);
@@ -262,11 +272,11 @@ impl RegistryClient {
                 let piece = match piece {
                     Ok(p) => p,
                     Err(source) => {
-                        return Ok(Attempt::Retry(Error::Http {
+                        return Ok(Attempt::Retry(Error::Registry(RegistryError::Http {
                             method: "GET",
                             url: url.clone(),
                             source,
-                        }))
+                        })))
                     }
                 };
                 written += piece.len() as u64;
@@ -355,11 +365,11 @@ impl RegistryClient {
                     expected: len,
                     actual: b.len() as u64,
                 })),
-                Err(source) => Ok(Attempt::Retry(Error::Http {
+                Err(source) => Ok(Attempt::Retry(Error::Registry(RegistryError::Http {
                     method: "GET",
                     url: url.clone(),
                     source,
-                })),
+                }))),
             }
         })
         .await
@@ -370,7 +380,7 @@ impl RegistryClient {
         let url = format!("{}/blobs/{digest}", self.base(r));
         match self.send(r, "pull", Method::HEAD, &url, &|b| b).await {
             Ok(_) => Ok(true),
-            Err(Error::RegistryStatus { status: 404, .. }) => Ok(false),
+            Err(Error::Registry(RegistryError::Status { status: 404, .. })) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -395,19 +405,20 @@ impl RegistryClient {
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| Error::RegistryStatus {
+                .ok_or_else(|| {
+                    Error::Registry(RegistryError::Status {
+                        method: "POST",
+                        url: start.clone(),
+                        status: resp.status().as_u16(),
+                    })
+                })?;
+            let mut put = resp.url().join(location).map_err(|_| {
+                Error::Registry(RegistryError::Status {
                     method: "POST",
                     url: start.clone(),
                     status: resp.status().as_u16(),
-                })?;
-            let mut put = resp
-                .url()
-                .join(location)
-                .map_err(|_| Error::RegistryStatus {
-                    method: "POST",
-                    url: start.clone(),
-                    status: resp.status().as_u16(),
-                })?;
+                })
+            })?;
             put.query_pairs_mut()
                 .append_pair("digest", &digest.to_string());
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -446,7 +457,7 @@ impl RegistryClient {
             .await
         {
             Ok(resp) => Ok(Some(read_limited(resp, &url, MAX_MANIFEST_SIZE).await?)),
-            Err(Error::RegistryStatus { status: 404, .. }) => Ok(None),
+            Err(Error::Registry(RegistryError::Status { status: 404, .. })) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -663,22 +674,22 @@ impl RegistryClient {
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 Err(source) => {
-                    return Ok(Attempt::Retry(Error::Http {
+                    return Ok(Attempt::Retry(Error::Registry(RegistryError::Http {
                         method: method_name,
                         url: url.to_owned(),
                         source,
-                    }))
+                    })))
                 }
             };
             let status = resp.status();
             if status.is_success() {
                 return Ok(Attempt::Done(resp));
             }
-            let status_err = Error::RegistryStatus {
+            let status_err = Error::Registry(RegistryError::Status {
                 method: method_name,
                 url: url.to_owned(),
                 status: status.as_u16(),
-            };
+            });
             if status == StatusCode::UNAUTHORIZED && !authenticated {
                 authenticated = true;
                 let challenge = resp
@@ -717,10 +728,14 @@ impl RegistryClient {
                 return Ok(Attempt::Retry(status_err));
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                return Err(Error::Auth {
+                return Err(Error::Registry(RegistryError::Auth {
                     registry: r.registry.clone(),
-                    reason: format!("{method_name} {url} returned {status}"),
-                });
+                    reason: AuthFailure::Refused {
+                        method: method_name,
+                        url: url.to_owned(),
+                        status: status.as_u16(),
+                    },
+                }));
             }
             return Err(status_err);
         }
@@ -781,7 +796,9 @@ fn method_str(m: &Method) -> &'static str {
 
 fn map_blob_404(e: Error, digest: &Digest) -> Error {
     match e {
-        Error::RegistryStatus { status: 404, .. } => Error::BlobNotFound(*digest),
+        Error::Registry(RegistryError::Status { status: 404, .. }) => {
+            Error::Registry(RegistryError::BlobNotFound(*digest))
+        }
         e => e,
     }
 }
@@ -815,10 +832,12 @@ async fn read_limited(resp: Response, url: &str, limit: usize) -> Result<Bytes> 
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|source| Error::Http {
-            method: "GET",
-            url: url.to_owned(),
-            source,
+        let piece = piece.map_err(|source| {
+            Error::Registry(RegistryError::Http {
+                method: "GET",
+                url: url.to_owned(),
+                source,
+            })
         })?;
         if out.len() + piece.len() > limit {
             return Err(over((out.len() + piece.len()) as u64));

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::*;
+use crate::registry::RegistryError;
 use crate::test_util::{client, respond, Reply};
 
 fn over<T: std::fmt::Debug>(result: Result<T>) -> (Limit, u64, u64) {
@@ -188,7 +189,7 @@ async fn pull_credentials_go_only_to_their_registry_and_repository() {
     let other: Reference = format!("{}/test/other:v1", registry.host).parse().unwrap();
     assert!(matches!(
         c.get_manifest(&other).await,
-        Err(Error::Auth { .. })
+        Err(Error::Registry(RegistryError::Auth { .. }))
     ));
 }
 

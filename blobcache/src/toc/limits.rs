@@ -359,7 +359,7 @@ mod tests {
         let end_past_u64 = format!("{}:100:100:1", u64::MAX - 10);
         assert!(matches!(
             end_past_u64.parse::<TocPosition>(),
-            Err(Error::BadToc(_))
+            Err(Error::Toc(TocError::Malformed(_)))
         ));
         // The footer's copy is held to the same bounds, even when the blob size agrees.
         let position = TocPosition {
@@ -512,7 +512,7 @@ mod tests {
         twice.prefetch = vec![1, 0, 1];
         let err = twice.validate().unwrap_err();
         assert!(
-            matches!(&err, Error::BadToc(why) if why == "prefetch list names chunk 1 twice"),
+            matches!(&err, Error::Toc(TocError::Malformed(why)) if why == "prefetch list names chunk 1 twice"),
             "{err}"
         );
 
@@ -609,7 +609,7 @@ mod tests {
             e.link = Some("./etc//passwd".into());
         });
         assert!(
-            matches!(&unnormalized, Err(Error::BadToc(why)) if why.contains("not normalized")),
+            matches!(&unnormalized, Err(Error::Toc(TocError::Malformed(why))) if why.contains("not normalized")),
             "{unnormalized:?}"
         );
     }

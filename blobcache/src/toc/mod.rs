@@ -5,6 +5,7 @@
 //! (`writer`) turns a tar stream into such a blob, the rest of this module reads and checks one.
 //! Nothing here does I/O against a registry: callers fetch bytes and hand them in.
 
+mod error;
 mod footer;
 mod limits;
 mod path;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::short;
 use crate::{Digest, Error, Limit, Result};
 
+pub use error::TocError;
 pub use footer::{Footer, TocPosition, FOOTER_SIZE};
 pub use limits::{
     compressed_bound, worst_case_toc_memory, MAX_CHUNKS, MAX_CHUNK_COMPRESSED_SIZE, MAX_CHUNK_SIZE,
@@ -251,7 +253,8 @@ impl Toc {
     /// Serializes and compresses the TOC; the result is the payload of the TOC frame.
     pub fn encode(&self) -> Result<(Vec<u8>, u64)> {
         let json = serde_json::to_vec(self).map_err(|e| Error::json("TOC", e))?;
-        let compressed = zstd::bulk::compress(&json, TOC_LEVEL).map_err(Error::Write)?;
+        let compressed =
+            zstd::bulk::compress(&json, TOC_LEVEL).map_err(|e| Error::Toc(TocError::Write(e)))?;
         Ok((compressed, json.len() as u64))
     }
 
@@ -274,10 +277,10 @@ impl Toc {
         if let Some(expected) = expected {
             let actual = Digest::sha256(payload);
             if actual != *expected {
-                return Err(Error::TocDigestMismatch {
+                return Err(Error::Toc(TocError::DigestMismatch {
                     expected: *expected,
                     actual,
-                });
+                }));
             }
         }
         Error::check_limit(toc, Limit::TocSize, uncompressed_len, MAX_TOC_SIZE)?;
@@ -448,9 +451,11 @@ pub fn decode_chunk(
     chunk: &Chunk,
     compressed: &[u8],
 ) -> Result<crate::chunk::VerifiedChunk> {
-    let corrupt = || Error::CorruptChunk {
-        index,
-        digest: chunk.digest,
+    let corrupt = || {
+        Error::Toc(TocError::CorruptChunk {
+            index,
+            digest: chunk.digest,
+        })
     };
     let reference = crate::chunk::ChunkRef::new(blob, chunk);
     if compressed.len() as u64 != chunk.size || reference.check().is_err() {

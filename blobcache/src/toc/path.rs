@@ -2,6 +2,7 @@
 
 use super::{MAX_NAME_LEN, MAX_PATH_DEPTH, MAX_PATH_LEN};
 use crate::error::short;
+use crate::toc::TocError;
 use crate::{Error, Limit, Result};
 
 /// Normalizes a tar entry name to a path relative to the layer root: a leading `/` is stripped
@@ -16,7 +17,7 @@ pub fn normalize_name(name: &str) -> Result<String> {
     let (mut depth, mut len) = (0usize, 0usize);
     for part in components(name) {
         if part == ".." {
-            return Err(Error::EscapingPath(name.to_owned()));
+            return Err(Error::Toc(TocError::EscapingPath(name.to_owned())));
         }
         Error::check_limit(
             what,
@@ -61,7 +62,10 @@ mod tests {
     fn dotdot_anywhere_is_an_escape() {
         for bad in ["../etc/passwd", "a/../../b", "a/..", "/..", "a/../b"] {
             assert!(
-                matches!(normalize_name(bad), Err(Error::EscapingPath(_))),
+                matches!(
+                    normalize_name(bad),
+                    Err(Error::Toc(TocError::EscapingPath(_)))
+                ),
                 "{bad}"
             );
         }

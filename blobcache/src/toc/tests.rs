@@ -1,3 +1,4 @@
+use crate::toc::TocError;
 use std::io::Read;
 
 use proptest::prelude::*;
@@ -313,7 +314,7 @@ fn names_escaping_the_root_are_rejected() {
             .finish();
         let err = convert_layer(&tar[..], Vec::new(), &ConvertOptions::default()).unwrap_err();
         assert!(
-            matches!(err, Error::EscapingPath(ref n) if n == name),
+            matches!(err, Error::Toc(TocError::EscapingPath(ref n)) if n == name),
             "{name}: {err}"
         );
     }
@@ -342,12 +343,18 @@ fn hardlinks_to_missing_or_escaping_targets_are_rejected() {
         .link(tar::EntryType::Link, "a", "nowhere")
         .finish();
     let err = convert_layer(&missing[..], Vec::new(), &ConvertOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::DanglingHardlink { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Toc(TocError::DanglingHardlink { .. })),
+        "{err}"
+    );
     let escaping = TarBuilder::new()
         .raw(tar::EntryType::Link, "a", Some("../../etc/shadow"), b"")
         .finish();
     let err = convert_layer(&escaping[..], Vec::new(), &ConvertOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::EscapingPath(_)), "{err}");
+    assert!(
+        matches!(err, Error::Toc(TocError::EscapingPath(_))),
+        "{err}"
+    );
 }
 
 #[test]
@@ -355,7 +362,7 @@ fn truncated_tar_is_an_error() {
     let tar = sample_tar();
     let cut = &tar[..tar.len() / 2 + 100];
     let err = convert_layer(cut, Vec::new(), &ConvertOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::Tar(_)), "{err}");
+    assert!(matches!(err, Error::Toc(TocError::Tar(_))), "{err}");
 }
 
 #[test]
@@ -370,7 +377,10 @@ fn toc_digest_mismatch_is_detected_before_decoding() {
         Some(&layer.toc_digest),
     )
     .unwrap_err();
-    assert!(matches!(err, Error::TocDigestMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Toc(TocError::DigestMismatch { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -384,7 +394,7 @@ fn a_flipped_bit_in_a_chunk_fails_verification() {
     bytes[last] ^= 0x40;
     assert!(matches!(
         decode_chunk(layer.digest, 0, c, &bytes),
-        Err(Error::CorruptChunk { index: 0, .. })
+        Err(Error::Toc(TocError::CorruptChunk { index: 0, .. }))
     ));
     // The bytes of another chunk are just as wrong, even if they decode.
     let other = &toc.chunks[1];

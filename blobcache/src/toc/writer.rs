@@ -21,6 +21,7 @@ use super::{
 };
 use crate::digest::{Hasher, HashingWriter};
 use crate::error::short;
+use crate::toc::TocError;
 use crate::{Digest, Error, Limit, Result};
 
 /// zstd level for start-up chunks: past it, smaller frames cost far more time (about 14% smaller
@@ -102,7 +103,8 @@ pub fn convert_layer<R: Read, W: Write>(
     let chunk_size = opts.chunk_size.clamp(4096, super::MAX_CHUNK_SIZE as u32) as u64;
     let mut frames = FrameWriter::new(out, chunk_size, opts.level)?;
     if !opts.prefetch_files.is_empty() && opts.prefetch_level != opts.level {
-        frames.hot_compressor = Some(compressor(opts.prefetch_level).map_err(Error::Write)?);
+        frames.hot_compressor =
+            Some(compressor(opts.prefetch_level).map_err(|e| Error::Toc(TocError::Write(e)))?);
     }
     let frames = Rc::new(RefCell::new(frames));
     let prefetch: std::collections::HashSet<&str> =
@@ -166,11 +168,11 @@ pub fn convert_layer<R: Read, W: Write>(
 /// A failure reading the tar stream; a limit the frame writer hit while the tar parser read
 /// through it comes back as itself, not as a tar error.
 fn tar_error(err: io::Error) -> Error {
-    limit_error(err).unwrap_or_else(Error::Tar)
+    limit_error(err).unwrap_or_else(|e| Error::Toc(TocError::Tar(e)))
 }
 
 fn write_error(err: io::Error) -> Error {
-    limit_error(err).unwrap_or_else(Error::Write)
+    limit_error(err).unwrap_or_else(|e| Error::Toc(TocError::Write(e)))
 }
 
 /// The crate error inside `err`, if the frame writer put one there (its writes run inside the
@@ -253,7 +255,7 @@ impl<W: Write> FrameWriter<W> {
     fn new(out: W, chunk_size: u64, level: i32) -> Result<Self> {
         Ok(Self {
             out: HashingWriter::new(out),
-            compressor: compressor(level).map_err(Error::Write)?,
+            compressor: compressor(level).map_err(|e| Error::Toc(TocError::Write(e)))?,
             hot_compressor: None,
             hot: Vec::new(),
             buf: Vec::with_capacity(chunk_size as usize),
@@ -385,15 +387,19 @@ impl<W: Write> FrameWriter<W> {
         toc.prefetch = prefetch_chunks(&toc, prefetch_files, prefetch_ranges);
         let (payload, uncompressed_size) = toc.encode()?;
         let out = &mut self.out;
-        out.write_all(&skippable_header(TOC_FRAME_MAGIC, payload.len()).map_err(Error::Write)?)
-            .map_err(Error::Write)?;
+        out.write_all(
+            &skippable_header(TOC_FRAME_MAGIC, payload.len())
+                .map_err(|e| Error::Toc(TocError::Write(e)))?,
+        )
+        .map_err(|e| Error::Toc(TocError::Write(e)))?;
         let position = TocPosition {
             offset: out.written(),
             size: payload.len() as u64,
             uncompressed_size,
             version: FORMAT_VERSION,
         };
-        out.write_all(&payload).map_err(Error::Write)?;
+        out.write_all(&payload)
+            .map_err(|e| Error::Toc(TocError::Write(e)))?;
         out.write_all(
             &Footer {
                 toc: position,
@@ -401,8 +407,8 @@ impl<W: Write> FrameWriter<W> {
             }
             .encode(),
         )
-        .map_err(Error::Write)?;
-        out.flush().map_err(Error::Write)?;
+        .map_err(|e| Error::Toc(TocError::Write(e)))?;
+        out.flush().map_err(|e| Error::Toc(TocError::Write(e)))?;
         let (digest, size, inner) = self.out.finish();
         let layer = ConvertedLayer {
             digest,
@@ -511,10 +517,10 @@ impl EntryTable {
                     )
                 });
             if !ok {
-                return Err(Error::DanglingHardlink {
+                return Err(Error::Toc(TocError::DanglingHardlink {
                     name: entry.name,
                     target,
-                });
+                }));
             }
         }
         // Whiteouts and opaque markers name paths of lower layers; they live in their own
@@ -550,24 +556,24 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
         EntryType::Fifo => EntryKind::Fifo,
         EntryType::XGlobalHeader => return Ok(None),
         EntryType::GNUSparse => {
-            return Err(Error::UnsupportedEntry {
+            return Err(Error::Toc(TocError::UnsupportedEntry {
                 name: raw_name,
                 reason: "GNU sparse files are not supported",
-            })
+            }))
         }
         _ => {
-            return Err(Error::UnsupportedEntry {
+            return Err(Error::Toc(TocError::UnsupportedEntry {
                 name: raw_name,
                 reason: "unknown tar entry type",
-            })
+            }))
         }
     };
     let mut name = normalize_name(&raw_name)?;
     if name.is_empty() && kind != EntryKind::Dir {
-        return Err(Error::UnsupportedEntry {
+        return Err(Error::Toc(TocError::UnsupportedEntry {
             name: raw_name,
             reason: "only a directory can be the root",
-        });
+        }));
     }
     let (parent, base) = match name.rfind('/') {
         Some(i) => (&name[..i], &name[i + 1..]),
@@ -592,11 +598,11 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
     let mut toc = Entry {
         kind,
         name,
-        mode: header.mode().map_err(Error::Tar)? & 0o7777,
-        uid: header.uid().map_err(Error::Tar)?,
-        gid: header.gid().map_err(Error::Tar)?,
+        mode: header.mode().map_err(|e| Error::Toc(TocError::Tar(e)))? & 0o7777,
+        uid: header.uid().map_err(|e| Error::Toc(TocError::Tar(e)))?,
+        gid: header.gid().map_err(|e| Error::Toc(TocError::Tar(e)))?,
         size: 0,
-        mtime: header.mtime().map_err(Error::Tar)? as i64,
+        mtime: header.mtime().map_err(|e| Error::Toc(TocError::Tar(e)))? as i64,
         link: None,
         offset: None,
         dev_major: None,
@@ -623,8 +629,12 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
             });
         }
         EntryKind::Char | EntryKind::Block => {
-            toc.dev_major = header.device_major().map_err(Error::Tar)?;
-            toc.dev_minor = header.device_minor().map_err(Error::Tar)?;
+            toc.dev_major = header
+                .device_major()
+                .map_err(|e| Error::Toc(TocError::Tar(e)))?;
+            toc.dev_minor = header
+                .device_minor()
+                .map_err(|e| Error::Toc(TocError::Tar(e)))?;
         }
         _ => {}
     }
@@ -634,11 +644,14 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
 
 /// PAX records override the ustar header's numeric fields and carry xattrs.
 fn apply_pax<R: Read>(entry: &mut tar::Entry<'_, R>, toc: &mut Entry) -> Result<()> {
-    let Some(exts) = entry.pax_extensions().map_err(Error::Tar)? else {
+    let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| Error::Toc(TocError::Tar(e)))?
+    else {
         return Ok(());
     };
     for ext in exts {
-        let ext = ext.map_err(Error::Tar)?;
+        let ext = ext.map_err(|e| Error::Toc(TocError::Tar(e)))?;
         let Ok(key) = ext.key() else { continue };
         let value = ext.value_bytes();
         let number = || {
@@ -664,13 +677,15 @@ fn apply_pax<R: Read>(entry: &mut tar::Entry<'_, R>, toc: &mut Entry) -> Result<
 }
 
 fn utf8(bytes: Vec<u8>, context: &str) -> Result<String> {
-    String::from_utf8(bytes).map_err(|e| Error::UnsupportedEntry {
-        name: if context.is_empty() {
-            String::from_utf8_lossy(e.as_bytes()).into_owned()
-        } else {
-            context.to_owned()
-        },
-        reason: "names and link targets must be UTF-8",
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Toc(TocError::UnsupportedEntry {
+            name: if context.is_empty() {
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            } else {
+                context.to_owned()
+            },
+            reason: "names and link targets must be UTF-8",
+        })
     })
 }
 
@@ -731,6 +746,6 @@ mod tests {
         // tar error.
         let cut = TarBuilder::new().file("f", &[0u8; 10_000]).finish();
         let err = convert_layer(&cut[..700], Vec::new(), &ConvertOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::Tar(_)), "{err}");
+        assert!(matches!(err, Error::Toc(TocError::Tar(_))), "{err}");
     }
 }

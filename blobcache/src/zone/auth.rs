@@ -30,6 +30,7 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 use super::replay::ReplayCache;
+use super::ZoneError;
 use crate::{Error, Result};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -115,10 +116,11 @@ impl ZoneKey {
     pub fn new(token: &[u8]) -> Result<Self> {
         let token = token.trim_ascii();
         if token.len() < MIN_TOKEN_BYTES {
-            return Err(Error::Zone(format!(
-                "the zone token must be at least {MIN_TOKEN_BYTES} bytes (it has {})",
-                token.len()
-            )));
+            return Err(ZoneError::ShortToken {
+                min: MIN_TOKEN_BYTES,
+                len: token.len(),
+            }
+            .into());
         }
         Ok(Self(token.to_vec()))
     }
@@ -126,7 +128,14 @@ impl ZoneKey {
     /// Reads the token from a file (surrounding whitespace ignored).
     pub fn from_file(path: &Path) -> Result<Self> {
         let token = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::new(&token).map_err(|e| Error::Zone(format!("{}: {e}", path.display())))
+        Self::new(&token).map_err(|e| match e {
+            Error::Zone(e) => ZoneError::TokenFile {
+                path: path.display().to_string(),
+                source: Box::new(e),
+            }
+            .into(),
+            e => e,
+        })
     }
 
     /// An HMAC over `parts`, each length-prefixed so no two lists of parts collide.

@@ -28,8 +28,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use super::limits::{self, Bound};
 use super::refusals::RefusalLog;
 use super::server::PeerService;
-use super::ZoneTls;
-use crate::{Error, Result};
+use super::{ZoneError, ZoneTls};
+use crate::Result;
 
 #[derive(Clone, Debug)]
 pub struct ListenLimits {
@@ -112,7 +112,7 @@ impl PeerPort {
         if let Some(tls) = tls {
             server = server
                 .tls_config(tls.server().timeout(limits.tls_handshake_timeout))
-                .map_err(|e| Error::Zone(format!("peer TLS: {e}")))?;
+                .map_err(ZoneError::Tls)?;
         }
         Ok(Self { server, limits })
     }
@@ -132,7 +132,7 @@ impl PeerPort {
             .add_service(peer)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
-            .map_err(|e| Error::Zone(format!("peer service: {e}")))
+            .map_err(|e| ZoneError::Serve(e).into())
     }
 }
 

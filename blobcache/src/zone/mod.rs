@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+mod error;
 pub mod gossip;
 pub mod limits;
 pub mod listen;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
+pub use error::ZoneError;
 use limits::{Bound, OverBound};
 
 /// Mutual TLS for the peer service: the zone's CA and this host's certificate and key (PEM).

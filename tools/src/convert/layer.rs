@@ -140,7 +140,8 @@ pub fn convert_file(
     let plain = output.with_extension("tar");
     let staged = File::create(&plain).map_err(|e| Error::io(&plain, e))?;
     let mut writer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, staged));
-    std::io::copy(&mut tar, &mut writer).map_err(brisk_blobcache::Error::Tar)?;
+    std::io::copy(&mut tar, &mut writer)
+        .map_err(|e| brisk_blobcache::Error::Toc(brisk_blobcache::toc::TocError::Tar(e)))?;
     let (original, _, staged) = writer.finish();
     staged
         .into_inner()

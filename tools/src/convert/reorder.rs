@@ -27,7 +27,11 @@ pub struct Plan {
 /// Plans the reordering of the uncompressed tar at `path` for `trace_files` (layer paths in
 /// first-read order). `None` when no traced file is in this layer.
 pub fn plan(path: &Path, trace_files: &[String]) -> Result<Option<Plan>> {
-    let tar_err = |e| Error::Blob(brisk_blobcache::Error::Tar(e));
+    let tar_err = |e| {
+        Error::Blob(brisk_blobcache::Error::Toc(
+            brisk_blobcache::toc::TocError::Tar(e),
+        ))
+    };
     // The parser below seeks over file data, so the guard that bounds metadata entries
     // before the parser holds them reads the stream once on its own first.
     let mut guarded =
