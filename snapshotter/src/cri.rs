@@ -88,10 +88,7 @@ impl ImageProxy {
         body: Bytes,
     ) -> Result<Response<tonic::Streaming<Bytes>>, Status> {
         let mut client = tonic::client::Grpc::new(self.upstream.clone());
-        client
-            .ready()
-            .await
-            .map_err(Error::Upstream)?;
+        client.ready().await.map_err(Error::Upstream)?;
         client
             .server_streaming(Request::new(body), path, RawCodec)
             .await
