@@ -96,6 +96,12 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// `lookup` from async code: it reads the docker config and may run a credential helper (a
+/// process that can take its time), so the worker hands its other tasks on while it waits.
+pub fn lookup_off_worker(registry: &str) -> Option<Credentials> {
+    crate::blocking::in_place(|| lookup(registry))
+}
+
 /// Looks up credentials for `registry` (`host[:port]`). No entry is not an error: anonymous
 /// access is the common case for pulls.
 pub fn lookup(registry: &str) -> Option<Credentials> {

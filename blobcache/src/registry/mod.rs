@@ -143,7 +143,7 @@ impl RegistryClient {
     fn credentials(&self, r: &Reference) -> (Option<Credentials>, u64) {
         match self.pulled(r) {
             Some((creds, generation)) => (Some(creds), generation),
-            None => (auth::lookup(&r.registry), 0),
+            None => (auth::lookup_off_worker(&r.registry), 0),
         }
     }
 
@@ -690,7 +690,12 @@ impl RegistryClient {
                 url: url.to_owned(),
                 status: status.as_u16(),
             });
-            if status == StatusCode::UNAUTHORIZED && !authenticated {
+            // A challenge is answered only from the host the request was sent to: a redirect
+            // target on another host (a blob store, or a registry that hands reads to a host
+            // it does not control) must never be handed the pull's credentials, so its 401 is
+            // a refusal like any other.
+            if status == StatusCode::UNAUTHORIZED && !authenticated && same_origin(url, resp.url())
+            {
                 authenticated = true;
                 let challenge = resp
                     .headers()
@@ -765,7 +770,7 @@ impl RegistryClient {
         {
             let creds = match pulled {
                 Some((creds, _)) => Some(creds),
-                None => auth::lookup(&r.registry),
+                None => auth::lookup_off_worker(&r.registry),
             };
             if let Some(Credentials::Basic { username, password }) = creds {
                 return req.basic_auth(username, Some(password));
@@ -773,6 +778,11 @@ impl RegistryClient {
         }
         req
     }
+}
+
+/// Whether `answered` (where redirects led) is the scheme, host and port `asked` named.
+fn same_origin(asked: &str, answered: &reqwest::Url) -> bool {
+    reqwest::Url::parse(asked).is_ok_and(|asked| asked.origin() == answered.origin())
 }
 
 /// A temporary file holding `bytes`, for the file-based upload path.

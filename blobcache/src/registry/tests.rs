@@ -228,6 +228,58 @@ async fn a_redirect_to_another_host_carries_no_credentials() {
 }
 
 #[tokio::test]
+async fn a_challenge_from_a_redirect_target_is_refused_and_gets_no_credentials() {
+    // A token service the redirect target names: it must never hear from the client.
+    let realm_seen: Seen = Arc::default();
+    let seen = realm_seen.clone();
+    let realm = respond(move |req| {
+        seen.lock().unwrap().push(req.authorization.clone());
+        Reply::Body(200, String::new(), b"{\"token\":\"stolen\"}".to_vec())
+    })
+    .await;
+    let challenge_text = format!("Bearer realm=\"http://{}/token\",service=\"x\"", realm.host);
+    let target = respond(move |_| challenge(&challenge_text)).await;
+    let location = format!("http://{}/elsewhere", target.host);
+    let expected = basic_header("u", "secret");
+    // The first authenticated read is served; later ones, which carry the credentials
+    // without a challenge, are redirected.
+    let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let registry = respond(move |req| match &req.authorization {
+        Some(a) if *a == expected && !served.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+            Reply::Body(200, String::new(), b"{}".to_vec())
+        }
+        Some(a) if *a == expected => {
+            Reply::Body(307, format!("location: {location}\r\n"), Vec::new())
+        }
+        _ => challenge("Basic realm=\"r\""),
+    })
+    .await;
+    let keychain = Arc::new(Keychain::new());
+    let creds = Credentials::Basic {
+        username: "u".into(),
+        password: "secret".into(),
+    };
+    keychain.put(&registry.host, "test/app", creds).unwrap();
+    let c = RegistryClient::new(RegistryConfig {
+        retries: 0,
+        ..RegistryConfig::default()
+    })
+    .unwrap()
+    .with_keychain(keychain);
+    c.get_manifest(&reference(&registry.host)).await.unwrap();
+    let got = c.get_manifest(&reference(&registry.host)).await;
+    assert!(
+        matches!(got, Err(Error::Registry(RegistryError::Auth { .. }))),
+        "{got:?}"
+    );
+    assert!(
+        realm_seen.lock().unwrap().is_empty(),
+        "the redirect target's token service was asked: {:?}",
+        realm_seen.lock().unwrap()
+    );
+}
+
+#[tokio::test]
 async fn a_token_fetched_with_replaced_credentials_is_not_sent_again() {
     // The token service names the password it was given in the token.
     let tokens = respond(|req| {
