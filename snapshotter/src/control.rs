@@ -93,16 +93,30 @@ impl api::control_server::Control for ControlService {
         let remote = self.inner.remote();
         let all = self.inner.store().all().map_err(Status::from)?;
         let snapshots = all.len() as u64;
+        let usage = crate::usage::of_layers(&all, remote);
+        let images = crate::usage::by_image(&all, &usage)
+            .iter()
+            .map(|i| api::ImageStatus {
+                image: i.image.clone(),
+                manifest: i.manifest.to_string(),
+                layers: i.layers,
+                mounted: i.mounted,
+                reads: Some(crate::usage::to_api(&i.usage)),
+            })
+            .collect();
         let layers = all
             .iter()
             .filter_map(|s| {
                 let r = s.remote.as_ref()?;
+                let used = usage.get(&s.id).copied().flatten();
                 Some(api::LazyLayerStatus {
                     chain_id: s.key.clone(),
                     blob: r.blob.to_string(),
                     image: r.image.to_string(),
                     proof: r.proof.as_str().to_owned(),
-                    mounted: remote.is_mounted(s.id),
+                    mounted: used.is_some(),
+                    manifest: r.manifest.to_string(),
+                    reads: Some(crate::usage::to_api(&used.unwrap_or_default())),
                 })
             })
             .collect();
@@ -132,6 +146,7 @@ impl api::control_server::Control for ControlService {
             prefetches_started: remote.traces().prefetches_started(),
             recordings: remote.traces().recordings_started(),
             layers,
+            images,
             verify: self.inner.prover().mode().as_str().to_owned(),
             zone: remote.zone().map(|z| {
                 let s = z.stats();

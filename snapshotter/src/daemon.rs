@@ -140,6 +140,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = Stop>) -> Result
 
     if let Some(addr) = &config.metrics_address {
         crate::metrics::serve(addr)?;
+        // Per-image figures are sums over the snapshot records, so they are gauges brought
+        // up to date now and then rather than counters bumped on every read. The task ends
+        // with the runtime.
+        let snapshotter = snapshotter.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::usage::PUBLISH_EVERY);
+            loop {
+                every.tick().await;
+                let s = snapshotter.clone();
+                // The records are read from the metadata store: a blocking read.
+                let published = tokio::task::spawn_blocking(move || {
+                    let all = s.store().all()?;
+                    let layers = crate::usage::of_layers(&all, s.remote());
+                    crate::usage::publish(&crate::usage::by_image(&all, &layers));
+                    Ok::<_, Error>(())
+                })
+                .await;
+                if let Ok(Err(err)) = published {
+                    tracing::warn!(error = %brisk_blobcache::error_chain(&err), "per-image metrics not updated");
+                }
+            }
+        });
     }
     if config.peer.peer_only {
         if zone.is_none() {

@@ -21,6 +21,7 @@ mod service;
 mod snapshots;
 mod takeover;
 mod traces;
+mod usage;
 mod zone;
 
 pub use daemon::{run, Stop};

@@ -146,6 +146,7 @@ enum Command {
     Status {
         #[arg(long, default_value = brisk_tools::trace::DEFAULT_SOCKET)]
         snapshotter: PathBuf,
+        /// Print the whole answer as JSON instead of a summary.
         #[arg(long)]
         json: bool,
     },
@@ -404,24 +405,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = brisk_tools::trace::status(&snapshotter)
                 .await
                 .context("Asking the snapshotter")?;
-            let levels: Vec<_> = s
-                .cache
-                .iter()
-                .map(|l| serde_json::json!({"level": l.level, "hits": l.hits, "misses": l.misses, "errors": l.errors, "corrupt": l.corrupt, "timeouts": l.timeouts, "bytes": l.bytes}))
-                .collect();
-            let zone = s.zone.as_ref().map(|z| serde_json::json!({"address": z.address, "members": z.members, "requests": z.requests, "chunks": z.chunks, "bytes": z.bytes, "corrupt": z.corrupt, "failures": z.failures}));
-            let layers: Vec<_> = s
-                .layers
-                .iter()
-                .map(|l| serde_json::json!({"chain_id": l.chain_id, "blob": l.blob, "image": l.image, "proof": l.proof, "mounted": l.mounted}))
-                .collect();
-            let count = |p: &str| s.layers.iter().filter(|l| l.proof == p).count();
-            let proofs = serde_json::json!({"mode": s.verify, "proven": count("proven"), "unproven": count("unproven"), "refuted": count("refuted")});
-            let v = serde_json::json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "verify": proofs, "layers": layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes, "on_demand_fetches": s.on_demand_fetches, "prefetch_fetches": s.prefetch_fetches, "prefetches_started": s.prefetches_started, "recordings": s.recordings, "zone": zone});
             if json {
-                println!("{v}");
+                println!("{}", brisk_tools::status::to_json(&s));
             } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                print!("{}", brisk_tools::status::summary(&s));
             }
         }
         Command::Pull {

@@ -11,6 +11,7 @@ mod error;
 pub mod inspect;
 mod layout;
 pub mod pull;
+pub mod status;
 pub mod store;
 pub mod trace;
 mod view;

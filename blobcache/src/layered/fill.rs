@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::failure::ReadFailure;
-use super::flight::Group;
+use super::flight::{Group, Served};
 use super::{Layered, Level, Role};
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::source::{Answer, Found, Priority};
@@ -81,7 +81,16 @@ impl Layered {
                             || group.wanted[i].load(Ordering::SeqCst);
                         self.counters.origin_fetch(on_demand);
                     }
-                    group.handoff.deliver(i, Ok(verified));
+                    if level.role >= Role::Peer {
+                        self.counters.fetched(chunk, level.role);
+                    }
+                    group.handoff.deliver(
+                        i,
+                        Ok(Served {
+                            chunk: verified,
+                            from: level.role,
+                        }),
+                    );
                     Taken::Delivered
                 }
                 Accepted::WrongLength(actual) => {

@@ -14,8 +14,17 @@ use super::{Layered, Reader, Role};
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::source::Priority;
 
-/// A chunk's fate in one read: verified bytes, or why no level could provide them.
-pub(super) type Outcome = Result<VerifiedChunk, ReadFailure>;
+/// A chunk's fate in one read: verified bytes and the level that served them, or why no
+/// level could provide them.
+pub(super) type Outcome = Result<Served, ReadFailure>;
+
+/// A chunk as its readers receive it: every reader of one fetch learns the same level, so a
+/// reader that joined a registry fetch knows it waited on the network too.
+#[derive(Clone)]
+pub(super) struct Served {
+    pub chunk: VerifiedChunk,
+    pub from: Role,
+}
 
 pub(super) type Flight = Shared<BoxFuture<'static, Outcome>>;
 

@@ -19,12 +19,11 @@ mod stats;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use failure::{CacheError, ReadFailure};
-pub use stats::LevelReport;
+pub use stats::{BlobFetched, LevelReport};
 
 use crate::chunk::{ChunkRef, VerifiedChunk};
 use crate::source::ChunkSource;
@@ -63,24 +62,6 @@ enum Reader {
     Peer,
 }
 
-/// Chunks the origin served while a reader waited, and ahead of any reader: how much of a
-/// start prefetch covered.
-#[derive(Default)]
-struct Counters {
-    origin_on_demand: AtomicU64,
-    origin_prefetch: AtomicU64,
-}
-
-impl Counters {
-    fn origin_fetch(&self, on_demand: bool) {
-        match on_demand {
-            true => &self.origin_on_demand,
-            false => &self.origin_prefetch,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 pub struct Layered {
     levels: Vec<Level>,
     /// Fetches in progress by the whole chunk reference, not the digest alone: a reference
@@ -90,7 +71,7 @@ pub struct Layered {
     /// A std mutex: held only to look up or insert.
     inflight: Mutex<HashMap<ChunkRef, flight::InFlight>>,
     gate: schedule::Gate,
-    counters: Counters,
+    counters: stats::Counters,
     /// How many times the whole level list is tried before a chunk is declared unavailable;
     /// a second pass catches a registry that served one bad response.
     passes: u32,
@@ -148,7 +129,7 @@ impl LayeredBuilder {
             levels: self.levels,
             inflight: Mutex::default(),
             gate: schedule::Gate::new(self.prefetch_concurrency),
-            counters: Counters::default(),
+            counters: stats::Counters::default(),
             passes: self.passes,
         })
     }
@@ -183,6 +164,17 @@ impl Layered {
         chunks: &[ChunkRef],
         priority: Priority,
     ) -> Result<Vec<VerifiedChunk>> {
+        Ok(self.read_many_from(chunks, priority).await?.0)
+    }
+
+    /// Reads as `read_many` does, and says the slowest role that served any of the chunks
+    /// (`Role::Memory` for none): a read that got a chunk from a peer or the origin waited on
+    /// the network, whether its own fetch or one it joined.
+    pub async fn read_many_from(
+        self: &Arc<Self>,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) -> Result<(Vec<VerifiedChunk>, Role)> {
         for c in chunks {
             c.check()?;
         }
@@ -191,18 +183,22 @@ impl Layered {
             .into_iter()
             .map(|f| f.expect("local reads are never declined"));
         let results = futures::future::join_all(flights).await;
-        chunks
+        let mut slowest = Role::Memory;
+        let got = chunks
             .iter()
             .zip(results)
-            .map(|(c, r)| {
-                r.map_err(|reason| {
-                    Error::Cache(CacheError::ChunkUnavailable {
-                        digest: c.digest,
-                        reason,
-                    })
-                })
+            .map(|(c, r)| match r {
+                Ok(served) => {
+                    slowest = slowest.max(served.from);
+                    Ok(served.chunk)
+                }
+                Err(reason) => Err(Error::Cache(CacheError::ChunkUnavailable {
+                    digest: c.digest,
+                    reason,
+                })),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok((got, slowest))
     }
 
     /// Reads chunks for a zone peer, from every level but the peers. `None` for a chunk that
@@ -215,7 +211,7 @@ impl Layered {
         let flights = self.join_or_start(chunks, priority, Reader::Peer);
         futures::future::join_all(flights.into_iter().map(|f| async move {
             match f {
-                Some(f) => f.await.ok(),
+                Some(f) => f.await.ok().map(|served| served.chunk),
                 None => None,
             }
         }))
@@ -234,10 +230,18 @@ impl Layered {
 
     /// Chunks fetched from the origin (on demand, by prefetch).
     pub fn origin_fetches(&self) -> (u64, u64) {
-        (
-            self.counters.origin_on_demand.load(Ordering::Relaxed),
-            self.counters.origin_prefetch.load(Ordering::Relaxed),
-        )
+        self.counters.origin_fetches()
+    }
+
+    /// What layer blob `blob`'s chunks cost off this host so far (zero for a blob past the
+    /// bound of blobs counted, or forgotten).
+    pub fn fetched(&self, blob: &Digest) -> BlobFetched {
+        self.counters.fetched_for(blob)
+    }
+
+    /// Stops counting `blob` one by one (its layer is gone), making room for another.
+    pub fn forget_fetched(&self, blob: &Digest) {
+        self.counters.forget(blob)
     }
 
     /// Per-level counters, fastest level first.

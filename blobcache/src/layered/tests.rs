@@ -1,7 +1,7 @@
 //! The read path's behaviour, level by level, with scripted levels that are slow, lie, fail or
 //! trickle their answers.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 

@@ -13,6 +13,7 @@ mod inode;
 mod read;
 mod readahead;
 mod session;
+mod stats;
 
 use brisk_blobcache::error_chain as chain;
 use std::ffi::OsStr;
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use brisk_blobcache::layered::Layered;
+use brisk_blobcache::layered::{Layered, Role};
 use brisk_blobcache::toc::Toc;
 use brisk_blobcache::Digest;
 use fuser::{
@@ -35,6 +36,7 @@ use self::read::Plan;
 pub use self::read::{ReadEvent, Recorder};
 pub(crate) use self::session::leave;
 pub use self::session::{adopt, mount, Connection, MountedLayer};
+pub use self::stats::{ReadReport, ReadStats};
 use crate::{Error, Result};
 
 /// How long the kernel may cache attributes and entries. A layer never changes while it is
@@ -62,6 +64,8 @@ pub struct LayerFs {
     /// Runs of reads per file, for read-ahead. A std lock: taken only on the FUSE thread and
     /// only for arithmetic.
     streams: Mutex<readahead::Streams>,
+    /// What containers read here and how long they waited, for `brisk status`.
+    stats: Arc<ReadStats>,
 }
 
 impl LayerFs {
@@ -79,12 +83,18 @@ impl LayerFs {
             init_seen: Arc::default(),
             refuted: Arc::default(),
             streams: Mutex::default(),
+            stats: Arc::default(),
         })
     }
 
     /// The flag that refuses the layer's content once set.
     pub fn refuted_flag(&self) -> Arc<AtomicBool> {
         self.refuted.clone()
+    }
+
+    /// The layer's read counters, shared: they go on counting while the layer is mounted.
+    pub fn stats(&self) -> Arc<ReadStats> {
+        self.stats.clone()
     }
 
     /// Inode numbers run from 1 to this.
@@ -239,17 +249,26 @@ impl fuser::Filesystem for LayerFs {
         if let Some(content) = &node.content {
             self.read_ahead(ino.0, content, offset, plan.len());
         }
-        let (cache, toc, blob, path) = (
+        self.stats
+            .read(&self.toc.chunks[plan.chunks.clone()], &plan.range);
+        let (cache, toc, blob, path, stats) = (
             self.cache.clone(),
             self.toc.clone(),
             self.blob,
             node.path.clone(),
+            self.stats.clone(),
         );
         // Never wait here: a miss may go to the registry, and this thread serves every other
         // request of the layer. The reply moves into the task and is answered from there.
         self.rt.spawn(async move {
+            let asked = std::time::Instant::now();
             match read::fetch(&cache, &toc, blob, &plan).await {
-                Ok(bytes) => reply.data(&bytes),
+                Ok((bytes, from)) => {
+                    if from >= Role::Peer {
+                        stats.stalled(asked.elapsed());
+                    }
+                    reply.data(&bytes)
+                }
                 Err(err) => {
                     tracing::warn!(%blob, %path, offset, size, error = %chain(&err), "read failed");
                     reply.error(err.errno());

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use brisk_blobcache::chunk::{ChunkRef, VerifiedChunk};
-use brisk_blobcache::layered::{Layered, Priority};
+use brisk_blobcache::layered::{Layered, Priority, Role};
 use brisk_blobcache::toc::{Chunk, Toc};
 use brisk_blobcache::Digest;
 use bytes::Bytes;
@@ -62,17 +62,21 @@ impl Plan {
     }
 }
 
-/// Fetches the plan's chunks as an on-demand read and returns exactly the planned bytes.
+/// Fetches the plan's chunks as an on-demand read and returns exactly the planned bytes, and
+/// the slowest level they came from.
 pub(crate) async fn fetch(
     cache: &Arc<Layered>,
     toc: &Toc,
     blob: Digest,
     plan: &Plan,
-) -> Result<Bytes> {
-    let got = cache
-        .read_many(&refs(toc, blob, plan.chunks.clone()), Priority::OnDemand)
+) -> Result<(Bytes, Role)> {
+    let (got, from) = cache
+        .read_many_from(&refs(toc, blob, plan.chunks.clone()), Priority::OnDemand)
         .await?;
-    cut(&toc.chunks[plan.chunks.clone()], &got, &plan.range)
+    Ok((
+        cut(&toc.chunks[plan.chunks.clone()], &got, &plan.range)?,
+        from,
+    ))
 }
 
 /// Fetches the chunks that hold `range` of the tar stream as a reader would, for read-ahead:

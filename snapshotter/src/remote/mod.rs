@@ -88,6 +88,26 @@ struct Mounted {
     refuted: Arc<std::sync::atomic::AtomicBool>,
     /// Inode numbers run from 1 to this: what to drop from the page cache on refutal.
     inodes: u64,
+    blob: Digest,
+    /// What containers read through this mount, and how long they waited.
+    stats: Arc<crate::fs::ReadStats>,
+}
+
+/// What `keep` needs of a filesystem that has moved into its FUSE session.
+struct FsHandles {
+    refuted: Arc<std::sync::atomic::AtomicBool>,
+    inodes: u64,
+    stats: Arc<crate::fs::ReadStats>,
+}
+
+impl FsHandles {
+    fn of(fs: &crate::fs::LayerFs) -> Self {
+        Self {
+            refuted: fs.refuted_flag(),
+            inodes: fs.inodes(),
+            stats: fs.stats(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -148,6 +168,17 @@ impl RemoteLayers {
 
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.rt
+    }
+
+    /// What containers read through snapshot `id`'s mount in this run, and what its blob's
+    /// chunks cost off the host; `None` when it is not mounted.
+    pub fn read_report(
+        &self,
+        id: u64,
+    ) -> Option<(crate::fs::ReadReport, brisk_blobcache::layered::BlobFetched)> {
+        let sessions = self.sessions.lock().expect("not poisoned");
+        let m = sessions.get(&id)?;
+        Some((m.stats.report(), self.cache.fetched(&m.blob)))
     }
 
     /// Whether snapshot `id`'s lazy layer is mounted in this run.
@@ -296,7 +327,7 @@ impl RemoteLayers {
         id: u64,
         path: &Path,
         blob: Digest,
-        fs_flags: (Arc<std::sync::atomic::AtomicBool>, u64),
+        handles: FsHandles,
         m: crate::fs::MountedLayer,
     ) {
         self.readers.mounted(id, path, blob);
@@ -314,8 +345,10 @@ impl RemoteLayers {
             id,
             Mounted {
                 session: m.session,
-                refuted: fs_flags.0,
-                inodes: fs_flags.1,
+                refuted: handles.refuted,
+                inodes: handles.inodes,
+                blob,
+                stats: handles.stats,
                 path: path.to_owned(),
                 owns_mount: m.owns_mount,
             },
@@ -325,9 +358,9 @@ impl RemoteLayers {
     /// Mounts the layer's FUSE filesystem at `path`.
     pub fn mount(&self, id: u64, path: &Path, layer: &RemoteLayer, toc: Arc<Toc>) -> Result<()> {
         let fs = self.layer_fs(layer, toc)?;
-        let flags = (fs.refuted_flag(), fs.inodes());
+        let handles = FsHandles::of(&fs);
         let m = crate::fs::mount(fs, path)?;
-        self.keep(id, path, layer.blob, flags, m);
+        self.keep(id, path, layer.blob, handles, m);
         Ok(())
     }
 
@@ -343,9 +376,9 @@ impl RemoteLayers {
     ) -> Result<Arc<Toc>> {
         let toc = self.toc_of(layer).await?;
         let fs = self.layer_fs(layer, toc.clone())?;
-        let flags = (fs.refuted_flag(), fs.inodes());
+        let handles = FsHandles::of(&fs);
         let m = crate::fs::adopt(fs, fd, connection, path)?;
-        self.keep(id, path, layer.blob, flags, m);
+        self.keep(id, path, layer.blob, handles, m);
         Ok(toc)
     }
 
@@ -360,8 +393,18 @@ impl RemoteLayers {
 
     pub fn unmount(&self, id: u64) {
         self.readers.unmounted(id);
-        let mounted = self.sessions.lock().expect("not poisoned").remove(&id);
+        let (mounted, blob_still_mounted) = {
+            let mut sessions = self.sessions.lock().expect("not poisoned");
+            let mounted = sessions.remove(&id);
+            let still = mounted
+                .as_ref()
+                .is_some_and(|m| sessions.values().any(|o| o.blob == m.blob));
+            (mounted, still)
+        };
         if let Some(m) = mounted {
+            if !blob_still_mounted {
+                self.cache.forget_fetched(&m.blob);
+            }
             if !m.owns_mount {
                 detach(&m.path);
             }
