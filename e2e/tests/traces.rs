@@ -175,7 +175,38 @@ fn a_recorded_trace_travels_through_the_registry_and_is_prefetched() -> Result<(
         registry: _registry,
         ..
     } = record_first_start(tmp.path(), "trace-a")?;
-    assert_eq!(a.status()?["recordings"], 1);
+    let status = a.status()?;
+    assert_eq!(status["recordings"], 1);
+    // The first start read through the lazy layer, fetched what it read from the registry,
+    // and waited for it: the per-image figures say so.
+    let images = status["images"].as_array().context("images in status")?;
+    assert_eq!(images.len(), 1, "{status}");
+    let reads = &images[0]["reads"];
+    let figure = |name: &str| reads[name].as_u64().unwrap_or(0);
+    assert!(
+        figure("bytes") > 0 && figure("compressed_bytes") > 0,
+        "{status}"
+    );
+    assert!(figure("stalled_reads") > 0, "{status}");
+    assert!(reads["stall_ms"].as_f64().unwrap_or(0.0) > 0.0, "{status}");
+    // Every chunk read came whole from the registry (no cache, no peers yet).
+    assert!(
+        figure("registry_bytes") >= figure("compressed_bytes"),
+        "{status}"
+    );
+    assert_eq!(figure("peer_bytes"), 0, "{status}");
+    assert!(
+        reads["fetched_per_read"].as_f64().unwrap_or(0.0) >= 1.0,
+        "{status}"
+    );
+    let summary = brisk(&["status", "--snapshotter", a.socket()])?;
+    let repository = image.rsplit_once(':').map_or(image.as_str(), |(r, _)| r);
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.trim_start().starts_with(repository)),
+        "no row for {repository} in:\n{summary}"
+    );
     let shown = brisk(&["trace", "show", &image, "--snapshotter", a.socket()])?;
     for file in [
         "bin/busybox",
@@ -208,6 +239,12 @@ fn a_recorded_trace_travels_through_the_registry_and_is_prefetched() -> Result<(
         after["on_demand_fetches"].as_u64(),
         before["on_demand_fetches"].as_u64(),
         "reads went to the registry despite the prefetch of {prefetched} chunks: {after}"
+    );
+    // No read waited on the network: prefetch had brought every chunk the start read.
+    assert_eq!(after["images"][0]["reads"]["stalled_reads"], 0, "{after}");
+    assert!(
+        after["images"][0]["reads"]["bytes"].as_u64().unwrap_or(0) > 0,
+        "{after}"
     );
     // The imported trace is the exported one.
     let b_trace = brisk(&[

@@ -191,6 +191,9 @@ pub struct ModeSummary {
     pub ratio_to_overlay_per_repetition: Vec<f64>,
     pub registry_bytes: Option<Spread>,
     pub registry_requests: Option<Spread>,
+    /// Registry bytes over the compressed weight of what the container read (the daemon's
+    /// count from FUSE reads); Brisk modes only.
+    pub fetched_per_read: Option<Spread>,
     pub rss_mib: Option<Spread>,
     /// Attempts that succeeded, and of those, lazy ones that fell back to a full pull.
     pub ok: usize,
@@ -579,6 +582,17 @@ fn stargz_run(
     })
 }
 
+/// Registry bytes a Brisk start moved over the compressed weight of the bytes its container
+/// read, as the daemon counted them (`brisk status`); `None` for other modes or before a read.
+fn fetched_per_read(r: &Run) -> Option<f64> {
+    let images = r.start.status.as_ref()?["images"].as_array()?.clone();
+    let read: u64 = images
+        .iter()
+        .filter_map(|i| i["reads"]["compressed_bytes"].as_u64())
+        .sum();
+    (read > 0).then(|| r.start.traffic.bytes_down as f64 / read as f64)
+}
+
 /// Fills every mode's summary from its attempts; lazy attempts that fell back to a full pull
 /// are left out of the figures and counted instead.
 fn summarize(cell: &mut Cell) {
@@ -596,6 +610,11 @@ fn summarize(cell: &mut Cell) {
         s.ratio_to_overlay_per_repetition = paired(&overlay, secs, &counted, secs);
         s.registry_bytes = Spread::of(&figures(&counted, |r| r.start.traffic.bytes_down as f64));
         s.registry_requests = Spread::of(&figures(&counted, |r| r.start.traffic.requests as f64));
+        let ratios: Vec<f64> = counted
+            .iter()
+            .filter_map(|a| fetched_per_read(a.ok.as_ref()?))
+            .collect();
+        s.fetched_per_read = Spread::of(&ratios);
         let rss: Vec<f64> = counted
             .iter()
             .filter_map(|a| a.ok.as_ref()?.start.rss_kib)

@@ -181,7 +181,8 @@ fn cell_section(md: &mut String, r: &CompareReport, cell: &Cell) {
     let _ = writeln!(
         md,
         "| mode | time to ready | × overlayfs | of which pull | registry bytes | registry \
-         requests | snapshotter RSS after the run | lazy starts |\n|---|---|---|---|---|---|---|---|"
+         requests | fetched ÷ read | snapshotter RSS after the run | lazy starts |\n\
+         |---|---|---|---|---|---|---|---|---|"
     );
     for m in &cell.modes {
         let s = &m.summary;
@@ -200,13 +201,14 @@ fn cell_section(md: &mut String, r: &CompareReport, cell: &Cell) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             m.mode.title(),
             spread(s.ready_seconds, n, "s", 2),
             ratio,
             spread(s.pull_seconds, n, "s", 2),
             median(s.registry_bytes, &|x| bytes(x as u64)),
             median(s.registry_requests, &|x| format!("{x:.0}")),
+            median(s.fetched_per_read, &|x| format!("{x:.2}")),
             rss,
             laziness(m),
         );
@@ -336,7 +338,11 @@ fn method_section(md: &mut String) {
          no netem). The relay counts the bytes and HTTP requests it carries; the loopback \
          profile uses the relay with no delay and no limit, so that it is counted the same way. \
          Registry bytes and requests are counted from the start of the pull until the container \
-         was ready (for stargz, background fetch that starts later is not in them).\n\
+         was ready (for stargz, background fetch that starts later is not in them). Fetched ÷ \
+         read (Brisk modes) is those registry bytes over the compressed weight of what the \
+         container read, as the daemon counted it from FUSE reads (`brisk status`: each read's \
+         share of its chunks' compressed sizes); 1 would be a fetcher that moves nothing the \
+         container does not read, headers and HTTP overhead aside.\n\
          - Every start begins with a dropped page cache (`sync; echo 3 > \
          /proc/sys/vm/drop_caches`) and fresh daemons, except Brisk hot. Time to ready runs \
          from the start of the pull to the readiness signal: a line on the container's stdout \
