@@ -8,6 +8,11 @@ bash scripts/deps.sh
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz crates live outside the workspace (their own lock files and features); they must
+# keep building against it.
+for crate in blobcache/fuzz snapshotter/fuzz; do
+    (cd "$crate" && CARGO_TARGET_DIR="$OLDPWD/target/fuzz" cargo check --all-targets --locked)
+done
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked --quiet
 # The system tests run the built binaries.
 cargo build --workspace --bins --locked
