@@ -475,21 +475,27 @@ pub(crate) mod tests {
         }
     }
 
-    fn lazy(blob: Digest, proof: Proof) -> Snapshot {
+    /// A committed lazy snapshot `id` served from `remote`.
+    pub(crate) fn lazy_snapshot(id: u64, key: String, remote: RemoteLayer) -> Snapshot {
         Snapshot {
-            id: 1,
-            key: Digest::sha256(b"chain").to_string(),
+            id,
+            key,
             kind: Kind::Committed,
             parent: String::new(),
             labels: BTreeMap::new(),
             created: (0, 0),
             updated: (0, 0),
             usage: None,
-            remote: Some(RemoteLayer {
-                proof,
-                ..remote_layer(blob)
-            }),
+            remote: Some(remote),
         }
+    }
+
+    fn lazy(blob: Digest, proof: Proof) -> Snapshot {
+        let remote = RemoteLayer {
+            proof,
+            ..remote_layer(blob)
+        };
+        lazy_snapshot(1, Digest::sha256(b"chain").to_string(), remote)
     }
 
     #[test]

@@ -130,25 +130,16 @@ pub fn publish(images: &[ImageUsage]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{Kind, RemoteLayer};
-    use crate::snapshots::tests::remote_layer;
+    use crate::meta::RemoteLayer;
+    use crate::snapshots::tests::{lazy_snapshot, remote_layer};
 
     fn snapshot(id: u64, image: &str, manifest: &[u8], blob: &[u8]) -> Snapshot {
-        Snapshot {
-            id,
-            key: format!("k{id}"),
-            kind: Kind::Committed,
-            parent: String::new(),
-            labels: BTreeMap::new(),
-            created: (0, 0),
-            updated: (0, 0),
-            usage: None,
-            remote: Some(RemoteLayer {
-                image: image.parse().unwrap(),
-                manifest: Digest::sha256(manifest),
-                ..remote_layer(Digest::sha256(blob))
-            }),
-        }
+        let remote = RemoteLayer {
+            image: image.parse().unwrap(),
+            manifest: Digest::sha256(manifest),
+            ..remote_layer(Digest::sha256(blob))
+        };
+        lazy_snapshot(id, format!("k{id}"), remote)
     }
 
     fn usage(bytes: u64, compressed: u64, fetched: u64) -> Usage {

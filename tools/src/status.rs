@@ -47,7 +47,7 @@ pub fn to_json(s: &api::StatusResponse) -> Value {
         .iter()
         .map(|i| json!({"image": i.image, "manifest": i.manifest, "layers": i.layers, "mounted": i.mounted, "reads": reads_json(i.reads.as_ref())}))
         .collect();
-    let count = |p: &str| s.layers.iter().filter(|l| l.proof == p).count();
+    let count = |p: &str| proven(s, p);
     let proofs = json!({"mode": s.verify, "proven": count("proven"), "unproven": count("unproven"), "refuted": count("refuted")});
     json!({"version": s.version, "snapshots": s.snapshots, "remote_layers": s.remote_layers, "verify": proofs, "images": images, "layers": layers, "cache": levels, "registry_requests": s.registry_requests, "registry_bytes": s.registry_bytes, "on_demand_fetches": s.on_demand_fetches, "prefetch_fetches": s.prefetch_fetches, "prefetches_started": s.prefetches_started, "recordings": s.recordings, "zone": zone})
 }
@@ -55,7 +55,7 @@ pub fn to_json(s: &api::StatusResponse) -> Value {
 /// The answer as a few lines and two tables, for a person.
 pub fn summary(s: &api::StatusResponse) -> String {
     let mut out = String::new();
-    let count = |p: &str| s.layers.iter().filter(|l| l.proof == p).count();
+    let count = |p: &str| proven(s, p);
     let _ = writeln!(
         out,
         "brisk-snapshotter {}: {} snapshots, {} lazy layers ({} mounted; {} proven, {} unproven, {} refuted; verify: {})",
@@ -148,6 +148,11 @@ pub fn summary(s: &api::StatusResponse) -> String {
         );
     }
     out
+}
+
+/// Lazy layers whose proof state is `state`.
+fn proven(s: &api::StatusResponse, state: &str) -> usize {
+    s.layers.iter().filter(|l| l.proof == state).count()
 }
 
 /// `sha256:` and the first 12 hex digits: enough to tell an image's manifests apart.

@@ -56,12 +56,10 @@ impl Counters {
     pub(super) fn fetched(&self, chunk: &ChunkRef, role: Role) {
         let bytes = chunk.compressed.end.saturating_sub(chunk.compressed.start);
         let mut by_blob = self.by_blob.lock().expect("not poisoned");
-        let full = by_blob.len() >= MAX_BLOBS_COUNTED;
-        let entry = match by_blob.get_mut(&chunk.blob) {
-            Some(entry) => entry,
-            None if full => return,
-            None => by_blob.entry(chunk.blob).or_default(),
-        };
+        if by_blob.len() >= MAX_BLOBS_COUNTED && !by_blob.contains_key(&chunk.blob) {
+            return;
+        }
+        let entry = by_blob.entry(chunk.blob).or_default();
         match role {
             Role::Origin => {
                 entry.origin_bytes += bytes;

@@ -585,7 +585,7 @@ fn stargz_run(
 /// Registry bytes a Brisk start moved over the compressed weight of the bytes its container
 /// read, as the daemon counted them (`brisk status`); `None` for other modes or before a read.
 fn fetched_per_read(r: &Run) -> Option<f64> {
-    let images = r.start.status.as_ref()?["images"].as_array()?.clone();
+    let images = r.start.status.as_ref()?["images"].as_array()?;
     let read: u64 = images
         .iter()
         .filter_map(|i| i["reads"]["compressed_bytes"].as_u64())
