@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use brisk_blobcache::registry::{RegistryClient, RegistryConfig};
+use brisk_blobcache::toc;
 use brisk_tools::cat::{self, CatOptions};
 use brisk_tools::convert::{self, ConvertConfig};
 use brisk_tools::inspect;
@@ -65,6 +66,17 @@ enum Command {
         /// waits for whole chunks, so smaller ones let it begin while the rest streams in.
         #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_PREFETCH_CHUNK_SIZE)]
         prefetch_chunk_size: u32,
+        /// Chunk size for ELF executables and libraries of 1 MiB or more, which programs page
+        /// in piece by piece; 0 keeps --chunk-size.
+        #[arg(long, default_value_t = toc::DEFAULT_SCATTERED.code_chunk_size)]
+        code_chunk_size: u32,
+        /// zstd level for those chunks: it wins back what the smaller frames cost in size.
+        #[arg(long, default_value_t = toc::DEFAULT_SCATTERED.code_level)]
+        code_level: i32,
+        /// Chunk size for files of 1 MiB or more that do not compress (weights, archives,
+        /// media), usually mapped or read at offsets; 0 keeps --chunk-size.
+        #[arg(long, default_value_t = toc::DEFAULT_SCATTERED.data_chunk_size)]
+        data_chunk_size: u32,
         /// Layers converted in parallel (default: number of cores).
         #[arg(long)]
         jobs: Option<usize>,
@@ -214,6 +226,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             level,
             prefetch_level,
             prefetch_chunk_size,
+            code_chunk_size,
+            code_level,
+            data_chunk_size,
             jobs,
             json,
             trace,
@@ -235,6 +250,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 level,
                 prefetch_level,
                 prefetch_chunk_size,
+                scattered: toc::Scattered {
+                    code_chunk_size,
+                    code_level,
+                    data_chunk_size,
+                },
                 platform,
                 jobs: jobs.unwrap_or(defaults.jobs),
                 progress: !json && std::io::stderr().is_terminal(),

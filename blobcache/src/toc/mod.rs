@@ -31,8 +31,8 @@ pub use limits::{
 pub use path::normalize_name;
 pub use tar_guard::TarGuard;
 pub use writer::{
-    convert_layer, ConvertOptions, ConvertedLayer, DEFAULT_PREFETCH_CHUNK_SIZE,
-    DEFAULT_PREFETCH_LEVEL,
+    convert_layer, ConvertOptions, ConvertedLayer, Scattered, DEFAULT_PREFETCH_CHUNK_SIZE,
+    DEFAULT_PREFETCH_LEVEL, DEFAULT_SCATTERED,
 };
 
 /// The TOC format version this build writes and reads.

@@ -820,3 +820,122 @@ fn the_label_copies_match_the_annotations_and_fit_containerds_limit() {
     );
     assert_eq!(kept, many[..kept.len()]);
 }
+
+/// Bytes no compressor shrinks, the same for the same seed.
+pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Text that compresses well, but better with more effort, like code and symbol tables.
+fn compressible(len: usize) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..)
+        .flat_map(|i: u64| format!("{i} {}\n", i.wrapping_mul(7919) % 100_003).into_bytes())
+        .take(len)
+        .collect();
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn elf_files_and_data_that_does_not_compress_get_finer_chunks_and_other_files_do_not() {
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.extend(compressible(3_000_000 - elf.len()));
+    let weights = noise(3_000_000, 7);
+    let text = compressible(3_000_000);
+    let small_elf = [b"\x7fELF".as_slice(), &compressible(500_000)].concat();
+    let tar = TarBuilder::new()
+        .file("usr/lib/libbig.so", &elf)
+        .file("data/weights.bin", &weights)
+        .file("usr/share/big.txt", &text)
+        .file("usr/bin/small", &small_elf)
+        .finish();
+    let convert_with = |scattered: Scattered| {
+        let (layer, blob) = convert_layer(
+            tar.as_slice(),
+            Vec::new(),
+            &ConvertOptions {
+                scattered,
+                ..ConvertOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(zstd_decode_all(&blob), tar, "the tar stream is unchanged");
+        read_toc(&blob, &layer)
+    };
+    let toc = convert_with(DEFAULT_SCATTERED);
+    let chunks_of = |toc: &Toc, name: &str| -> Vec<Chunk> {
+        let entry = toc.entries.iter().find(|e| e.name == name).unwrap();
+        let range = entry.tar_range().unwrap();
+        let chunks = toc.chunks[toc.chunks_for(range.clone())].to_vec();
+        assert_eq!(chunks[0].tar_offset, range.start, "{name} starts a chunk");
+        assert_eq!(chunks.last().unwrap().tar_range().end, range.end, "{name}");
+        chunks
+    };
+    let sizes = |chunks: &[Chunk]| -> Vec<u64> { chunks.iter().map(|c| c.tar_size).collect() };
+    let cut = |len: u64, size: u64| -> Vec<u64> {
+        let mut v = vec![size; (len / size) as usize];
+        if len % size != 0 {
+            v.push(len % size);
+        }
+        v
+    };
+    let code = u64::from(DEFAULT_SCATTERED.code_chunk_size);
+    let data = u64::from(DEFAULT_SCATTERED.data_chunk_size);
+    let mib = u64::from(DEFAULT_CHUNK_SIZE);
+    assert_eq!(
+        sizes(&chunks_of(&toc, "usr/lib/libbig.so")),
+        cut(3_000_000, code)
+    );
+    assert_eq!(
+        sizes(&chunks_of(&toc, "data/weights.bin")),
+        cut(3_000_000, data)
+    );
+    assert_eq!(
+        sizes(&chunks_of(&toc, "usr/share/big.txt")),
+        cut(3_000_000, mib)
+    );
+    assert_eq!(
+        sizes(&chunks_of(&toc, "usr/bin/small")),
+        vec![500_004],
+        "under 1 MiB a file keeps one chunk"
+    );
+
+    // The ELF file's frames are compressed at the code level, everything else at the layer's.
+    let level_of = |chunk: &Chunk| -> i32 {
+        let r = chunk.tar_range();
+        let data = &tar[r.start as usize..r.end as usize];
+        [3, DEFAULT_SCATTERED.code_level]
+            .into_iter()
+            .find(|&level| {
+                let mut c = zstd::bulk::Compressor::new(level).unwrap();
+                c.include_checksum(false).unwrap();
+                c.include_contentsize(true).unwrap();
+                c.compress(data).unwrap().len() as u64 == chunk.size
+            })
+            .unwrap_or(0)
+    };
+    let levels = |name: &str| -> Vec<i32> { chunks_of(&toc, name).iter().map(level_of).collect() };
+    assert!(levels("usr/lib/libbig.so")
+        .iter()
+        .all(|&l| l == DEFAULT_SCATTERED.code_level));
+    assert!(levels("usr/share/big.txt").iter().all(|&l| l == 3));
+
+    // Zero turns each class off.
+    let off = convert_with(Scattered {
+        code_chunk_size: 0,
+        data_chunk_size: 0,
+        ..DEFAULT_SCATTERED
+    });
+    for name in ["usr/lib/libbig.so", "data/weights.bin"] {
+        assert_eq!(sizes(&chunks_of(&off, name)), cut(3_000_000, mib), "{name}");
+    }
+}

@@ -72,6 +72,7 @@ pub(super) async fn convert_layer(
         level: run.config.level,
         prefetch_level: run.config.prefetch_level,
         prefetch_chunk_size: run.config.prefetch_chunk_size,
+        scattered: run.config.scattered,
         prefetch_files: Vec::new(),
         prefetch_ranges: run
             .config

@@ -34,6 +34,8 @@ pub struct ConvertConfig {
     pub prefetch_level: i32,
     /// Chunk size inside the listed parts of large files.
     pub prefetch_chunk_size: u32,
+    /// Smaller chunks for large files read in pieces (ELF files, data that does not compress).
+    pub scattered: toc::Scattered,
     /// `os/arch[/variant]`; `None` converts every platform of an index.
     pub platform: Option<String>,
     /// Layers converted at once; each takes one core while it compresses.
@@ -57,6 +59,7 @@ impl Default for ConvertConfig {
             level: 3,
             prefetch_level: toc::DEFAULT_PREFETCH_LEVEL,
             prefetch_chunk_size: toc::DEFAULT_PREFETCH_CHUNK_SIZE,
+            scattered: toc::DEFAULT_SCATTERED,
             platform: None,
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             progress: false,
