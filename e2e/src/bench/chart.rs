@@ -24,6 +24,8 @@ const GAP: f64 = 18.0;
 fn colour(mode: Mode) -> &'static str {
     match mode {
         Mode::Overlay => "#8c8c8c",
+        Mode::OverlayLocal => "#bdbdbd",
+        Mode::OverlayHot => "#dedede",
         Mode::StargzLazy => "#f4b183",
         Mode::StargzOptimized => "#e07b39",
         Mode::BriskLazy => "#a6cbe6",

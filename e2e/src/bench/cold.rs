@@ -10,7 +10,9 @@
 //!   and the TOCs (`meta/`) of the (b) of the same repetition, but no images, snapshots or
 //!   start-up trace; optionally followed by a hot start, the same image again on the same
 //!   daemons with the page cache kept;
-//! - (d) and (e), Brisk prefetching from a trace on an empty root, are in `prefetch`.
+//! - (d) and (e), Brisk prefetching from a trace on an empty root, are in `prefetch`;
+//! - overlayfs with the image local: pulled and unpacked beforehand, then a run with the page
+//!   cache dropped (the baseline of a warm host) and one with it kept (hot).
 //!
 //! Every run gets a fresh containerd root and a dropped page cache, so nothing is reused that
 //! its mode does not name. Traffic is counted at the link from the start of the pull until the
@@ -163,6 +165,74 @@ impl<'a> Setup<'a> {
         Ok(ColdStart {
             seconds: (ready - started).as_secs_f64(),
             pull_seconds: pulled.as_secs_f64(),
+            traffic: self.wan.traffic(),
+            pull: None,
+            status: None,
+            trace: None,
+            rss_kib: None,
+        })
+    }
+
+    /// The baseline of a warm host: the image pulled into overlayfs beforehand (not timed),
+    /// the page cache dropped, then a run; and right after it, a second run with the page
+    /// cache kept (overlayfs hot).
+    pub fn overlay_local_then_hot(&self) -> (Result<ColdStart>, Result<ColdStart>) {
+        let local = (|| {
+            let dir = scratch(self.base, "overlay-local-")?;
+            let containerd = Containerd::start(
+                &dir.path().join("containerd"),
+                &unused_socket(dir.path()),
+                &self.namespace(),
+            )?;
+            let image = self.reference("v1");
+            watch(
+                &mut ctr(
+                    &containerd,
+                    &[
+                        "image",
+                        "pull",
+                        "--plain-http",
+                        "--snapshotter",
+                        "overlayfs",
+                        &image,
+                    ],
+                ),
+                None,
+                STEP_TIMEOUT,
+            )?;
+            let local = self.overlay_run(&containerd, &image, PageCache::Drop)?;
+            Ok((local, dir, containerd))
+        })();
+        match local {
+            Ok((local, _dir, containerd)) => {
+                let hot = self.overlay_run(&containerd, &self.reference("v1"), PageCache::Keep);
+                (Ok(local), hot)
+            }
+            Err(err) => {
+                let hot = Err(anyhow::anyhow!("Not run: {err:#}"));
+                (Err(err), hot)
+            }
+        }
+    }
+
+    /// A run of `image`, already in `containerd`'s overlayfs snapshots.
+    fn overlay_run(
+        &self,
+        containerd: &Containerd,
+        image: &str,
+        page_cache: PageCache,
+    ) -> Result<ColdStart> {
+        if page_cache == PageCache::Drop {
+            drop_caches()?;
+        }
+        self.wan.reset();
+        let started = Instant::now();
+        let ready = self
+            .workload
+            .start_until_ready(containerd, "overlayfs", image)?;
+        Ok(ColdStart {
+            seconds: (ready - started).as_secs_f64(),
+            pull_seconds: 0.0,
             traffic: self.wan.traffic(),
             pull: None,
             status: None,

@@ -76,6 +76,10 @@ impl Profile {
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     Overlay,
+    /// The image pulled into overlayfs beforehand, page cache dropped: a warm host's baseline.
+    OverlayLocal,
+    /// Right after `OverlayLocal`, with the page cache kept.
+    OverlayHot,
     StargzLazy,
     StargzOptimized,
     BriskLazy,
@@ -88,8 +92,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Overlay,
+        Mode::OverlayLocal,
+        Mode::OverlayHot,
         Mode::StargzLazy,
         Mode::StargzOptimized,
         Mode::BriskLazy,
@@ -102,6 +108,8 @@ impl Mode {
     pub fn title(self) -> &'static str {
         match self {
             Mode::Overlay => "overlayfs, full pull",
+            Mode::OverlayLocal => "overlayfs, image local",
+            Mode::OverlayHot => "overlayfs hot",
             Mode::StargzLazy => "stargz, eStargz lazy",
             Mode::StargzOptimized => "stargz, eStargz optimized",
             Mode::BriskLazy => "Brisk lazy (no trace)",
@@ -115,12 +123,21 @@ impl Mode {
     pub fn is_stargz(self) -> bool {
         matches!(self, Mode::StargzLazy | Mode::StargzOptimized)
     }
+
+    pub fn is_overlay(self) -> bool {
+        matches!(self, Mode::Overlay | Mode::OverlayLocal | Mode::OverlayHot)
+    }
+
+    /// A Brisk start with nothing of the image on the host: the modes the limit is for.
+    pub fn is_brisk_cold(self) -> bool {
+        matches!(self, Mode::BriskLazy | Mode::BriskTrace | Mode::BriskBaked)
+    }
 }
 
 /// The two orders the modes run in, alternating between repetitions. Brisk lazy comes before
 /// the modes that use what it leaves (its trace, its chunk cache), and hot right after warm,
-/// on the same daemons.
-const ORDERS: [[Mode; 8]; 2] = [
+/// on the same daemons (overlayfs hot right after overlayfs with the image local).
+const ORDERS: [[Mode; 10]; 2] = [
     Mode::ALL,
     [
         Mode::BriskLazy,
@@ -130,6 +147,8 @@ const ORDERS: [[Mode; 8]; 2] = [
         Mode::BriskBaked,
         Mode::StargzOptimized,
         Mode::StargzLazy,
+        Mode::OverlayLocal,
+        Mode::OverlayHot,
         Mode::Overlay,
     ],
 ];
@@ -194,6 +213,12 @@ pub struct ModeSummary {
     /// Registry bytes over the compressed weight of what the container read (the daemon's
     /// count from FUSE reads); Brisk modes only.
     pub fetched_per_read: Option<Spread>,
+    /// For the Brisk cold modes, each start's limit: max(T_local, T_meta + WS/B), with
+    /// T_local the median of overlayfs with the image local, T_meta the start's pull (manifest,
+    /// config, TOCs, mounts), WS the compressed weight of what it read and B the link's rate.
+    pub limit_seconds: Option<Spread>,
+    /// Median of each start's time to ready over its limit.
+    pub ratio_to_limit: Option<f64>,
     pub rss_mib: Option<Spread>,
     /// Attempts that succeeded, and of those, lazy ones that fell back to a full pull.
     pub ok: usize,
@@ -276,7 +301,7 @@ pub struct Target {
     pub at_most: f64,
 }
 
-pub const TARGETS: [Target; 3] = [
+pub const TARGETS: [Target; 5] = [
     Target {
         mode: Mode::BriskTrace,
         over: Mode::Overlay,
@@ -292,7 +317,20 @@ pub const TARGETS: [Target; 3] = [
         over: Mode::BriskWarm,
         at_most: 1.3,
     },
+    Target {
+        mode: Mode::BriskWarm,
+        over: Mode::OverlayLocal,
+        at_most: 1.1,
+    },
+    Target {
+        mode: Mode::BriskHot,
+        over: Mode::OverlayHot,
+        at_most: 1.05,
+    },
 ];
+
+/// The baked trace's start over its limit (`ModeSummary::limit_seconds`), at most.
+pub const BAKED_OVER_LIMIT: f64 = 1.3;
 
 /// The profile the targets are stated for.
 pub const TARGET_PROFILE: &str = WAN.name;
@@ -404,6 +442,7 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareReport> {
         for info in &report.workloads {
             let w = info.workload;
             let setup = Setup::new(&wan, &registry, base.path(), w)?;
+            let link = profile.link;
             let mut cell = Cell::empty(w.name, profile.name);
             // Baked once per workload and link, from the first trace a Brisk lazy start leaves.
             let mut bake = None;
@@ -429,7 +468,7 @@ pub fn run_compare(opts: &CompareOptions) -> Result<CompareReport> {
                         .join(", ")
                 ));
             }
-            summarize(&mut cell);
+            summarize(&mut cell, link);
             report.cells.push(cell);
         }
     }
@@ -511,6 +550,18 @@ fn repetition(
                 start,
                 laziness: None,
             }),
+            Mode::OverlayLocal => {
+                let (local, hot) = setup.overlay_local_then_hot();
+                let plain = |start| Run {
+                    start,
+                    laziness: None,
+                };
+                runs.push((mode, local.map(plain)));
+                runs.push((Mode::OverlayHot, hot.map(plain)));
+                continue;
+            }
+            // Runs right after the local start, above, on the same containerd.
+            Mode::OverlayHot => continue,
             Mode::StargzLazy | Mode::StargzOptimized => stargz_run(setup, report, info, mode),
             Mode::BriskLazy => {
                 let (lazy, left) = setup.lazy();
@@ -582,24 +633,43 @@ fn stargz_run(
     })
 }
 
-/// Registry bytes a Brisk start moved over the compressed weight of the bytes its container
-/// read, as the daemon counted them (`brisk status`); `None` for other modes or before a read.
-fn fetched_per_read(r: &Run) -> Option<f64> {
+/// The compressed weight of the bytes a Brisk start's container read, as the daemon counted
+/// them (`brisk status`); `None` for other modes or before a read.
+fn compressed_read(r: &Run) -> Option<u64> {
     let images = r.start.status.as_ref()?["images"].as_array()?;
     let read: u64 = images
         .iter()
         .filter_map(|i| i["reads"]["compressed_bytes"].as_u64())
         .sum();
-    (read > 0).then(|| r.start.traffic.bytes_down as f64 / read as f64)
+    (read > 0).then_some(read)
+}
+
+/// Registry bytes a Brisk start moved over the compressed weight of what its container read.
+fn fetched_per_read(r: &Run) -> Option<f64> {
+    compressed_read(r).map(|read| r.start.traffic.bytes_down as f64 / read as f64)
+}
+
+/// What a start could not beat: having the image local (`local`, seconds), or fetching its
+/// metadata (the pull) and then exactly the compressed bytes it read over `link`.
+fn limit(r: &Run, local: f64, link: Link) -> Option<f64> {
+    let transfer = match link.bits_per_sec {
+        UNLIMITED => 0.0,
+        bits => compressed_read(r)? as f64 * 8.0 / bits as f64,
+    };
+    Some(local.max(r.start.pull_seconds + transfer))
 }
 
 /// Fills every mode's summary from its attempts; lazy attempts that fell back to a full pull
 /// are left out of the figures and counted instead.
-fn summarize(cell: &mut Cell) {
+fn summarize(cell: &mut Cell, link: Link) {
     let counted: Vec<Vec<Attempt<Run>>> =
         cell.modes.iter().map(|m| lazy_only(&m.attempts)).collect();
     let overlay = counted[0].clone();
     let overlay_median = Spread::of(&figures(&overlay, |r| r.start.seconds)).map(|s| s.median);
+    let local_at = Mode::ALL.iter().position(|&m| m == Mode::OverlayLocal);
+    let local_median = local_at
+        .and_then(|i| Spread::of(&figures(&counted[i], |r| r.start.seconds)))
+        .map(|s| s.median);
     for (m, counted) in cell.modes.iter_mut().zip(counted) {
         let ready = Spread::of(&figures(&counted, |r| r.start.seconds));
         let s = &mut m.summary;
@@ -615,6 +685,16 @@ fn summarize(cell: &mut Cell) {
             .filter_map(|a| fetched_per_read(a.ok.as_ref()?))
             .collect();
         s.fetched_per_read = Spread::of(&ratios);
+        if let (true, Some(local)) = (m.mode.is_brisk_cold(), local_median) {
+            let runs: Vec<&Run> = counted.iter().filter_map(|a| a.ok.as_ref()).collect();
+            let limits: Vec<(f64, f64)> = runs
+                .iter()
+                .filter_map(|r| Some((limit(r, local, link)?, r.start.seconds)))
+                .collect();
+            s.limit_seconds = Spread::of(&limits.iter().map(|l| l.0).collect::<Vec<_>>());
+            s.ratio_to_limit = Spread::of(&limits.iter().map(|(l, t)| t / l).collect::<Vec<_>>())
+                .map(|x| x.median);
+        }
         let rss: Vec<f64> = counted
             .iter()
             .filter_map(|a| a.ok.as_ref()?.start.rss_kib)
@@ -727,7 +807,7 @@ mod tests {
             let slot = cell.modes.iter_mut().find(|m| m.mode == mode).unwrap();
             slot.attempts.push(Attempt::new(rep, result));
         }
-        summarize(&mut cell);
+        summarize(&mut cell, WAN.link);
 
         let s = &cell.mode(Mode::StargzLazy).summary;
         assert_eq!((s.ok, s.fell_back), (2, 1));
@@ -738,5 +818,55 @@ mod tests {
         assert!(failed.ready_seconds.is_none() && failed.ok == 0);
         let (ratio, each) = TARGETS[0].ratio(&cell);
         assert_eq!((ratio, each), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_cold_start_s_limit_is_the_local_start_or_its_metadata_then_its_reads_over_the_link() {
+        let mut cell = Cell::empty("py", WAN.name);
+        let baked = |seconds: f64, read: u64| {
+            let mut run = start(seconds, Some((1, 1))).unwrap();
+            run.start.pull_seconds = 0.5;
+            run.start.status = Some(serde_json::json!({
+                "images": [{"reads": {"compressed_bytes": read}}]
+            }));
+            run
+        };
+        let attempts = [
+            (Mode::OverlayLocal, 1, start(2.0, None)),
+            (Mode::OverlayLocal, 2, start(2.2, None)),
+            // 12.5 MB take 1 s at 100 Mbit/s: the local start, 2.1 s, is the limit.
+            (Mode::BriskBaked, 1, Ok(baked(4.2, 12_500_000))),
+            // 50 MB take 4 s: the pull and the transfer, 4.5 s, are.
+            (Mode::BriskBaked, 2, Ok(baked(9.0, 50_000_000))),
+            (Mode::BriskWarm, 1, Ok(baked(1.0, 12_500_000))),
+        ];
+        for (mode, rep, result) in attempts {
+            let slot = cell.modes.iter_mut().find(|m| m.mode == mode).unwrap();
+            slot.attempts.push(Attempt::new(rep, result));
+        }
+        summarize(&mut cell, WAN.link);
+
+        let s = &cell.mode(Mode::BriskBaked).summary;
+        let limits = s.limit_seconds.unwrap();
+        assert!((limits.min - 2.1).abs() < 1e-9 && (limits.max - 4.5).abs() < 1e-9);
+        assert!((s.ratio_to_limit.unwrap() - 2.0).abs() < 1e-9);
+        let warm = &cell.mode(Mode::BriskWarm).summary;
+        assert!(
+            warm.limit_seconds.is_none(),
+            "a warm start has no such limit"
+        );
+
+        // Without an image-local figure there is no limit to print.
+        let mut alone = Cell::empty("py", WAN.name);
+        let slot = alone.modes.iter_mut().find(|m| m.mode == Mode::BriskBaked);
+        slot.unwrap()
+            .attempts
+            .push(Attempt::new(1, Ok(baked(4.2, 12_500_000))));
+        summarize(&mut alone, WAN.link);
+        assert!(alone
+            .mode(Mode::BriskBaked)
+            .summary
+            .ratio_to_limit
+            .is_none());
     }
 }

@@ -7,12 +7,17 @@
 //! - `small-0` … `small-9`: one busybox layer each, made distinct by a file of their own, so
 //!   that ten pulls mount ten different lazy layers.
 //! - the comparison's workload images (`workload`): minbase with their Debian packages and
-//!   files, one layer, each in a layout of its own so that adding one rebuilds no other.
+//!   files, one layer, each in a layout of its own so that adding one rebuilds no other. Some
+//!   have content generated at build time (`Generated`): `modules` a Python application of 3000
+//!   modules of 2-4 KiB each, compiled to bytecode in the image; `mmap` a 1 GiB file of
+//!   incompressible bytes, written 8 MiB at a time so that the build never holds it whole.
 //!
 //! Each run pushes them to its fresh registry (`NAME:v1`) and converts them there
 //! (`NAME:lazy`), talking to the registry directly: setup is not measured.
 
+use std::fmt::Write as _;
 use std::fs;
+use std::io::Write as _;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +26,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::workload::Workload;
+use super::workload::{Generated, Workload};
 use crate::cmd::run;
 use crate::image::{push_image, raw_manifest, OciImage};
 use crate::registry::Registry;
@@ -100,10 +105,16 @@ pub fn workload_layout(cache: &Path, workload: &Workload) -> Result<PathBuf> {
     }
     let dir = cache.join(workload.name);
     // Any change to what goes into the image makes a different recipe, hence a rebuild.
-    let recipe = format!(
+    let mut recipe = format!(
         "brisk-bench workload image v1\n{:?}\n{:?}\n{:?}\n",
         workload.packages, workload.files, workload.cmd
     );
+    // Only when there is some, so that the images built before generated content existed
+    // keep their recipe and are reused. The version is that of the generators' output, which
+    // can change while their parameters stay the same.
+    if !workload.generated.is_empty() {
+        let _ = writeln!(recipe, "generated v1 {:?}", workload.generated);
+    }
     cached_layout(&dir, &recipe, |layout| {
         let bundle = build_debian(
             &dir,
@@ -111,6 +122,7 @@ pub fn workload_layout(cache: &Path, workload: &Workload) -> Result<PathBuf> {
             workload.name,
             workload.packages,
             workload.files,
+            workload.generated,
             workload.cmd,
         )?;
         fs::remove_dir_all(bundle)?;
@@ -132,7 +144,7 @@ fn umoci(args: &[&str], bundle: &Path) -> Result<()> {
 }
 
 fn build_python(cache: &Path, layout: &Path) -> Result<()> {
-    let bundle = build_debian(cache, layout, "py", &["python3"], &[], PY_CMD)?;
+    let bundle = build_debian(cache, layout, "py", &["python3"], &[], &[], PY_CMD)?;
     let py = image(layout, "py").to_string();
 
     // `big` is `py` plus one layer: tag the same manifest, then pack only the new file on top.
@@ -150,15 +162,16 @@ fn build_python(cache: &Path, layout: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `tag` in `layout`: Debian bookworm minbase with `packages` (mmdebstrap) and `files` (path
-/// inside the image, content) in one layer, with `cmd` as its command. Returns the unpacked
-/// bundle, for layers on top.
+/// `tag` in `layout`: Debian bookworm minbase with `packages` (mmdebstrap), `files` (path
+/// inside the image, content) and `generated` in one layer, with `cmd` as its command.
+/// Returns the unpacked bundle, for layers on top.
 fn build_debian(
     cache: &Path,
     layout: &Path,
     tag: &str,
     packages: &[&str],
     files: &[(&str, &str)],
+    generated: &[Generated],
     cmd: &[&str],
 ) -> Result<PathBuf> {
     let tar = cache.join("rootfs.tar");
@@ -189,6 +202,9 @@ fn build_debian(
         fs::create_dir_all(path.parent().context("A file path has no parent")?)?;
         fs::write(path, content)?;
     }
+    for g in generated {
+        write_generated(&root, g).with_context(|| format!("Generating {g:?}"))?;
+    }
     eprintln!("images: packing {tag}");
     umoci(
         &["repack", "--refresh-bundle", "--image", &reference],
@@ -201,6 +217,37 @@ fn build_debian(
     }
     run(&mut config)?;
     Ok(bundle)
+}
+
+fn write_generated(root: &Path, generated: &Generated) -> Result<()> {
+    match *generated {
+        Generated::PythonApp {
+            packages,
+            modules,
+            seed,
+        } => super::pyapp::write(root, packages, modules, seed),
+        Generated::SeededFile { path, bytes, seed } => {
+            write_seeded_file(&root.join(path), bytes, seed)
+        }
+    }
+}
+
+/// Writes `bytes` of `seeded_bytes` to `path`, a piece at a time: each piece is a stream of
+/// its own (seed `seed + i`), so memory stays at one piece whatever the size.
+fn write_seeded_file(path: &Path, bytes: u64, seed: u64) -> Result<()> {
+    const PIECE: u64 = 8 << 20;
+    eprintln!("images: writing {} ({} MiB)", path.display(), bytes >> 20);
+    fs::create_dir_all(path.parent().context("A file path has no parent")?)?;
+    let mut file = fs::File::create(path)?;
+    for (i, start) in (0..bytes).step_by(PIECE as usize).enumerate() {
+        let len = PIECE.min(bytes - start) as usize;
+        file.write_all(&crate::image::seeded_bytes(
+            len,
+            seed.wrapping_add(i as u64),
+        ))?;
+    }
+    file.sync_all()?;
+    Ok(())
 }
 
 fn build_small(cache: &Path, layout: &Path, i: usize) -> Result<()> {

@@ -21,6 +21,7 @@ pub mod images;
 pub mod markdown;
 pub mod memory;
 pub mod prefetch;
+pub mod pyapp;
 pub mod reads;
 pub mod report;
 pub mod restart;

@@ -56,7 +56,7 @@ enum Cmd {
         /// Repetitions of every mode (overrides the default of the size chosen).
         #[arg(long)]
         repetitions: Option<usize>,
-        /// Only these workloads (py, flask, ml), comma separated.
+        /// Only these workloads (py, flask, ml, modules, clang, mmap), comma separated.
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,
         #[arg(long, default_value = "target/brisk-bench")]
