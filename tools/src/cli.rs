@@ -67,7 +67,8 @@ enum Command {
         #[arg(long, default_value_t = brisk_blobcache::toc::DEFAULT_PREFETCH_CHUNK_SIZE)]
         prefetch_chunk_size: u32,
         /// Chunk size for ELF executables and libraries of 1 MiB or more, which programs page
-        /// in piece by piece; 0 keeps --chunk-size.
+        /// in piece by piece; 0 (the default) keeps --chunk-size. Smaller chunks fetch fewer
+        /// bytes but take more round trips: worth it on thin links with little latency.
         #[arg(long, default_value_t = toc::DEFAULT_SCATTERED.code_chunk_size)]
         code_chunk_size: u32,
         /// zstd level for those chunks: it wins back what the smaller frames cost in size.

@@ -871,7 +871,11 @@ fn elf_files_and_data_that_does_not_compress_get_finer_chunks_and_other_files_do
         assert_eq!(zstd_decode_all(&blob), tar, "the tar stream is unchanged");
         read_toc(&blob, &layer)
     };
-    let toc = convert_with(DEFAULT_SCATTERED);
+    let fine = Scattered {
+        code_chunk_size: 64 * 1024,
+        ..DEFAULT_SCATTERED
+    };
+    let toc = convert_with(fine);
     let chunks_of = |toc: &Toc, name: &str| -> Vec<Chunk> {
         let entry = toc.entries.iter().find(|e| e.name == name).unwrap();
         let range = entry.tar_range().unwrap();
@@ -888,7 +892,7 @@ fn elf_files_and_data_that_does_not_compress_get_finer_chunks_and_other_files_do
         }
         v
     };
-    let code = u64::from(DEFAULT_SCATTERED.code_chunk_size);
+    let code = u64::from(fine.code_chunk_size);
     let data = u64::from(DEFAULT_SCATTERED.data_chunk_size);
     let mib = u64::from(DEFAULT_CHUNK_SIZE);
     assert_eq!(
@@ -933,9 +937,32 @@ fn elf_files_and_data_that_does_not_compress_get_finer_chunks_and_other_files_do
     let off = convert_with(Scattered {
         code_chunk_size: 0,
         data_chunk_size: 0,
-        ..DEFAULT_SCATTERED
+        ..fine
     });
     for name in ["usr/lib/libbig.so", "data/weights.bin"] {
         assert_eq!(sizes(&chunks_of(&off, name)), cut(3_000_000, mib), "{name}");
     }
+}
+
+#[test]
+fn by_default_only_data_that_does_not_compress_gets_finer_chunks() {
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.extend(compressible(3_000_000 - elf.len()));
+    let tar = TarBuilder::new()
+        .file("usr/lib/libbig.so", &elf)
+        .file("data/weights.bin", &noise(3_000_000, 9))
+        .finish();
+    let (layer, blob) =
+        convert_layer(tar.as_slice(), Vec::new(), &ConvertOptions::default()).unwrap();
+    let toc = read_toc(&blob, &layer);
+    let largest = |name: &str| -> u64 {
+        let entry = toc.entries.iter().find(|e| e.name == name).unwrap();
+        let chunks = &toc.chunks[toc.chunks_for(entry.tar_range().unwrap())];
+        chunks.iter().map(|c| c.tar_size).max().unwrap()
+    };
+    assert_eq!(largest("usr/lib/libbig.so"), u64::from(DEFAULT_CHUNK_SIZE));
+    assert_eq!(
+        largest("data/weights.bin"),
+        u64::from(DEFAULT_SCATTERED.data_chunk_size)
+    );
 }

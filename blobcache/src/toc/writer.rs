@@ -47,7 +47,10 @@ const SCATTERED_CHUNK_SHARE: usize = 2;
 /// of a weights file moves several times what it reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scattered {
-    /// Chunk size for ELF executables and libraries; 0 keeps the layer's.
+    /// Chunk size for ELF executables and libraries; 0 (the default) keeps the layer's.
+    /// Smaller code chunks fetch fewer bytes but cost more round trips and more per-chunk work
+    /// from the disk cache: on clang paging in libLLVM over a 20 ms link, 64 KiB chunks moved
+    /// 23% fewer bytes than 1 MiB ones and made the lazy start 2.2 times as long.
     pub code_chunk_size: u32,
     /// zstd level for those chunks. Small frames compress worse and a higher level wins it
     /// back: on a 105 MiB libLLVM, 64 KiB frames at level 12 are the size of 1 MiB frames at
@@ -59,7 +62,7 @@ pub struct Scattered {
 }
 
 pub const DEFAULT_SCATTERED: Scattered = Scattered {
-    code_chunk_size: 64 * 1024,
+    code_chunk_size: 0,
     code_level: 12,
     data_chunk_size: 32 * 1024,
 };
