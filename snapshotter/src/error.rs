@@ -25,6 +25,10 @@ pub enum Error {
     ReadOnly,
     #[error("Buffer too small")]
     Range,
+    /// The answer to opens and flushes: the layer keeps nothing per open, and ENOSYS makes the
+    /// kernel do them alone from then on.
+    #[error("Opens and flushes need no request")]
+    Stateless,
     #[error("The layer's content does not match the chain ID it was committed under")]
     Refuted,
     #[error("Hand-over of FUSE connections failed: {0}")]
@@ -78,6 +82,7 @@ impl Error {
             Error::NoAttr => Errno::NO_XATTR,
             Error::ReadOnly => Errno::EROFS,
             Error::Range => Errno::ERANGE,
+            Error::Stateless => Errno::ENOSYS,
             Error::InvalidArgument(_) | Error::FailedPrecondition(_) => Errno::EINVAL,
             // The kernel only gets EIO; the log line carries the whole error chain.
             Error::Cache(_)

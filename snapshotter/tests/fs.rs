@@ -251,6 +251,10 @@ fn mount(rt: &Runtime, layer: &Layer, cache: Arc<Layered>, recorder: Option<Reco
     if let Some(recorder) = recorder {
         fs = fs.with_recorder(recorder);
     }
+    mount_fs(fs)
+}
+
+fn mount_fs(fs: LayerFs) -> Mounted {
     let dir = tempfile::tempdir().unwrap();
     let session = layerfs::mount(fs, dir.path()).unwrap().session;
     Mounted {
@@ -569,6 +573,32 @@ fn a_mounted_layer_reads_back_as_its_tar() {
         .copied()
         .eq(layer.toc.chunks_for(entry.tar_range().unwrap())));
     assert!(!events.iter().any(|e| e.path.contains(".hard")));
+}
+
+#[test]
+fn after_the_first_files_and_directories_open_and_close_without_a_request() {
+    if !gate(&[]) {
+        return;
+    }
+    let rt = runtime();
+    let big = big_file();
+    let layer = convert(&sample_tar(&big));
+    let cache = cache(&rt, &layer.chunks);
+    let fs = LayerFs::new(layer.toc.clone(), layer.blob, cache, rt.handle().clone()).unwrap();
+    let stats = fs.stats();
+    let m = mount_fs(fs);
+    for _ in 0..20 {
+        assert_eq!(fs::read(m.path("etc/hostname")).unwrap(), b"brisk\n");
+        assert!(fs::read(m.path("usr/lib/big.bin")).unwrap() == big);
+        assert!(names(&m.path("etc")).contains("hostname"));
+    }
+    // The first open, opendir and flush reach the daemon, and nothing after them: 20 rounds
+    // of two files opened, read and closed and a directory listed would be 100 requests.
+    let requests = stats.open_requests();
+    assert!(requests <= 3, "{requests} open, opendir and flush requests");
+    let refused = [libc::EROFS, libc::EACCES];
+    let write = OpenOptions::new().write(true).open(m.path("etc/hostname"));
+    assert!(refused.contains(&errno(write)), "writes are still refused");
 }
 
 #[test]

@@ -232,7 +232,7 @@ pub fn markdown(r: &RestartReport) -> String {
         r.command
     ));
     out.push_str(&format!(
-        "{} lazy layers mounted; a reader on the host reads a new file of one of them every 5 ms through its lazy mount (lookup, open, read reach the daemon; chunks in its cache). Baseline: the median read with the daemon up, {:.2} ms.\n\n",
+        "{} lazy layers mounted; a reader on the host reads a new file of one of them every 5 ms through its lazy mount (lookup and read reach the daemon; chunks in its cache). Baseline: the median read with the daemon up, {:.2} ms.\n\n",
         r.layers, r.median_read_ms
     ));
     out.push_str("| event | daemon down (signal to successor serving) | longest read | longest ÷ median read | reads in the window | failed |\n|---|---|---|---|---|---|\n");

@@ -25,9 +25,9 @@ use brisk_blobcache::layered::{Layered, Role};
 use brisk_blobcache::toc::Toc;
 use brisk_blobcache::Digest;
 use fuser::{
-    AccessFlags, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, FileHandle, FileType, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -59,7 +59,7 @@ pub struct LayerFs {
     /// What the kernel offered at INIT, kept so a successor can replay it (`session`).
     init_seen: Arc<Mutex<Option<Connection>>>,
     /// Set when the layer's tar stream proved not to be the layer its chain ID names: from
-    /// then on every lookup, open, read and listing fails (see `crate::proof`).
+    /// then on every lookup, read and listing fails (see `crate::proof`; opens are the kernel's).
     refuted: Arc<AtomicBool>,
     /// Runs of reads per file, for read-ahead. A std lock: taken only on the FUSE thread and
     /// only for arithmetic.
@@ -198,16 +198,20 @@ impl fuser::Filesystem for LayerFs {
         }
     }
 
+    /// Opens keep no state, so the first one that would succeed is answered ENOSYS: from then
+    /// on the kernel opens files itself, with no request at all, keeping cached pages as
+    /// `FOPEN_KEEP_CACHE` would, and sends no release either. Starts that open thousands of
+    /// small files save two round trips through this thread per file.
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.opened();
         match self.node(ino) {
             Err(err) => reply.error(err.errno()),
             Ok(node) if node.kind == FileType::Directory => reply.error(Error::IsDir.errno()),
-            // The kernel refuses most writes on an `ro` mount before they get here.
+            // The kernel refuses writes on an `ro` mount before they get here.
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 => {
                 reply.error(Error::ReadOnly.errno())
             }
-            // The layer never changes, so pages cached by an earlier open stay valid.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.error(Error::Stateless.errno()),
         }
     }
 
@@ -277,8 +281,8 @@ impl fuser::Filesystem for LayerFs {
         });
     }
 
-    /// Nothing is ever written, so a close has nothing to flush. Answering (rather than
-    /// leaving the default ENOSYS) keeps every close from logging a warning.
+    /// Nothing is ever written, so a close has nothing to flush: ENOSYS tells the kernel to
+    /// stop sending flushes, which every close of a file would otherwise wait for.
     fn flush(
         &self,
         _req: &Request,
@@ -287,7 +291,8 @@ impl fuser::Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.stats.opened();
+        reply.error(Error::Stateless.errno());
     }
 
     fn release(
@@ -304,13 +309,12 @@ impl fuser::Filesystem for LayerFs {
         reply.ok();
     }
 
+    /// As `open`: after the first, the kernel opens directories itself, and caches their
+    /// listings across opens as `FOPEN_CACHE_DIR` would (a listing never changes).
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.opened();
         match self.table().and_then(|t| t.dir(ino.0)) {
-            // The listing never changes: the kernel may cache it across opens.
-            Ok(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            Ok(_) => reply.error(Error::Stateless.errno()),
             Err(err) => reply.error(err.errno()),
         }
     }

@@ -18,6 +18,8 @@ pub struct ReadStats {
     compressed: AtomicU64,
     stalled_reads: AtomicU64,
     stall_micros: AtomicU64,
+    /// Open, opendir and flush requests that reached the daemon.
+    opens: AtomicU64,
 }
 
 /// A layer's read counters at one moment.
@@ -61,6 +63,17 @@ impl ReadStats {
         self.stalled_reads.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
         self.stall_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Counts an open, opendir or flush request.
+    pub(super) fn opened(&self) {
+        self.opens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Open, opendir and flush requests so far: after the first of each, the kernel answers
+    /// them itself.
+    pub fn open_requests(&self) -> u64 {
+        self.opens.load(Ordering::Relaxed)
     }
 
     pub fn report(&self) -> ReadReport {
