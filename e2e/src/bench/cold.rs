@@ -131,33 +131,39 @@ impl<'a> Setup<'a> {
         Snapshotter::start(dir, &["--config", config])
     }
 
-    /// (a): a full pull into overlayfs, then a run.
-    pub fn overlay(&self) -> Result<ColdStart> {
-        let dir = scratch(self.base, "overlay-")?;
+    /// A containerd of its own for an overlayfs mode, its state in a scratch directory.
+    fn overlay_containerd(&self, prefix: &str) -> Result<(tempfile::TempDir, Containerd)> {
+        let dir = scratch(self.base, prefix)?;
         let containerd = Containerd::start(
             &dir.path().join("containerd"),
             &unused_socket(dir.path()),
             &self.namespace(),
         )?;
+        Ok((dir, containerd))
+    }
+
+    /// `ctr image pull` of `image` into overlayfs: download and unpack every layer.
+    fn overlay_pull(containerd: &Containerd, image: &str) -> Result<()> {
+        let args = [
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "overlayfs",
+            image,
+        ];
+        watch(&mut ctr(containerd, &args), None, STEP_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// (a): a full pull into overlayfs, then a run.
+    pub fn overlay(&self) -> Result<ColdStart> {
+        let (_dir, containerd) = self.overlay_containerd("overlay-")?;
         let image = self.reference("v1");
         drop_caches()?;
         self.wan.reset();
         let started = Instant::now();
-        watch(
-            &mut ctr(
-                &containerd,
-                &[
-                    "image",
-                    "pull",
-                    "--plain-http",
-                    "--snapshotter",
-                    "overlayfs",
-                    &image,
-                ],
-            ),
-            None,
-            STEP_TIMEOUT,
-        )?;
+        Self::overlay_pull(&containerd, &image)?;
         let pulled = started.elapsed();
         let ready = self
             .workload
@@ -177,35 +183,17 @@ impl<'a> Setup<'a> {
     /// the page cache dropped, then a run; and right after it, a second run with the page
     /// cache kept (overlayfs hot).
     pub fn overlay_local_then_hot(&self) -> (Result<ColdStart>, Result<ColdStart>) {
-        let local = (|| {
-            let dir = scratch(self.base, "overlay-local-")?;
-            let containerd = Containerd::start(
-                &dir.path().join("containerd"),
-                &unused_socket(dir.path()),
-                &self.namespace(),
-            )?;
-            let image = self.reference("v1");
-            watch(
-                &mut ctr(
-                    &containerd,
-                    &[
-                        "image",
-                        "pull",
-                        "--plain-http",
-                        "--snapshotter",
-                        "overlayfs",
-                        &image,
-                    ],
-                ),
-                None,
-                STEP_TIMEOUT,
-            )?;
-            let local = self.overlay_run(&containerd, &image, PageCache::Drop)?;
-            Ok((local, dir, containerd))
-        })();
+        let image = self.reference("v1");
+        let local = self
+            .overlay_containerd("overlay-local-")
+            .and_then(|(dir, containerd)| {
+                Self::overlay_pull(&containerd, &image)?;
+                let local = self.overlay_run(&containerd, &image, PageCache::Drop)?;
+                Ok((local, dir, containerd))
+            });
         match local {
             Ok((local, _dir, containerd)) => {
-                let hot = self.overlay_run(&containerd, &self.reference("v1"), PageCache::Keep);
+                let hot = self.overlay_run(&containerd, &image, PageCache::Keep);
                 (Ok(local), hot)
             }
             Err(err) => {

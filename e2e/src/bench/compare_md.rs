@@ -143,11 +143,7 @@ fn targets_section(md: &mut String, r: &CompareReport) {
     for cell in cells {
         for t in &TARGETS {
             let (ratio, each) = t.ratio(cell);
-            let verdict = match ratio {
-                Some(x) if x <= t.at_most => "met",
-                Some(_) => "not met",
-                None => "no figure",
-            };
+            let verdict = verdict(ratio, t.at_most);
             let _ = writeln!(
                 md,
                 "| {} | {} ≤ {}× {} | {} | {} | {verdict} |",
@@ -165,11 +161,7 @@ fn targets_section(md: &mut String, r: &CompareReport) {
         }
         let baked = &cell.mode(Mode::BriskBaked).summary;
         let ratio = baked.ratio_to_limit;
-        let verdict = match ratio {
-            Some(x) if x <= BAKED_OVER_LIMIT => "met",
-            Some(_) => "not met",
-            None => "no figure",
-        };
+        let verdict = verdict(ratio, BAKED_OVER_LIMIT);
         let _ = writeln!(
             md,
             "| {} | {} ≤ {BAKED_OVER_LIMIT}× its limit | {} | | {verdict} |",
@@ -185,6 +177,14 @@ fn targets_section(md: &mut String, r: &CompareReport) {
          mounts), WS the compressed weight of the bytes its container read (the daemon's \
          count) and B the link's rate.\n"
     );
+}
+
+fn verdict(ratio: Option<f64>, at_most: f64) -> &'static str {
+    match ratio {
+        Some(x) if x <= at_most => "met",
+        Some(_) => "not met",
+        None => "no figure",
+    }
 }
 
 fn title_of(r: &CompareReport, name: &str) -> &'static str {
