@@ -29,6 +29,10 @@ pub enum Error {
     /// kernel do them alone from then on.
     #[error("Opens and flushes need no request")]
     Stateless,
+    /// The answer to xattr requests on a layer that has none: ENOSYS makes the kernel answer
+    /// every later one itself (EOPNOTSUPP, which overlayfs reads as "no such mark").
+    #[error("The layer has no extended attributes")]
+    NoXattrs,
     #[error("The layer's content does not match the chain ID it was committed under")]
     Refuted,
     #[error("Hand-over of FUSE connections failed: {0}")]
@@ -82,7 +86,7 @@ impl Error {
             Error::NoAttr => Errno::NO_XATTR,
             Error::ReadOnly => Errno::EROFS,
             Error::Range => Errno::ERANGE,
-            Error::Stateless => Errno::ENOSYS,
+            Error::Stateless | Error::NoXattrs => Errno::ENOSYS,
             Error::InvalidArgument(_) | Error::FailedPrecondition(_) => Errno::EINVAL,
             // The kernel only gets EIO; the log line carries the whole error chain.
             Error::Cache(_)

@@ -602,6 +602,44 @@ fn after_the_first_files_and_directories_open_and_close_without_a_request() {
 }
 
 #[test]
+fn a_layer_without_xattrs_is_asked_for_them_once() {
+    if !gate(&[]) {
+        return;
+    }
+    let rt = runtime();
+    let layer = convert(
+        &Tar::new()
+            .dir("lib/", 0o755)
+            .file("lib/a.py", b"a = 1\n", 0o644)
+            .file("lib/b.py", b"b = 2\n", 0o644)
+            .finish(),
+    );
+    let cache = cache(&rt, &layer.chunks);
+    let fs = LayerFs::new(layer.toc.clone(), layer.blob, cache, rt.handle().clone()).unwrap();
+    let stats = fs.stats();
+    let m = mount_fs(fs);
+    for _ in 0..20 {
+        for file in ["lib/a.py", "lib/b.py", "lib"] {
+            let got = getxattr(&m.path(file), "trusted.overlay.metacopy", true);
+            assert_eq!(errno(got), libc::EOPNOTSUPP, "{file}");
+        }
+    }
+    let p = cstr(m.path("lib/a.py").as_os_str().as_bytes());
+    // SAFETY: `p` is NUL-terminated and outlives the call; a null buffer of size 0 asks only
+    // for the length.
+    let len = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(len, -1);
+    assert_eq!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    // 60 getxattr and one listxattr asked; the first of each reached the daemon.
+    let requests = stats.xattr_requests();
+    assert!(requests <= 2, "{requests} xattr requests");
+    assert_eq!(fs::read(m.path("lib/b.py")).unwrap(), b"b = 2\n");
+}
+
+#[test]
 fn overlayfs_stacks_mounted_layers_with_whiteouts_and_opaque_dirs() {
     if !gate(&["mount", "umount"]) {
         return;

@@ -187,6 +187,8 @@ pub(crate) struct InodeTable {
     nodes: Vec<Inode>,
     /// Sum of regular file sizes, for statfs.
     content_bytes: u64,
+    /// Whether any node carries an xattr (an opaque mark included).
+    has_xattrs: bool,
 }
 
 impl InodeTable {
@@ -266,6 +268,10 @@ impl InodeTable {
 
     pub fn content_bytes(&self) -> u64 {
         self.content_bytes
+    }
+
+    pub fn has_xattrs(&self) -> bool {
+        self.has_xattrs
     }
 }
 
@@ -430,9 +436,11 @@ impl Builder {
                 content_bytes += node.size;
             }
         }
+        let has_xattrs = self.nodes.iter().any(|n| !n.xattrs.is_empty());
         InodeTable {
             nodes: self.nodes,
             content_bytes,
+            has_xattrs,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct ReadStats {
     stall_micros: AtomicU64,
     /// Open, opendir and flush requests that reached the daemon.
     opens: AtomicU64,
+    /// Getxattr and listxattr requests that reached the daemon.
+    xattrs: AtomicU64,
 }
 
 /// A layer's read counters at one moment.
@@ -74,6 +76,16 @@ impl ReadStats {
     /// them itself.
     pub fn open_requests(&self) -> u64 {
         self.opens.load(Ordering::Relaxed)
+    }
+
+    /// Counts a getxattr or listxattr request.
+    pub(super) fn asked_xattr(&self) {
+        self.xattrs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Getxattr and listxattr requests so far.
+    pub fn xattr_requests(&self) -> u64 {
+        self.xattrs.load(Ordering::Relaxed)
     }
 
     pub fn report(&self) -> ReadReport {
