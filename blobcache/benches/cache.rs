@@ -54,6 +54,7 @@ fn data(seed: u64, len: usize) -> Bytes {
 fn chunk(seed: u64, len: usize) -> (ChunkRef, VerifiedChunk) {
     let d = data(seed, len);
     let r = ChunkRef {
+        codec: Default::default(),
         digest: Digest::sha256(&d),
         blob: Digest::sha256(b"b"),
         compressed: 0..1,

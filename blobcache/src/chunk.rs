@@ -15,6 +15,31 @@ pub struct ChunkRef {
     pub blob: Digest,
     pub compressed: Range<u64>,
     pub uncompressed_len: u64,
+    /// How the compressed range decodes; only the registry level needs it.
+    pub codec: Codec,
+}
+
+/// How a chunk's compressed bytes decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// One zstd frame holding exactly the chunk (Brisk's own layers).
+    #[default]
+    Zstd,
+    /// A gzip member whose first `uncompressed_len` decoded bytes are the chunk; the rest of
+    /// the member (tar padding and the headers of later entries) is not part of it (eStargz).
+    GzipPrefix,
+}
+
+impl Codec {
+    /// The most compressed bytes a chunk of `n` decoded bytes may span. A gzip member also
+    /// holds the tar headers that follow the chunk, which the TOC does not size, so its bound
+    /// is the largest any chunk may have.
+    pub const fn bound(self, n: u64) -> u64 {
+        match self {
+            Codec::Zstd => toc::compressed_bound(n),
+            Codec::GzipPrefix => toc::MAX_CHUNK_COMPRESSED_SIZE,
+        }
+    }
 }
 
 impl ChunkRef {
@@ -25,6 +50,7 @@ impl ChunkRef {
             blob,
             compressed: chunk.compressed_range(),
             uncompressed_len: chunk.tar_size,
+            codec: chunk.codec,
         }
     }
 
@@ -49,7 +75,7 @@ impl ChunkRef {
             what,
             Limit::ChunkCompressedSize,
             self.compressed.end - self.compressed.start,
-            toc::compressed_bound(self.uncompressed_len),
+            self.codec.bound(self.uncompressed_len),
         )
     }
 
@@ -86,12 +112,22 @@ impl VerifiedChunk {
             })
     }
 
-    /// Decompresses one chunk's zstd frame and checks the bytes against `chunk`: the one
-    /// place chunk frames are decoded, for the registry level, `toc::decode_chunk` and every
-    /// tool. `chunk` must have passed `ChunkRef::check`, which bounds the buffer.
+    /// Decompresses one chunk's compressed bytes and checks them against `chunk`: the one
+    /// place chunks are decoded, for the registry level, `toc::decode_chunk` and every tool.
+    /// `chunk` must have passed `ChunkRef::check`, which bounds the buffer.
     pub fn decode(chunk: &ChunkRef, frame: &[u8]) -> std::result::Result<Self, BadFrame> {
-        let data = zstd::bulk::decompress(frame, chunk.uncompressed_len as usize)
-            .map_err(BadFrame::Undecodable)?;
+        let len = chunk.uncompressed_len as usize;
+        let data = match chunk.codec {
+            Codec::Zstd => zstd::bulk::decompress(frame, len).map_err(BadFrame::Undecodable)?,
+            Codec::GzipPrefix => {
+                // Only the member's first `len` bytes are the chunk, so its CRC (which covers
+                // the whole member) is never reached; the digest check below stands for it.
+                let mut data = vec![0u8; len];
+                std::io::Read::read_exact(&mut flate2::read::GzDecoder::new(frame), &mut data)
+                    .map_err(BadFrame::Undecodable)?;
+                data
+            }
+        };
         let data = Bytes::from(data);
         Self::check(chunk, data.clone()).ok_or(BadFrame::Mismatch(data))
     }
@@ -113,6 +149,7 @@ mod tests {
     #[test]
     fn references_no_toc_could_hold_are_refused() {
         let good = ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(b"x"),
             blob: Digest::sha256(b"blob"),
             compressed: 100..200,

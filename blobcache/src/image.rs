@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate::toc::{self, Footer, Toc, TocPosition, FOOTER_SIZE};
+use crate::toc::{self, estargz, Footer, LayerFormat, Toc, TocPosition, FOOTER_SIZE};
 use crate::{Digest, Error, Result};
 
 /// A layer whose descriptor names a TOC.
@@ -24,6 +24,9 @@ pub struct LazyLayer {
     /// Where the chunks listed for prefetch lie (the spans annotation), unverified: worth
     /// fetching before the TOC arrives, usable only once its digests check them.
     pub prefetch_spans: Vec<Range<u64>>,
+    /// The format whose annotation named the TOC: it decides how the TOC is found and read,
+    /// and what `toc_digest` covers.
+    pub format: LayerFormat,
 }
 
 impl LazyLayer {
@@ -39,11 +42,21 @@ impl LazyLayer {
             return Ok(None);
         };
         let Some(toc_digest) = annotations.get(toc::ANNOTATION_TOC_DIGEST) else {
-            return Ok(None);
+            // An eStargz layer: its TOC is found through its footer.
+            return match annotations.get(estargz::ANNOTATION_TOC_DIGEST) {
+                Some(digest) => Self::new(blob, size, digest, None, None)
+                    .map(|l| Some(l.in_format(LayerFormat::Estargz))),
+                None => Ok(None),
+            };
         };
         let position = checked_position(annotations.get(toc::ANNOTATION_TOC_POSITION))?;
         let spans = annotations.get(toc::ANNOTATION_PREFETCH_SPANS);
         Self::new(blob, size, toc_digest, position, spans).map(Some)
+    }
+
+    /// The same layer, read as `format`.
+    pub fn in_format(self, format: LayerFormat) -> Self {
+        Self { format, ..self }
     }
 
     /// The layer as the label copies of its annotations describe it (what containerd passes
@@ -81,6 +94,7 @@ impl LazyLayer {
             toc_digest: toc_digest.parse()?,
             position,
             prefetch_spans: spans.map(|v| toc::parse_spans(v, size)).unwrap_or_default(),
+            format: LayerFormat::Brisk,
         })
     }
 
@@ -91,23 +105,53 @@ impl LazyLayer {
         Fut: Future<Output = Result<Bytes, E>>,
         E: From<Error>,
     {
+        let footer = match self.format {
+            LayerFormat::Brisk => FOOTER_SIZE,
+            LayerFormat::Estargz => estargz::FOOTER_SIZE,
+        } as u64;
         let position = match self.position {
             Some(p) => p,
             None => {
-                if self.size < FOOTER_SIZE as u64 {
+                if self.size < footer.min(estargz::LEGACY_FOOTER_SIZE as u64) {
                     return Err(Error::bad_toc("blob is smaller than a footer").into());
                 }
-                let tail = read(self.size - FOOTER_SIZE as u64..self.size).await?;
-                Footer::decode(&tail, self.size)?.toc
+                let tail = read(self.size.saturating_sub(footer)..self.size).await?;
+                match self.format {
+                    LayerFormat::Brisk => Footer::decode(&tail, self.size)?.toc,
+                    LayerFormat::Estargz => estargz::footer_position(&tail, self.size)?,
+                }
             }
         };
-        position.check_within(self.size)?;
+        match self.format {
+            LayerFormat::Brisk => position.check_within(self.size)?,
+            LayerFormat::Estargz => estargz::check_within(&position, self.size)?,
+        }
         Ok(position)
     }
 
-    /// Authenticates the compressed TOC bytes against the manifest's digest, decodes them and
-    /// checks that the chunks end where the TOC frame begins.
+    /// What the TOC digest covers, out of the bytes a range read of the TOC's position
+    /// fetched: those bytes for Brisk (the compressed TOC), the JSON inside the TOC's gzip
+    /// member for eStargz. This is what is kept, and what `decode_toc` takes.
+    pub fn digested_toc(&self, fetched: Bytes) -> Result<Bytes> {
+        match self.format {
+            LayerFormat::Brisk => Ok(fetched),
+            LayerFormat::Estargz => Ok(estargz::toc_json(&fetched)?.into()),
+        }
+    }
+
+    /// Authenticates the TOC bytes (`digested_toc`'s) against the manifest's digest, decodes
+    /// them and checks that the chunks end where the TOC begins.
     pub fn decode_toc(&self, payload: &[u8], position: &TocPosition) -> Result<Toc> {
+        if self.format == LayerFormat::Estargz {
+            let actual = Digest::sha256(payload);
+            if actual != self.toc_digest {
+                return Err(Error::Toc(toc::TocError::DigestMismatch {
+                    expected: self.toc_digest,
+                    actual,
+                }));
+            }
+            return estargz::parse(payload, position.offset);
+        }
         let toc = Toc::decode(payload, position.uncompressed_size, Some(&self.toc_digest))?;
         if toc.data_size().checked_add(8) != Some(position.offset) {
             return Err(Error::bad_toc(
@@ -224,9 +268,11 @@ mod tests {
     #[test]
     fn chunks_ending_at_the_top_of_u64_are_refused_without_overflow() {
         let toc = Toc {
+            format: Default::default(),
             version: toc::FORMAT_VERSION,
             tar_size: 1,
             chunks: vec![toc::Chunk {
+                codec: Default::default(),
                 offset: 0,
                 size: u64::MAX - 3,
                 tar_offset: 0,
@@ -242,6 +288,7 @@ mod tests {
         );
         let (payload, len) = toc.encode().unwrap();
         let layer = LazyLayer {
+            format: Default::default(),
             blob: Digest::sha256(b"layer"),
             size: 0,
             toc_digest: Digest::sha256(&payload),

@@ -211,19 +211,21 @@ impl LazyImages {
             self.stats.kept_hits.fetch_add(1, Ordering::Relaxed);
             return layer.decode_toc(&payload, position);
         }
-        let (toc, payload) = self
+        let (toc, (payload, fetched)) = self
             .client
             .via_mirrors(repo, |source| async move {
                 let p = self
                     .client
                     .get_blob_range_from(&source, &layer.blob, position.range(), &|_| {})
                     .await?;
-                Ok((layer.decode_toc(&p, position)?, p))
+                let fetched = p.len() as u64;
+                let p = layer.digested_toc(p)?;
+                Ok((layer.decode_toc(&p, position)?, (p, fetched)))
             })
             .await?;
         self.stats
             .toc_bytes_fetched
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            .fetch_add(fetched, Ordering::Relaxed);
         if let Some(k) = &self.kept {
             k.put(&payload)?;
         }
@@ -384,6 +386,7 @@ mod tests {
         };
         let (converted, blob) = toc::convert_layer(&tar[..], Vec::new(), &opts).unwrap();
         let lazy = LazyLayer {
+            format: Default::default(),
             blob: converted.digest,
             size: converted.size,
             toc_digest: converted.toc_digest,

@@ -105,6 +105,7 @@ mod tests {
 
     fn chunk(data: &'static [u8]) -> (ChunkRef, VerifiedChunk) {
         let r = ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(data),
             blob: Digest::sha256(b"blob"),
             compressed: 0..1,

@@ -712,6 +712,7 @@ mod tests {
 
     fn chunk(blob: &[u8], range: std::ops::Range<u64>) -> ChunkRef {
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(&range.start.to_le_bytes()),
             blob: Digest::sha256(blob),
             compressed: range,
@@ -759,12 +760,14 @@ mod tests {
         let l0 = frames[0].len() as u64;
         let refs = vec![
             ChunkRef {
+                codec: Default::default(),
                 digest: Digest::sha256(&plain[0]),
                 blob,
                 compressed: 0..l0,
                 uncompressed_len: plain[0].len() as u64,
             },
             ChunkRef {
+                codec: Default::default(),
                 digest: Digest::sha256(&plain[1]),
                 blob,
                 compressed: l0..body.len() as u64,

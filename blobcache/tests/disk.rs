@@ -17,6 +17,7 @@ fn chunk(seed: u32, len: usize) -> (ChunkRef, VerifiedChunk) {
         .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
         .collect();
     let r = ChunkRef {
+        codec: Default::default(),
         digest: Digest::sha256(&data),
         blob: Digest::sha256(b"layer"),
         compressed: 0..1,

@@ -166,12 +166,14 @@ async fn trickled(fill: [u8; 2]) -> Trickled {
     let (l0, l1) = (frames[0].len() as u64, frames[1].len() as u64);
     let chunks = vec![
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(&plain[0]),
             blob,
             compressed: 0..l0,
             uncompressed_len: plain[0].len() as u64,
         },
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(&plain[1]),
             blob,
             compressed: l0..l0 + l1,
@@ -314,6 +316,7 @@ async fn wrong_preloaded_bytes_are_never_served_and_the_chunk_is_fetched_afresh(
         .origin(source.clone(), Duration::from_secs(5))
         .build();
     let chunk = ChunkRef {
+        codec: Default::default(),
         digest: Digest::sha256(&plain),
         blob,
         compressed: 0..good.len() as u64,
@@ -382,6 +385,7 @@ async fn many_readers_of_a_preload_that_arrives_in_small_pieces_all_get_their_ch
     let mut readers = Vec::new();
     for (p, f) in plain.iter().zip(&frames) {
         let chunk = ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(p),
             blob,
             compressed: at..at + f.len() as u64,

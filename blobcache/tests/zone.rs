@@ -48,6 +48,7 @@ fn key() -> ZoneKey {
 fn chunk(seed: u8, len: usize) -> (ChunkRef, VerifiedChunk) {
     let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
     let r = ChunkRef {
+        codec: Default::default(),
         digest: Digest::sha256(&data),
         blob: Digest::sha256(b"layer"),
         compressed: 0..len as u64,
@@ -65,6 +66,7 @@ fn locator(c: &ChunkRef) -> ChunkLocator {
         compressed_offset: c.compressed.start,
         compressed_length: c.compressed.end - c.compressed.start,
         uncompressed_length: c.uncompressed_len,
+        codec: 0,
     }
 }
 
@@ -500,6 +502,7 @@ async fn an_honest_zone_serves_more_chunks_than_one_request_may_ask_for() {
         .map(|i| {
             let data = Bytes::from(format!("chunk {i}").into_bytes());
             let r = ChunkRef {
+                codec: Default::default(),
                 digest: Digest::sha256(&data),
                 blob: Digest::sha256(b"layer"),
                 compressed: 0..data.len() as u64,
@@ -557,6 +560,7 @@ async fn until_members(host: &Host, members: &[SocketAddr]) {
 fn numbered(label: &str, i: u32) -> (ChunkRef, VerifiedChunk) {
     let data = Bytes::from(format!("{label} chunk {i} ").repeat(64).into_bytes());
     let r = ChunkRef {
+        codec: Default::default(),
         digest: Digest::sha256(&data),
         blob: Digest::sha256(b"layer"),
         compressed: 0..data.len() as u64,

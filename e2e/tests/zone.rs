@@ -770,6 +770,7 @@ fn one_caller_cannot_hold_more_than_its_share_of_a_peer() -> Result<()> {
                 compressed_offset: c.compressed.start,
                 compressed_length: c.compressed.end - c.compressed.start,
                 uncompressed_length: c.uncompressed_len,
+                codec: 0,
             });
         }
         ensure!(

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use brisk_blobcache::reference::Reference;
-use brisk_blobcache::toc::TocPosition;
+use brisk_blobcache::toc::{LayerFormat, TocPosition};
 use brisk_blobcache::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,9 @@ pub struct RemoteLayer {
     pub parent_chain: Option<Digest>,
     #[serde(default)]
     pub proof: Proof,
+    /// The format the layer's TOC is read in (recorded before it existed: Brisk's).
+    #[serde(default)]
+    pub format: LayerFormat,
 }
 
 /// Whether a lazy layer's tar stream was shown to hash to the diff_id its chain ID claims.

@@ -187,6 +187,12 @@ impl Snapshotter {
         if r.proof != Proof::Unproven {
             return;
         }
+        if !toc.format.chunks_tile_the_tar() {
+            // Its chunks are the files' contents, not the tar stream: hashing them gives no
+            // diff_id. It stays unproven, so it serves only the image that vouched for it.
+            tracing::info!(snapshot = %s.key, format = toc.format.as_str(), "this lazy layer's format cannot be proven by reading its chunks; it is never reused for another blob");
+            return;
+        }
         if !s.parent.is_empty() && r.parent_chain.is_none() {
             tracing::warn!(snapshot = %s.key, "the parent's chain ID is unknown: this lazy layer cannot be proven and is never reused for another blob");
             return;
@@ -472,6 +478,7 @@ pub(crate) mod tests {
             toc_position: "8:1:1:1".parse().unwrap(),
             parent_chain: None,
             proof: Proof::Unproven,
+            format: Default::default(),
         }
     }
 

@@ -189,6 +189,7 @@ mod tests {
 
     fn toc(entries: Vec<Entry>) -> Toc {
         Toc {
+            format: Default::default(),
             version: 1,
             tar_size: 0,
             chunks: vec![],

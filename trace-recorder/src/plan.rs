@@ -47,12 +47,14 @@ mod tests {
 
     fn toc_of(digests: &[&[u8]]) -> Toc {
         Toc {
+            format: Default::default(),
             version: toc::FORMAT_VERSION,
             tar_size: 100 * digests.len() as u64,
             chunks: digests
                 .iter()
                 .enumerate()
                 .map(|(i, d)| toc::Chunk {
+                    codec: Default::default(),
                     offset: 10 * i as u64,
                     size: 10,
                     tar_offset: 100 * i as u64,

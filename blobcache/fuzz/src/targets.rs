@@ -246,6 +246,7 @@ fn valid_toc(toc: &Toc) {
 /// (accepted) and somewhere else (refused).
 fn as_layer(toc: &Toc, payload: &[u8], uncompressed_len: u64) {
     let layer = LazyLayer {
+        format: Default::default(),
         blob: Digest::sha256(b"blob"),
         size: 0,
         toc_digest: Digest::sha256(payload),

@@ -135,6 +135,7 @@ mod tests {
 
     fn reference(data: &[u8]) -> ChunkRef {
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(data),
             blob: Digest::sha256(b"blob"),
             compressed: 0..data.len() as u64,

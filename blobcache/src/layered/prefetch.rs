@@ -100,6 +100,7 @@ mod tests {
 
     fn chunk(blob: &[u8], range: std::ops::Range<u64>) -> ChunkRef {
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(&range.start.to_le_bytes()),
             blob: Digest::sha256(blob),
             compressed: range,

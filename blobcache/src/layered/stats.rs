@@ -156,6 +156,7 @@ mod tests {
 
     fn chunk(blob: Digest, len: u64) -> ChunkRef {
         ChunkRef {
+            codec: Default::default(),
             digest: Digest::sha256(b"chunk"),
             blob,
             compressed: 100..100 + len,

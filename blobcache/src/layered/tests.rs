@@ -79,6 +79,7 @@ fn chunks(n: usize) -> Vec<(ChunkRef, Bytes)> {
         .map(|i| {
             let data = Bytes::from(vec![i as u8 + 1; 1000 + i]);
             let r = ChunkRef {
+                codec: Default::default(),
                 digest: Digest::sha256(&data),
                 blob: Digest::sha256(b"blob"),
                 compressed: (i as u64 * 100)..(i as u64 * 100 + 100),
@@ -97,6 +98,7 @@ fn spread_chunks(n: usize, len: u64, stride: u64) -> Vec<(ChunkRef, Bytes)> {
             let data = Bytes::from(vec![i as u8 + 1; len as usize]);
             let at = i as u64 * stride;
             let r = ChunkRef {
+                codec: Default::default(),
                 digest: Digest::sha256(&data),
                 blob: Digest::sha256(b"blob"),
                 compressed: at..at + len,

@@ -6,6 +6,7 @@
 //! Nothing here does I/O against a registry: callers fetch bytes and hand them in.
 
 mod error;
+pub mod estargz;
 mod footer;
 mod limits;
 mod path;
@@ -160,6 +161,37 @@ pub struct Toc {
     /// by `brisk convert --trace` (the traced files were also moved to the front of the tar).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<u32>,
+    /// The format the TOC was read from: set by its reader, never by the TOC's JSON.
+    #[serde(skip)]
+    pub format: LayerFormat,
+}
+
+/// The lazy formats a layer's TOC can come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerFormat {
+    /// Brisk's own: the chunks tile the layer's tar stream, so reading them in order hashes
+    /// to its diff_id.
+    #[default]
+    Brisk,
+    /// eStargz (`estargz`): the chunks tile the files' contents only, and lie in gzip
+    /// members with tar headers between them.
+    Estargz,
+}
+
+impl LayerFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LayerFormat::Brisk => "brisk",
+            LayerFormat::Estargz => "estargz",
+        }
+    }
+
+    /// Whether reading the chunks in order yields the layer's tar stream (and so its
+    /// diff_id).
+    pub fn chunks_tile_the_tar(&self) -> bool {
+        *self == LayerFormat::Brisk
+    }
 }
 
 /// One independently decodable zstd frame of the layer.
@@ -175,6 +207,10 @@ pub struct Chunk {
     pub tar_size: u64,
     /// sha256 of the decoded bytes: the chunk's identity in every cache level.
     pub digest: Digest,
+    /// How the compressed bytes decode: set by the reader of the layer's format, never read
+    /// from a TOC (a Brisk TOC cannot claim another codec for its frames).
+    #[serde(skip)]
+    pub codec: crate::chunk::Codec,
 }
 
 impl Chunk {
@@ -330,10 +366,18 @@ impl Toc {
         Ok(())
     }
 
+    /// Brisk's chunks tile the blob from offset 0; other formats' lie in blob order with
+    /// gaps (headers, landmarks) between them. In both, they tile the decoded stream.
     fn validate_chunks(&self) -> Result<()> {
         let (mut offset, mut tar_offset) = (0u64, 0u64);
+        let gaps = self.format != LayerFormat::Brisk;
         for (i, c) in self.chunks.iter().enumerate() {
-            if c.offset != offset || c.tar_offset != tar_offset {
+            let placed = if gaps {
+                c.offset >= offset
+            } else {
+                c.offset == offset
+            };
+            if !placed || c.tar_offset != tar_offset {
                 return Err(Error::bad_toc(format!(
                     "chunk {i} does not follow the previous one"
                 )));
@@ -347,7 +391,7 @@ impl Toc {
                 what,
                 Limit::ChunkCompressedSize,
                 c.size,
-                compressed_bound(c.tar_size),
+                c.codec.bound(c.tar_size),
             )?;
             offset = c
                 .offset

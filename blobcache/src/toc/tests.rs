@@ -493,11 +493,11 @@ proptest! {
         for (i, (size, tar_size)) in sizes.into_iter().enumerate() {
             // Within what a frame of `tar_size` bytes can compress to.
             let size = 1 + size % compressed_bound(tar_size);
-            chunks.push(Chunk { offset: off, size, tar_offset: tar_off, tar_size, digest: Digest::sha256(&i.to_le_bytes()) });
+            chunks.push(Chunk { codec: Default::default(), offset: off, size, tar_offset: tar_off, tar_size, digest: Digest::sha256(&i.to_le_bytes()) });
             off += size;
             tar_off += tar_size;
         }
-        let toc = Toc { version: FORMAT_VERSION, tar_size: tar_off, chunks, entries, prefetch: Vec::new() };
+        let toc = Toc { format: Default::default(), version: FORMAT_VERSION, tar_size: tar_off, chunks, entries, prefetch: Vec::new() };
         let (payload, len) = toc.encode().unwrap();
         let digest = Digest::sha256(&payload);
         prop_assert_eq!(Toc::decode(&payload, len, Some(&digest)).unwrap(), toc);

@@ -506,6 +506,7 @@ impl<W: Write> FrameWriter<W> {
         compressor.compress_to_buffer(data, &mut self.compressed)?;
         self.out.write_all(&self.compressed)?;
         self.chunks.push(Chunk {
+            codec: Default::default(),
             offset: self.out.written() - self.compressed.len() as u64,
             size: self.compressed.len() as u64,
             tar_offset: self.frame_start,
@@ -525,6 +526,7 @@ impl<W: Write> FrameWriter<W> {
     ) -> Result<(ConvertedLayer, W)> {
         self.flush_frame(self.buf.len()).map_err(write_error)?;
         let toc = Toc {
+            format: Default::default(),
             version: FORMAT_VERSION,
             tar_size: self.frame_start,
             chunks: self.chunks,
@@ -628,7 +630,7 @@ fn prefetch_chunks(
 
 /// Entries in tar order, where a later entry of the same name replaces the earlier one (what
 /// `tar -x` and containerd's unpacker do with duplicates).
-struct EntryTable {
+pub(super) struct EntryTable {
     entries: Vec<Option<Entry>>,
     by_name: HashMap<(bool, String), usize>,
     /// Tar entries taken at most (`MAX_ENTRIES`; a field so tests can reach it). Replaced
@@ -637,7 +639,7 @@ struct EntryTable {
 }
 
 impl EntryTable {
-    fn new(max: usize) -> Self {
+    pub(super) fn new(max: usize) -> Self {
         Self {
             entries: Vec::new(),
             by_name: HashMap::new(),
@@ -645,7 +647,7 @@ impl EntryTable {
         }
     }
 
-    fn insert(&mut self, entry: Entry) -> Result<()> {
+    pub(super) fn insert(&mut self, entry: Entry) -> Result<()> {
         Error::check_limit(
             || "Layer".into(),
             Limit::Entries,
@@ -682,7 +684,7 @@ impl EntryTable {
         Ok(())
     }
 
-    fn into_vec(self) -> Vec<Entry> {
+    pub(super) fn into_vec(self) -> Vec<Entry> {
         self.entries.into_iter().flatten().collect()
     }
 }
@@ -716,33 +718,9 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
             }))
         }
     };
-    let mut name = normalize_name(&raw_name)?;
-    if name.is_empty() && kind != EntryKind::Dir {
-        return Err(Error::Toc(TocError::UnsupportedEntry {
-            name: raw_name,
-            reason: "only a directory can be the root",
-        }));
-    }
-    let (parent, base) = match name.rfind('/') {
-        Some(i) => (&name[..i], &name[i + 1..]),
-        None => ("", name.as_str()),
-    };
-    let mut kind = kind;
-    if base == OPAQUE_NAME {
-        name = parent.to_owned();
-        kind = EntryKind::Opaque;
-    } else if base.starts_with(".wh..wh.") {
-        // aufs bookkeeping (hardlink stash dirs); it never describes image content.
+    let Some((kind, name)) = classify(&raw_name, kind)? else {
         return Ok(None);
-    } else if let Some(deleted) = base.strip_prefix(WHITEOUT_PREFIX) {
-        name = if parent.is_empty() {
-            deleted.to_owned()
-        } else {
-            format!("{parent}/{deleted}")
-        };
-        kind = EntryKind::Whiteout;
-    }
-
+    };
     let mut toc = Entry {
         kind,
         name,
@@ -788,6 +766,39 @@ fn toc_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
     }
     apply_pax(entry, &mut toc)?;
     Ok(Some(toc))
+}
+
+/// An entry's place in the layer from its raw tar name: the normalized name, with whiteout
+/// and opaque markers turned into the path they act on; `None` for aufs bookkeeping. Shared
+/// by every reader of a tar's names (the converter, and the TOCs of other formats).
+pub(super) fn classify(raw_name: &str, kind: EntryKind) -> Result<Option<(EntryKind, String)>> {
+    let mut name = normalize_name(raw_name)?;
+    if name.is_empty() && kind != EntryKind::Dir {
+        return Err(Error::Toc(TocError::UnsupportedEntry {
+            name: raw_name.to_owned(),
+            reason: "only a directory can be the root",
+        }));
+    }
+    let (parent, base) = match name.rfind('/') {
+        Some(i) => (&name[..i], &name[i + 1..]),
+        None => ("", name.as_str()),
+    };
+    let mut kind = kind;
+    if base == OPAQUE_NAME {
+        name = parent.to_owned();
+        kind = EntryKind::Opaque;
+    } else if base.starts_with(".wh..wh.") {
+        // aufs bookkeeping (hardlink stash dirs); it never describes image content.
+        return Ok(None);
+    } else if let Some(deleted) = base.strip_prefix(WHITEOUT_PREFIX) {
+        name = if parent.is_empty() {
+            deleted.to_owned()
+        } else {
+            format!("{parent}/{deleted}")
+        };
+        kind = EntryKind::Whiteout;
+    }
+    Ok(Some((kind, name)))
 }
 
 /// PAX records override the ustar header's numeric fields and carry xattrs.

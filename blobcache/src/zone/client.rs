@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use brisk_proto::brisk::v1::fetch_reply::Event;
 use brisk_proto::brisk::v1::peer_client::PeerClient;
-use brisk_proto::brisk::v1::{ChunkLocator, FetchRequest, PeerTraceRequest};
+use brisk_proto::brisk::v1::{ChunkCodec, ChunkLocator, FetchRequest, PeerTraceRequest};
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::ZoneKey;
 use super::limits::{self, Bound};
 use super::Zone;
-use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::chunk::{ChunkRef, Codec, VerifiedChunk};
 use crate::remote::RegistrySource;
 use crate::source::{Answer, ChunkSource, Found, Priority};
 use crate::Digest;
@@ -190,6 +190,10 @@ impl PeerSource {
             compressed_offset: chunk.compressed.start,
             compressed_length: chunk.compressed.end - chunk.compressed.start,
             uncompressed_length: chunk.uncompressed_len,
+            codec: match chunk.codec {
+                Codec::Zstd => ChunkCodec::Zstd,
+                Codec::GzipPrefix => ChunkCodec::GzipPrefix,
+            } as i32,
         }
     }
 
@@ -197,7 +201,7 @@ impl PeerSource {
     /// server checks (a chunk that is not goes to the registry).
     fn askable(&self, chunk: &ChunkRef) -> bool {
         let compressed = chunk.compressed.end.saturating_sub(chunk.compressed.start);
-        compressed <= limits::max_compressed(chunk.uncompressed_len)
+        compressed <= limits::max_compressed(chunk.codec, chunk.uncompressed_len)
             && chunk.uncompressed_len <= self.config.request_bytes
     }
 

@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use crate::chunk::Codec;
+
 /// Chunk locators in one `Fetch`. A caller splits larger batches. Why 1024: an 8 MiB request
 /// of small chunks (a start's read spans are cut finer than the chunk size) stays one or two
 /// requests, while the message stays under [`MAX_REQUEST_MESSAGE`] and the single-flight
@@ -46,10 +48,14 @@ pub const MAX_MEMBERS: usize = 1024;
 /// is never larger than its input plus 1/256 and a few hundred bytes of headers; this allows
 /// twice that. Without it a caller could make a home range-read gigabytes from the registry
 /// for a chunk of a few bytes.
-pub fn max_compressed(uncompressed: u64) -> u64 {
-    uncompressed
-        .saturating_add(uncompressed / 128)
-        .saturating_add(4096)
+pub fn max_compressed(codec: Codec, uncompressed: u64) -> u64 {
+    match codec {
+        Codec::Zstd => uncompressed
+            .saturating_add(uncompressed / 128)
+            .saturating_add(4096),
+        // A gzip member also holds the tar headers after the chunk (`Codec::bound`).
+        Codec::GzipPrefix => codec.bound(uncompressed),
+    }
 }
 
 /// Which bound a message broke.
@@ -138,8 +144,8 @@ mod tests {
             // Random bytes do not compress: the worst case for a frame's size.
             let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
             let frame = zstd::bulk::compress(&data, 3).unwrap();
-            assert!(frame.len() as u64 <= max_compressed(len as u64), "{len}");
+            assert!(frame.len() as u64 <= max_compressed(Codec::Zstd, len as u64), "{len}");
         }
-        assert_eq!(max_compressed(u64::MAX), u64::MAX);
+        assert_eq!(max_compressed(Codec::Zstd, u64::MAX), u64::MAX);
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use brisk_proto::brisk::v1::fetch_reply::Event;
 use brisk_proto::brisk::v1::peer_server::Peer;
 use brisk_proto::brisk::v1::{
-    Accepted, FetchReply, FetchRequest, HasReply, HasRequest, Missing, PeerTraceReply,
+    Accepted, ChunkCodec, FetchReply, FetchRequest, HasReply, HasRequest, Missing, PeerTraceReply,
     PeerTraceRequest, Piece, Progress,
 };
 use futures::Stream;
@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Verifier, ZoneKey, PROOF_HEADER};
 use super::limits::{self, Bound, OverBound};
 use super::refusals::RefusalLog;
-use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::chunk::{ChunkRef, Codec, VerifiedChunk};
 use crate::layered::{Layered, Priority};
 use crate::reference::Reference;
 use crate::remote::RegistrySource;
@@ -165,7 +165,13 @@ impl PeerService {
                     self.registry.register_blob(blob, &r);
                 }
             }
+            let codec = match ChunkCodec::try_from(l.codec) {
+                Ok(ChunkCodec::Zstd) => Codec::Zstd,
+                Ok(ChunkCodec::GzipPrefix) => Codec::GzipPrefix,
+                Err(_) => return Err(bad("codec")),
+            };
             refs.push(ChunkRef {
+                codec,
                 digest,
                 blob,
                 compressed: l.compressed_offset..end,
@@ -192,10 +198,15 @@ fn check_fetch(request: &FetchRequest, request_bytes: u64) -> Result<(), OverBou
             l.repository.len() as u64,
             limits::MAX_REPOSITORY_LEN as u64,
         )?;
+        // An unknown codec is refused with the locator; here it is bounded as the loosest.
+        let codec = match ChunkCodec::try_from(l.codec) {
+            Ok(ChunkCodec::Zstd) => Codec::Zstd,
+            _ => Codec::GzipPrefix,
+        };
         limits::check(
             Bound::CompressedBytes,
             l.compressed_length,
-            limits::max_compressed(l.uncompressed_length),
+            limits::max_compressed(codec, l.uncompressed_length),
         )?;
         total = total.saturating_add(l.uncompressed_length);
     }

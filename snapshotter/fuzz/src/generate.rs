@@ -59,6 +59,7 @@ pub fn layer(u: &mut Unstructured) -> Result<Layer> {
     };
     Ok(Layer {
         toc: Toc {
+            format: Default::default(),
             version,
             tar_size,
             chunks,
@@ -92,6 +93,7 @@ fn real_chunks(u: &mut Unstructured) -> Result<(Vec<Chunk>, Vec<u8>)> {
     for pair in cuts.windows(2) {
         let size = u.int_in_range(1..=4096u64)?;
         chunks.push(Chunk {
+            codec: Default::default(),
             offset,
             size,
             tar_offset: pair[0] as u64,
@@ -115,6 +117,7 @@ fn claimed_chunks(u: &mut Unstructured) -> Result<Vec<Chunk>> {
         let size = pick(u, &[1, 100, u64::MAX / 2, u64::MAX])?;
         let skew = u64::from(u.ratio(1, 32)?);
         chunks.push(Chunk {
+            codec: Default::default(),
             offset: offset.wrapping_add(skew),
             size,
             tar_offset,

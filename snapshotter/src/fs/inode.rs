@@ -475,6 +475,7 @@ mod tests {
 
     fn table(entries: Vec<Entry>) -> Result<InodeTable> {
         InodeTable::build(&Toc {
+            format: Default::default(),
             version: 1,
             tar_size: 0,
             chunks: Vec::new(),

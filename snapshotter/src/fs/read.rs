@@ -140,6 +140,7 @@ mod tests {
         for (i, &size) in sizes.iter().enumerate() {
             let data: Vec<u8> = (at..at + size).map(|b| b as u8).collect();
             let chunk = Chunk {
+                codec: Default::default(),
                 offset: i as u64 * 10,
                 size: 10,
                 tar_offset: at,
@@ -152,6 +153,7 @@ mod tests {
             at += size;
         }
         let toc = Toc {
+            format: Default::default(),
             version: 1,
             tar_size: at,
             chunks,

@@ -125,6 +125,7 @@ mod tests {
 
     fn chunk(tar_offset: u64, tar_size: u64, size: u64) -> Chunk {
         Chunk {
+            codec: Default::default(),
             offset: 0,
             size,
             tar_offset,

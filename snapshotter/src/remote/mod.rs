@@ -286,6 +286,7 @@ impl RemoteLayers {
             toc_position: handle.position,
             parent_chain: None,
             proof: crate::meta::Proof::Unproven,
+            format: lazy.format,
         };
         Ok(Some((remote, handle.toc)))
     }
@@ -430,6 +431,7 @@ impl RemoteLayers {
             toc_digest: layer.toc_digest,
             position: Some(layer.toc_position),
             prefetch_spans: Vec::new(),
+            format: layer.format,
         };
         Ok(self.images.open(&layer.image, &lazy).await?.toc)
     }

@@ -165,6 +165,7 @@ pub fn host(rt: &tokio::runtime::Runtime, policy: TracePolicy) -> Host {
         toc_position: converted.toc,
         parent_chain: None,
         proof: crate::meta::Proof::Unproven,
+        format: Default::default(),
     };
     Host {
         remote,
