@@ -3,7 +3,8 @@
 set -euo pipefail
 
 PACKAGES=(containerd runc fuse3 docker-registry skopeo umoci mmdebstrap zstd attr iproute2
-          protobuf-compiler busybox-static curl ca-certificates tar apache2-utils openssl)
+          protobuf-compiler busybox-static curl ca-certificates tar apache2-utils openssl
+          stargz-snapshotter)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

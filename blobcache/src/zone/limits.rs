@@ -144,7 +144,10 @@ mod tests {
             // Random bytes do not compress: the worst case for a frame's size.
             let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
             let frame = zstd::bulk::compress(&data, 3).unwrap();
-            assert!(frame.len() as u64 <= max_compressed(Codec::Zstd, len as u64), "{len}");
+            assert!(
+                frame.len() as u64 <= max_compressed(Codec::Zstd, len as u64),
+                "{len}"
+            );
         }
         assert_eq!(max_compressed(Codec::Zstd, u64::MAX), u64::MAX);
     }
