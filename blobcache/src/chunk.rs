@@ -28,6 +28,9 @@ pub enum Codec {
     /// A gzip member whose first `uncompressed_len` decoded bytes are the chunk; the rest of
     /// the member (tar padding and the headers of later entries) is not part of it (eStargz).
     GzipPrefix,
+    /// A zstd frame (possibly followed by others) whose first `uncompressed_len` decoded bytes
+    /// are the chunk (zstd:chunked).
+    ZstdPrefix,
 }
 
 impl Codec {
@@ -37,7 +40,7 @@ impl Codec {
     pub const fn bound(self, n: u64) -> u64 {
         match self {
             Codec::Zstd => toc::compressed_bound(n),
-            Codec::GzipPrefix => toc::MAX_CHUNK_COMPRESSED_SIZE,
+            Codec::GzipPrefix | Codec::ZstdPrefix => toc::MAX_CHUNK_COMPRESSED_SIZE,
         }
     }
 }
@@ -124,6 +127,14 @@ impl VerifiedChunk {
                 // the whole member) is never reached; the digest check below stands for it.
                 let mut data = vec![0u8; len];
                 std::io::Read::read_exact(&mut flate2::read::GzDecoder::new(frame), &mut data)
+                    .map_err(BadFrame::Undecodable)?;
+                data
+            }
+            Codec::ZstdPrefix => {
+                let mut data = vec![0u8; len];
+                let decoder = zstd::stream::read::Decoder::with_buffer(frame)
+                    .map_err(BadFrame::Undecodable)?;
+                std::io::Read::read_exact(&mut decoder.single_frame(), &mut data)
                     .map_err(BadFrame::Undecodable)?;
                 data
             }

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate::toc::{self, estargz, Footer, LayerFormat, Toc, TocPosition, FOOTER_SIZE};
+use crate::toc::{self, estargz, zstd_chunked, Footer, LayerFormat, Toc, TocPosition, FOOTER_SIZE};
 use crate::{Digest, Error, Result};
 
 /// A layer whose descriptor names a TOC.
@@ -42,7 +42,14 @@ impl LazyLayer {
             return Ok(None);
         };
         let Some(toc_digest) = annotations.get(toc::ANNOTATION_TOC_DIGEST) else {
-            // An eStargz layer: its TOC is found through its footer.
+            // zstd:chunked (its annotations name the TOC's place), else eStargz (its footer
+            // does). stargz-snapshotter's zstd variant carries both and is the former.
+            if let Some((checksum, position)) =
+                zstd_chunked::annotations(|k| annotations.get(k).cloned())
+            {
+                return Self::new(blob, size, &checksum, position, None)
+                    .map(|l| Some(l.in_format(LayerFormat::ZstdChunked)));
+            }
             return match annotations.get(estargz::ANNOTATION_TOC_DIGEST) {
                 Some(digest) => Self::new(blob, size, digest, None, None)
                     .map(|l| Some(l.in_format(LayerFormat::Estargz))),
@@ -108,33 +115,41 @@ impl LazyLayer {
         let footer = match self.format {
             LayerFormat::Brisk => FOOTER_SIZE,
             LayerFormat::Estargz => estargz::FOOTER_SIZE,
+            LayerFormat::ZstdChunked => 0,
         } as u64;
         let position = match self.position {
             Some(p) => p,
+            None if self.format == LayerFormat::ZstdChunked => {
+                return Err(Error::bad_toc(
+                    "zstd:chunked layer without a well-formed manifest-position annotation",
+                )
+                .into());
+            }
             None => {
                 if self.size < footer.min(estargz::LEGACY_FOOTER_SIZE as u64) {
                     return Err(Error::bad_toc("blob is smaller than a footer").into());
                 }
                 let tail = read(self.size.saturating_sub(footer)..self.size).await?;
                 match self.format {
-                    LayerFormat::Brisk => Footer::decode(&tail, self.size)?.toc,
                     LayerFormat::Estargz => estargz::footer_position(&tail, self.size)?,
+                    _ => Footer::decode(&tail, self.size)?.toc,
                 }
             }
         };
         match self.format {
             LayerFormat::Brisk => position.check_within(self.size)?,
             LayerFormat::Estargz => estargz::check_within(&position, self.size)?,
+            LayerFormat::ZstdChunked => zstd_chunked::check_within(&position, self.size)?,
         }
         Ok(position)
     }
 
     /// What the TOC digest covers, out of the bytes a range read of the TOC's position
-    /// fetched: those bytes for Brisk (the compressed TOC), the JSON inside the TOC's gzip
-    /// member for eStargz. This is what is kept, and what `decode_toc` takes.
+    /// fetched: those bytes for Brisk and zstd:chunked (the compressed TOC), the JSON inside
+    /// the TOC's gzip member for eStargz. This is what is kept, and what `decode_toc` takes.
     pub fn digested_toc(&self, fetched: Bytes) -> Result<Bytes> {
         match self.format {
-            LayerFormat::Brisk => Ok(fetched),
+            LayerFormat::Brisk | LayerFormat::ZstdChunked => Ok(fetched),
             LayerFormat::Estargz => Ok(estargz::toc_json(&fetched)?.into()),
         }
     }
@@ -151,6 +166,9 @@ impl LazyLayer {
                 }));
             }
             return estargz::parse(payload, position.offset);
+        }
+        if self.format == LayerFormat::ZstdChunked {
+            return zstd_chunked::decode(payload, position, &self.toc_digest);
         }
         let toc = Toc::decode(payload, position.uncompressed_size, Some(&self.toc_digest))?;
         if toc.data_size().checked_add(8) != Some(position.offset) {

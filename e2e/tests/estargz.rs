@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use brisk_blobcache::toc::estargz;
 use brisk_e2e::cmd::run;
 use brisk_e2e::daemons::{mounts_under, Containerd, Snapshotter};
-use brisk_e2e::{gate, raw_manifest, sample_in_registry, snapshotter_gate, Proxy, Registry};
+use brisk_e2e::{
+    brisk, brisk_output, gate, raw_manifest, sample_in_registry, snapshotter_gate, Proxy, Registry,
+};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -114,6 +116,21 @@ fn an_estargz_image_starts_lazily_and_shows_the_images_files() -> Result<()> {
             "ctr-remote annotates every layer: {layer}"
         );
     }
+    let direct = stack.registry.image("sample:esgz");
+    let inspected = brisk(&["inspect", &direct])?;
+    let n = layers(&manifest)?.len();
+    assert_eq!(
+        inspected.matches("lazy (estargz)").count(),
+        n,
+        "inspect output:\n{inspected}"
+    );
+    let checked: Value = serde_json::from_str(&brisk(&["check", "--json", &direct])?)?;
+    assert_eq!(checked["lazy_layers"].as_u64(), Some(n as u64), "{checked}");
+    assert!(
+        checked["chunks"].as_u64().unwrap_or(0) >= n as u64,
+        "{checked}"
+    );
+
     let image = stack.proxy.image("sample:esgz");
     stack.containerd.brisk_pull(&image, &[])?;
     let out = stack.run(&image, &["cat", "/etc/hostname"])?;
@@ -181,6 +198,10 @@ fn a_changed_estargz_chunk_is_an_io_error_inside_the_container() -> Result<()> {
     let (path, mut bytes, chunk) = hit.context("big.bin in a layer's TOC")?;
     bytes[(chunk.offset + chunk.size / 2) as usize] ^= 0x55;
     std::fs::write(&path, &bytes)?;
+    let out = brisk_output(&["check", &stack.registry.image("sample:esgz")])?;
+    assert_eq!(out.status.code(), Some(1), "check of a changed chunk");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(stderr.contains("chunk"), "{stderr}");
     let image = stack.proxy.image("sample:esgz");
     stack.containerd.brisk_pull(&image, &[])?;
     let out = stack.run(

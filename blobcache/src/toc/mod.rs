@@ -8,10 +8,12 @@
 mod error;
 pub mod estargz;
 mod footer;
+mod foreign;
 mod limits;
 mod path;
 mod tar_guard;
 mod writer;
+pub mod zstd_chunked;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -177,6 +179,9 @@ pub enum LayerFormat {
     /// eStargz (`estargz`): the chunks tile the files' contents only, and lie in gzip
     /// members with tar headers between them.
     Estargz,
+    /// zstd:chunked (containers/storage), or stargz-snapshotter's zstd variant of eStargz:
+    /// like eStargz, in zstd frames.
+    ZstdChunked,
 }
 
 impl LayerFormat {
@@ -184,6 +189,16 @@ impl LayerFormat {
         match self {
             LayerFormat::Brisk => "brisk",
             LayerFormat::Estargz => "estargz",
+            LayerFormat::ZstdChunked => "zstd-chunked",
+        }
+    }
+
+    /// The format's name for people.
+    pub fn title(&self) -> &'static str {
+        match self {
+            LayerFormat::Brisk => "Brisk",
+            LayerFormat::Estargz => "eStargz",
+            LayerFormat::ZstdChunked => "zstd:chunked",
         }
     }
 

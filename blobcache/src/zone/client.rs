@@ -193,6 +193,7 @@ impl PeerSource {
             codec: match chunk.codec {
                 Codec::Zstd => ChunkCodec::Zstd,
                 Codec::GzipPrefix => ChunkCodec::GzipPrefix,
+                Codec::ZstdPrefix => ChunkCodec::ZstdPrefix,
             } as i32,
         }
     }

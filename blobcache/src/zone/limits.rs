@@ -54,7 +54,7 @@ pub fn max_compressed(codec: Codec, uncompressed: u64) -> u64 {
             .saturating_add(uncompressed / 128)
             .saturating_add(4096),
         // A gzip member also holds the tar headers after the chunk (`Codec::bound`).
-        Codec::GzipPrefix => codec.bound(uncompressed),
+        Codec::GzipPrefix | Codec::ZstdPrefix => codec.bound(uncompressed),
     }
 }
 

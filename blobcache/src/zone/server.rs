@@ -168,6 +168,7 @@ impl PeerService {
             let codec = match ChunkCodec::try_from(l.codec) {
                 Ok(ChunkCodec::Zstd) => Codec::Zstd,
                 Ok(ChunkCodec::GzipPrefix) => Codec::GzipPrefix,
+                Ok(ChunkCodec::ZstdPrefix) => Codec::ZstdPrefix,
                 Err(_) => return Err(bad("codec")),
             };
             refs.push(ChunkRef {

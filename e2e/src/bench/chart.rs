@@ -33,6 +33,7 @@ fn colour(mode: Mode) -> &'static str {
         Mode::BriskBaked => "#1f5f99",
         Mode::BriskWarm => "#5aa0d4",
         Mode::BriskHot => "#0b3c6b",
+        Mode::BriskEstargz => "#7e57c2",
     }
 }
 

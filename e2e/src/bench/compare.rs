@@ -89,10 +89,13 @@ pub enum Mode {
     BriskBaked,
     BriskWarm,
     BriskHot,
+    /// Brisk serving the image `ctr-remote image optimize` made, as it is: the peer's own
+    /// format and prefetch landmark, no Brisk conversion.
+    BriskEstargz,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Overlay,
         Mode::OverlayLocal,
         Mode::OverlayHot,
@@ -103,6 +106,7 @@ impl Mode {
         Mode::BriskBaked,
         Mode::BriskWarm,
         Mode::BriskHot,
+        Mode::BriskEstargz,
     ];
 
     pub fn title(self) -> &'static str {
@@ -117,6 +121,7 @@ impl Mode {
             Mode::BriskBaked => "Brisk baked trace",
             Mode::BriskWarm => "Brisk warm (L2)",
             Mode::BriskHot => "Brisk hot",
+            Mode::BriskEstargz => "Brisk, eStargz optimized",
         }
     }
 
@@ -130,16 +135,20 @@ impl Mode {
 
     /// A Brisk start with nothing of the image on the host: the modes the limit is for.
     pub fn is_brisk_cold(self) -> bool {
-        matches!(self, Mode::BriskLazy | Mode::BriskTrace | Mode::BriskBaked)
+        matches!(
+            self,
+            Mode::BriskLazy | Mode::BriskTrace | Mode::BriskBaked | Mode::BriskEstargz
+        )
     }
 }
 
 /// The two orders the modes run in, alternating between repetitions. Brisk lazy comes before
 /// the modes that use what it leaves (its trace, its chunk cache), and hot right after warm,
 /// on the same daemons (overlayfs hot right after overlayfs with the image local).
-const ORDERS: [[Mode; 10]; 2] = [
+const ORDERS: [[Mode; 11]; 2] = [
     Mode::ALL,
     [
+        Mode::BriskEstargz,
         Mode::BriskLazy,
         Mode::BriskWarm,
         Mode::BriskHot,
@@ -301,7 +310,7 @@ pub struct Target {
     pub at_most: f64,
 }
 
-pub const TARGETS: [Target; 5] = [
+pub const TARGETS: [Target; 6] = [
     Target {
         mode: Mode::BriskTrace,
         over: Mode::Overlay,
@@ -326,6 +335,12 @@ pub const TARGETS: [Target; 5] = [
         mode: Mode::BriskHot,
         over: Mode::OverlayHot,
         at_most: 1.05,
+    },
+    // At least as fast as the peer on the peer's own optimized image.
+    Target {
+        mode: Mode::BriskEstargz,
+        over: Mode::StargzOptimized,
+        at_most: 1.0,
     },
 ];
 
@@ -585,6 +600,12 @@ fn repetition(
             }
             // Runs right after the warm start, above, on the same daemons.
             Mode::BriskHot => continue,
+            Mode::BriskEstargz => match &info.stargz_error {
+                Some(err) => Err(anyhow::anyhow!(
+                    "Not run: converting to eStargz failed: {err}"
+                )),
+                None => setup.fresh_start(stargz::OPTIMIZED_TAG).map(brisk_run),
+            },
         };
         runs.push((mode, result));
     }

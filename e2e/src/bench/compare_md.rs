@@ -293,6 +293,7 @@ fn letter(mode: Mode) -> &'static str {
         Mode::BriskBaked => "BB",
         Mode::BriskWarm => "BW",
         Mode::BriskHot => "BH",
+        Mode::BriskEstargz => "BE",
     }
 }
 

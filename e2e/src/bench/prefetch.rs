@@ -113,6 +113,12 @@ impl Setup<'_> {
         Ok((dir, snapshotter, containerd))
     }
 
+    /// `NAME:TAG` started on a daemon with an empty root: nothing of the image on the host.
+    pub fn fresh_start(&self, tag: &str) -> Result<ColdStart> {
+        let (_dir, snapshotter, containerd) = self.fresh("fresh-")?;
+        self.brisk_start(&snapshotter, &containerd, tag, PageCache::Drop)
+    }
+
     /// (d): the trace (b) recorded, imported into a daemon with an empty root before the pull.
     pub fn recorded(&self, first: Option<&FirstStart>) -> Result<ColdStart> {
         let trace = match first.map(|f| &f.trace) {

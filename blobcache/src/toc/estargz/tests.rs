@@ -4,7 +4,9 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 
 use super::*;
-use crate::chunk::{ChunkRef, VerifiedChunk};
+use crate::chunk::{ChunkRef, Codec, VerifiedChunk};
+use crate::toc::EntryKind;
+use crate::{Digest, Result};
 
 /// What the test writer puts in a layer, in order.
 pub(crate) enum Item<'a> {
@@ -429,26 +431,4 @@ fn a_chunk_whose_bytes_differ_from_its_digest_is_not_served() {
         VerifiedChunk::decode(&r, &good[..good.len() / 2]),
         Err(crate::chunk::BadFrame::Undecodable(_))
     ));
-}
-
-#[test]
-fn rfc3339_times_are_read_in_seconds() {
-    assert_eq!(rfc3339_seconds("1970-01-01T00:00:00Z"), Some(0));
-    assert_eq!(rfc3339_seconds("2019-08-20T10:30:43Z"), Some(1_566_297_043));
-    assert_eq!(
-        rfc3339_seconds("2019-08-20T12:30:43.123456+02:00"),
-        Some(1_566_297_043)
-    );
-    assert_eq!(
-        rfc3339_seconds("0001-01-01T00:00:00Z"),
-        Some(-62_135_596_800)
-    );
-    for bad in [
-        "",
-        "2019-13-01T00:00:00Z",
-        "2019-08-20 10:30",
-        "2019-08-20T10:30:43",
-    ] {
-        assert_eq!(rfc3339_seconds(bad), None, "{bad:?}");
-    }
 }
