@@ -7,7 +7,7 @@
 mod cache;
 mod cri;
 mod cri_auth;
-mod estargz;
+mod formats;
 mod hostile;
 mod restart;
 mod semantics;

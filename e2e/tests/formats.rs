@@ -1,8 +1,10 @@
-//! eStargz images served as they are: the sample converted by stargz-snapshotter's own
-//! `ctr-remote image convert --estargz` starts lazily on Brisk (the registry serves a fraction
-//! of it), the container sees exactly the image's files, a chunk whose bytes were changed in
-//! the registry is an I/O error (never wrong bytes), and a manifest vouching for another TOC
-//! gets the ordinary full download instead of a lazy mount.
+//! Other lazy formats served as they are. eStargz: the sample converted by stargz-snapshotter's
+//! own `ctr-remote image convert --estargz` starts lazily on Brisk (the registry serves a
+//! fraction of it), the container sees exactly the image's files, `brisk inspect` and `check`
+//! read it, a chunk whose bytes were changed in the registry is an I/O error (never wrong
+//! bytes), and a manifest vouching for another TOC gets the ordinary full download instead of
+//! a lazy mount. zstd:chunked: the sample as skopeo writes it (`--dest-compress-format
+//! zstd:chunked`) starts lazily with the image's files.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +22,15 @@ use tempfile::TempDir;
 
 fn enabled() -> bool {
     snapshotter_gate() && gate(&["ctr-remote"], &[])
+}
+
+/// How the sample reaches the registry besides plain.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// `sample:esgz`, by `ctr-remote image convert --estargz --oci`.
+    Estargz,
+    /// `zchunked/sample:v1`, by `skopeo copy --dest-compress-format zstd:chunked`.
+    ZstdChunked,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -45,36 +56,44 @@ struct Stack {
 
 impl Stack {
     fn start() -> Result<Self> {
+        Self::start_with(Made::Estargz)
+    }
+
+    fn start_with(made: Made) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
         let sample = sample_in_registry(tmp.path(), true, &[])?;
         let snapshotter = Snapshotter::start(&tmp.path().join("brisk"), &[])?;
         let containerd = Containerd::start(
             &tmp.path().join("containerd"),
             &snapshotter.socket,
-            &unique("brisk-esgz"),
+            &unique("brisk-formats"),
         )?;
         // The conversion talks to the registry directly: the proxy counts Brisk's reads only.
-        let (plain, esgz) = (
-            sample.registry.image("sample:v1"),
-            sample.registry.image("sample:esgz"),
-        );
-        containerd.ctr(&["image", "pull", "--plain-http", &plain])?;
-        let socket = containerd.socket.to_str().context("socket path")?;
-        run(Command::new("ctr-remote").args([
-            "-a",
-            socket,
-            "-n",
-            &containerd.namespace,
-            "image",
-            "convert",
-            "--estargz",
-            "--oci",
-            &plain,
-            &esgz,
-        ]))
-        .context("ctr-remote image convert --estargz")?;
-        containerd.ctr(&["image", "push", "--plain-http", &esgz])?;
-        containerd.ctr(&["image", "rm", &plain, &esgz])?;
+        match made {
+            Made::Estargz => estargz_of(&containerd, &sample.registry)?,
+            Made::ZstdChunked => {
+                // Recompressed into a layout of its own first: copied straight to the
+                // registry, skopeo would reuse the gzip blobs it knows are already there.
+                let layout = tmp.path().join("zchunked");
+                let local = format!("oci:{}:v1", layout.display());
+                run(Command::new("skopeo").args([
+                    "copy",
+                    "--quiet",
+                    "--dest-compress-format",
+                    "zstd:chunked",
+                    &sample.sample.transport(),
+                    &local,
+                ]))
+                .context("skopeo copy --dest-compress-format zstd:chunked")?;
+                run(Command::new("skopeo").args([
+                    "copy",
+                    "--quiet",
+                    "--dest-tls-verify=false",
+                    &local,
+                    &format!("docker://{}", sample.registry.image("zchunked/sample:v1")),
+                ]))?;
+            }
+        }
         let proxy = Proxy::start(&sample.registry.addr())?;
         Ok(Self {
             containerd,
@@ -97,6 +116,50 @@ impl Stack {
             &self.registry.image(tag),
         )?)?)
     }
+}
+
+/// `sample:v1` converted to `sample:esgz` by `ctr-remote` through `containerd`.
+fn estargz_of(containerd: &Containerd, registry: &Registry) -> Result<()> {
+    let (plain, esgz) = (registry.image("sample:v1"), registry.image("sample:esgz"));
+    containerd.ctr(&["image", "pull", "--plain-http", &plain])?;
+    let socket = containerd.socket.to_str().context("socket path")?;
+    run(Command::new("ctr-remote").args([
+        "-a",
+        socket,
+        "-n",
+        &containerd.namespace,
+        "image",
+        "convert",
+        "--estargz",
+        "--oci",
+        &plain,
+        &esgz,
+    ]))
+    .context("ctr-remote image convert --estargz")?;
+    containerd.ctr(&["image", "push", "--plain-http", &esgz])?;
+    containerd.ctr(&["image", "rm", &plain, &esgz])?;
+    Ok(())
+}
+
+/// The script whose output shows the sample's files, and that output from the sample's tree.
+fn files_script(rootfs: &std::path::Path) -> Result<(&'static str, String)> {
+    let script = "cat /app/link; readlink /app/link; stat -c '%a %u:%g' /usr/bin/suid-tool /home/user/notes.txt /tmp; \
+                  stat -c %h /app/data/original; for f in /app/*; do echo \"${f#/app/}\"; done; \
+                  test -e /app/remove-me.txt && echo present || echo gone; \
+                  test -e /app/old-dir && echo present || echo gone; \
+                  sha256sum /app/big.bin | cut -d' ' -f1";
+    let big = brisk_e2e::cmd::sha256_file(&rootfs.join("app/big.bin"))?;
+    let mut names: Vec<String> = std::fs::read_dir(rootfs.join("app"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let ls = names.join("\n");
+    Ok((
+        script,
+        format!(
+            "the target\n/app/nested/target.txt\n4755 0:0\n640 1000:1000\n1777 0:0\n2\n{ls}\ngone\ngone\n{big}\n"
+        ),
+    ))
 }
 
 fn layers(manifest: &Value) -> Result<&Vec<Value>> {
@@ -149,24 +212,8 @@ fn an_estargz_image_starts_lazily_and_shows_the_images_files() -> Result<()> {
         "fetched {fetched} of {total} bytes"
     );
 
-    let script = "cat /app/link; readlink /app/link; stat -c '%a %u:%g' /usr/bin/suid-tool /home/user/notes.txt /tmp; \
-                  stat -c %h /app/data/original; for f in /app/*; do echo \"${f#/app/}\"; done; \
-                  test -e /app/remove-me.txt && echo present || echo gone; \
-                  test -e /app/old-dir && echo present || echo gone; \
-                  sha256sum /app/big.bin | cut -d' ' -f1";
-    let out = stack.run(&image, &["sh", "-c", script])?;
-    let big = brisk_e2e::cmd::sha256_file(&stack.rootfs.join("app/big.bin"))?;
-    let mut names: Vec<String> = std::fs::read_dir(stack.rootfs.join("app"))?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    let ls = names.join("\n");
-    assert_eq!(
-        out,
-        format!(
-            "the target\n/app/nested/target.txt\n4755 0:0\n640 1000:1000\n1777 0:0\n2\n{ls}\ngone\ngone\n{big}\n"
-        )
-    );
+    let (script, expected) = files_script(&stack.rootfs)?;
+    assert_eq!(stack.run(&image, &["sh", "-c", script])?, expected);
     Ok(())
 }
 
@@ -264,4 +311,47 @@ fn put_manifest(registry: &Registry, reference: &str, manifest: &Value) -> Resul
                 .error_for_status()?;
             anyhow::Ok(())
         })
+}
+
+#[test]
+fn a_zstd_chunked_image_from_skopeo_starts_lazily_and_shows_the_images_files() -> Result<()> {
+    if !enabled() {
+        return Ok(());
+    }
+    let stack = Stack::start_with(Made::ZstdChunked)?;
+    let manifest = stack.manifest("zchunked/sample:v1")?;
+    for layer in layers(&manifest)? {
+        assert!(
+            layer["annotations"].as_object().is_some_and(|a| a
+                .keys()
+                .any(|k| k.ends_with("zstd-chunked.manifest-checksum"))),
+            "skopeo annotates every layer: {layer}"
+        );
+    }
+    let direct = stack.registry.image("zchunked/sample:v1");
+    let inspected = brisk(&["inspect", &direct])?;
+    let n = layers(&manifest)?.len();
+    assert_eq!(
+        inspected.matches("lazy (zstd-chunked)").count(),
+        n,
+        "inspect output:\n{inspected}"
+    );
+    brisk(&["check", &direct])?;
+    let image = stack.proxy.image("zchunked/sample:v1");
+    stack.containerd.brisk_pull(&image, &[])?;
+    assert_eq!(stack.run(&image, &["cat", "/etc/hostname"])?, "sample-v2\n");
+    let log = stack.snapshotter.log();
+    assert!(log.contains("lazy layer mounted"), "{log}");
+    let fetched = stack.proxy.counts().blob_bytes;
+    let total: u64 = layers(&manifest)?
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .sum();
+    assert!(
+        fetched * 10 < total * 7,
+        "fetched {fetched} of {total} bytes"
+    );
+    let (script, expected) = files_script(&stack.rootfs)?;
+    assert_eq!(stack.run(&image, &["sh", "-c", script])?, expected);
+    Ok(())
 }
