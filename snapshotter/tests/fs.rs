@@ -628,12 +628,11 @@ fn a_layer_without_xattrs_is_asked_for_them_once() {
     // SAFETY: `p` is NUL-terminated and outlives the call; a null buffer of size 0 asks only
     // for the length.
     let len = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
-    assert_eq!(len, -1);
     assert_eq!(
-        io::Error::last_os_error().raw_os_error(),
-        Some(libc::EOPNOTSUPP)
+        len, 0,
+        "listing answers an empty list, so xattr-copying tools work"
     );
-    // 60 getxattr and one listxattr asked; the first of each reached the daemon.
+    // 60 getxattr asked, the first reached the daemon; plus the listing.
     let requests = stats.xattr_requests();
     assert!(requests <= 2, "{requests} xattr requests");
     assert_eq!(fs::read(m.path("lib/b.py")).unwrap(), b"b = 2\n");
